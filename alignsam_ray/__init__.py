@@ -1,0 +1,1 @@
+"""alignsam_ray"""

@@ -1,0 +1,24 @@
+# Sourced by demo.sh and test.sh: create .venv if missing and install the project into it.
+# Usage: source scripts/_setup_venv.sh [EXTRA]   (EXTRA e.g. "dev")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+EXTRA="${1:-}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+SPEC="$ROOT"
+[ -n "$EXTRA" ] && SPEC="$ROOT[$EXTRA]"
+# Re-install only when pyproject.toml changed since the last successful install.
+STAMP="$VENV/.alignsam_installed_${EXTRA:-base}"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+    echo "[setup] installing alignsam_ray${EXTRA:+[$EXTRA]} into .venv (first time: a few minutes)"
+    "$PY" -m pip install -q --upgrade pip
+    # torch/torchvision first, as a pair pip resolves together (see README: Install).
+    "$PY" -m pip install -q torch torchvision
+    "$PY" -m pip install -q -e "$SPEC"
+    touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
