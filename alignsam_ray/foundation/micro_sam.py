@@ -86,27 +86,35 @@ class MicroImageEncoder(nn.Module):
         return self.neck(p)
 
 
+def micro_prompt_encoder() -> PromptEncoder:
+    return PromptEncoder(
+        embed_dim=MICRO_SAM_EMBED_DIM,
+        image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
+        input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        mask_in_chans=16,
+    )
+
+
+def micro_mask_decoder() -> MaskDecoder:
+    e = MICRO_SAM_EMBED_DIM
+    return MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=e, mlp_dim=256, num_heads=4),
+        transformer_dim=e,
+        iou_head_depth=3,
+        iou_head_hidden_dim=128,
+    )
+
+
 def build_sam_micro(checkpoint=None) -> Sam:
     """Build the micro-SAM (a ``segment_anything.modeling.Sam``); load ``checkpoint`` if given.
 
     Same signature as segment_anything's ``build_sam_vit_b`` so it sits in the same registry.
     """
-    e = MICRO_SAM_EMBED_DIM
     sam = Sam(
-        image_encoder=MicroImageEncoder(out_chans=e),
-        prompt_encoder=PromptEncoder(
-            embed_dim=e,
-            image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=e, mlp_dim=256, num_heads=4),
-            transformer_dim=e,
-            iou_head_depth=3,
-            iou_head_hidden_dim=128,
-        ),
+        image_encoder=MicroImageEncoder(out_chans=MICRO_SAM_EMBED_DIM),
+        prompt_encoder=micro_prompt_encoder(),
+        mask_decoder=micro_mask_decoder(),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )

@@ -1,0 +1,119 @@
+"""Decoder side of a frozen SAM: prompt encoder + mask decoder only (what rollout workers hold).
+
+    SamPromptDecoder.decode(embeddings (B,E,64,64), coords (B,N,2) in the 1024 frame,
+                            labels (B,N) in {1, 0, -1=padding}, mask_input (B,1,256,256) | None)
+        -> low-res logits (B, C, 256, 256), predicted IoU (B, C)       C = 3 if multimask else 1
+    SamPromptDecoder.predict(embedding (E,64,64), points_xy (N,2) original pixels, labels (N,), original_size)
+        -> low-res logits (C, 256, 256), IoU (C,)        == SamPredictor.predict on the same inputs
+    SamPromptDecoder.upscale(low_res (C,256,256), original_size) -> logits (C, H, W)
+
+The decoder weights travel as a small file (``decoder.pt``: sam_type + state_dict of the two
+modules, ~16 MB for official SAM) written into every embedding store, so a worker never opens
+the multi-GB checkpoint nor builds the image encoder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from .batched_decode import decode_per_image
+from .micro_sam import micro_mask_decoder, micro_prompt_encoder
+
+IMAGE_SIZE = 1024
+_PARTS = ("prompt_encoder.", "mask_decoder.")
+
+
+def _official_parts() -> tuple[PromptEncoder, MaskDecoder]:
+    """segment_anything's prompt encoder + mask decoder, as ``build_sam._build_sam`` makes them
+    (identical for vit_b, vit_l and vit_h)."""
+    return (
+        PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16),
+        MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                    transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
+    )
+
+
+def build_decoder_parts(sam_type: str) -> tuple[PromptEncoder, MaskDecoder]:
+    if sam_type == "micro":
+        return micro_prompt_encoder(), micro_mask_decoder()
+    if sam_type in ("vit_b", "vit_l", "vit_h"):
+        return _official_parts()
+    raise ValueError(f"unknown SAM type {sam_type!r}")
+
+
+class SamPromptDecoder(nn.Module):
+    """SAM's prompt encoder + mask decoder, frozen, with SamPredictor's coordinate mapping."""
+
+    def __init__(self, sam_type: str, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
+        super().__init__()
+        self.sam_type = sam_type
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.transform = ResizeLongestSide(IMAGE_SIZE)
+        self.eval().requires_grad_(False)
+        self._dense_pe = None
+
+    # ---- construction / persistence ------------------------------------------------------
+    @classmethod
+    def from_sam(cls, sam: Sam, sam_type: str) -> "SamPromptDecoder":
+        pe, md = build_decoder_parts(sam_type)
+        pe.load_state_dict(sam.prompt_encoder.state_dict())
+        md.load_state_dict(sam.mask_decoder.state_dict())
+        return cls(sam_type, pe, md)
+
+    def save(self, path: str) -> None:
+        torch.save({"sam_type": self.sam_type, "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "SamPromptDecoder":
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        dec = cls(blob["sam_type"], *build_decoder_parts(blob["sam_type"]))
+        dec.load_state_dict(blob["state_dict"])
+        return dec
+
+    # ---- decoding --------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.prompt_encoder.embed_dim
+
+    def dense_pe(self) -> torch.Tensor:
+        if self._dense_pe is None:  # constant for a frozen model: compute once
+            self._dense_pe = self.prompt_encoder.get_dense_pe()
+        return self._dense_pe
+
+    def to_input_frame(self, points_xy: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) x,y pixel coordinates of the original image -> the 1024 input frame."""
+        return self.transform.apply_coords(np.asarray(points_xy, dtype=np.float64), tuple(original_size))
+
+    @torch.inference_mode()
+    def decode(self, embeddings, coords, labels, mask_input=None, multimask: bool = False):
+        """Row i of the prompts against row i of the embeddings; see module docstring for shapes."""
+        emb = torch.as_tensor(embeddings).float()
+        coords = torch.as_tensor(coords, dtype=torch.float32)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32)
+        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+        dense = dense.expand(emb.shape[0], -1, -1, -1)
+        return decode_per_image(self.mask_decoder, emb, self.dense_pe(), sparse, dense, multimask)
+
+    def predict(self, embedding, points_xy, labels, original_size, mask_input=None, multimask: bool = False):
+        """One image, points in original pixels (as ``SamPredictor.predict``).
+        Returns low-res logits (C, 256, 256) and IoU (C,) as torch tensors."""
+        coords = self.to_input_frame(points_xy, original_size)[None]
+        low, iou = self.decode(
+            torch.as_tensor(embedding)[None], coords, np.asarray(labels)[None],
+            None if mask_input is None else torch.as_tensor(mask_input)[None], multimask,
+        )
+        return low[0], iou[0]
+
+    @torch.inference_mode()
+    def upscale(self, low_res: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(C, 256, 256) logits -> (C, H, W) logits, as ``Sam.postprocess_masks``."""
+        input_size = self.transform.get_preprocess_shape(original_size[0], original_size[1], IMAGE_SIZE)
+        m = F.interpolate(low_res[None].float(), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        m = m[..., : input_size[0], : input_size[1]]
+        return F.interpolate(m, tuple(original_size), mode="bilinear", align_corners=False)[0]

@@ -1,0 +1,233 @@
+"""``alignsam embed``: images -> SAM embeddings, once, as resumable Parquet shards.
+
+A Ray Data pipeline:  from_items(samples) -> map(load + resize + ground truth)
+-> map_batches(SamEncoderActor, actor pool, GPU when present) -> the driver writes each shard
+atomically with pyarrow as soon as its rows are in and records its sha256 in the manifest.
+A rerun skips finished shards; a killed run loses at most the shards in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..data import DataError, Sample, load_pair
+from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
+from ..foundation.sam_models import default_checkpoint
+from .shards import (
+    DECODER_FILE, FORMAT_VERSION, GRID, LOWRES, StoreError, encode_png, read_manifest, schema, shard_name,
+    sha256_file, write_manifest, write_shard,
+)
+
+IMAGE_SIZE = 1024
+
+
+def lowres_mask(mask: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 {0,1,255} -> (256, 256) uint8 in SAM's padded low-res frame (nearest)."""
+    h, w = input_hw
+    resized = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    padded = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    padded[:h, :w] = resized
+    step = IMAGE_SIZE // LOWRES
+    return np.ascontiguousarray(padded[step // 2 :: step, step // 2 :: step])
+
+
+def _load_row(item: dict) -> dict:
+    """Ray Data map: read + resize one image; errors become rows (the driver decides)."""
+    sample = Sample(**item["sample"])
+    base = {"order": item["order"], "shard": item["shard"], "id": sample.id, "error": ""}
+    try:
+        image, mask = load_pair(sample)
+    except DataError as exc:
+        return {**base, "error": str(exc)}
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
+    h, w = resized.shape[:2]
+    frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    frame[:h, :w] = resized
+    return {
+        **base, "frame": frame, "input_h": h, "input_w": w,
+        "original_h": image.shape[0], "original_w": image.shape[1],
+        "gt_lowres": lowres_mask(mask, (h, w)), "gt_png": encode_png(mask),
+    }
+
+
+class SamEncoderActor:
+    """Ray Data actor: holds the SAM image encoder; batch of padded frames -> fp16 embeddings."""
+
+    def __init__(self, sam_type: str, checkpoint: str | None, random_init: bool, threads: int):
+        if threads:
+            torch.set_num_threads(threads)
+        device = pick_device()
+        self.encoder = SamImageEncoder(load_sam(sam_type, checkpoint, random_init=random_init), device)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        emb = np.empty(len(batch["error"]), dtype=object)
+        emb[:] = b""
+        if ok:
+            frames = [batch["frame"][i][: batch["input_h"][i], : batch["input_w"][i]] for i in ok]
+            out = self.encoder.encode(frames).astype(np.float16)
+            for j, i in enumerate(ok):
+                emb[i] = out[j].tobytes()
+        batch = dict(batch)
+        batch.pop("frame", None)
+        batch["embedding"] = emb
+        return batch
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.split}|{s.id}|{s.task}|{s.image_path}|{s.mask_path}|{s.invert}|{s.threshold}|{s.voc_class}\n".encode())
+    return h.hexdigest()
+
+
+def embed_dataset(
+    samples: list[Sample],
+    out: str,
+    *,
+    sam_type: str = "micro",
+    checkpoint: str | None = None,
+    random_init: bool = False,
+    shard_size: int = 32,
+    batch_size: int = 4,
+    num_encoders: int = 1,
+    skip_bad: bool = False,
+    dataset_spec: str = "",
+    progress: bool = True,
+) -> dict:
+    """Embed ``samples`` into the store ``out`` (created or resumed). Returns the manifest."""
+    if not samples:
+        raise DataError("no samples to embed")
+    os.makedirs(out, exist_ok=True)
+    samples = sorted(samples, key=lambda s: (s.split, s.id))
+    ckpt_path = checkpoint or default_checkpoint(sam_type)
+    sam = load_sam(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
+    ckpt_hash = "random-init" if random_init else file_sha256(ckpt_path)
+    embed_dim = sam.prompt_encoder.embed_dim
+    digest = samples_digest(samples)
+    identity = {"sam_type": sam_type, "checkpoint_sha256": ckpt_hash, "samples_sha256": digest, "shard_size": shard_size}
+
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.isfile(manifest_path):
+        manifest = read_manifest(out)
+        theirs = {k: manifest.get(k) for k in identity}
+        if theirs != identity:
+            diff = ", ".join(f"{k}: store has {theirs[k]!r}, now {identity[k]!r}" for k in identity if theirs[k] != identity[k])
+            raise StoreError(f"{out!r} holds a store built from other inputs ({diff}); use another --out")
+    else:
+        manifest = {
+            "format_version": FORMAT_VERSION, **identity, "checkpoint": ckpt_path,
+            "dataset": dataset_spec, "embed_dim": embed_dim,
+            "embedding_shape": [embed_dim, GRID, GRID], "embedding_dtype": "float16",
+            "gt_lowres_shape": [LOWRES, LOWRES], "maps": [], "decoder": DECODER_FILE,
+            "shards": {}, "skipped": {}, "complete": False,
+        }
+    SamPromptDecoder.from_sam(sam, sam_type).save(os.path.join(out, DECODER_FILE))
+    del sam
+
+    n_shards = (len(samples) + shard_size - 1) // shard_size
+    done = set()
+    for name, info in manifest["shards"].items():  # finished shards survive, unless damaged
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue  # lost: recomputed below
+        if sha256_file(path) != info["sha256"]:
+            raise StoreError(f"shard {path} is corrupt or truncated (its sha256 differs from manifest.json); "
+                             "delete it and rerun with the same arguments: only that shard is recomputed")
+        done.add(info["index"])
+    manifest["shards"] = {k: v for k, v in manifest["shards"].items() if v["index"] in done}
+    pending = [i for i in range(n_shards) if i not in done]
+    items = [
+        {"order": k, "shard": i, "sample": asdict(s)}
+        for i in pending for k, s in enumerate(samples[i * shard_size : (i + 1) * shard_size], start=i * shard_size)
+    ]
+    if progress and done:
+        print(f"[embed] resuming: {len(done)} of {n_shards} shards already done", file=sys.stderr)
+    table_schema = schema(embed_dim)
+    t0 = time.time()
+    n_new = 0
+    if items:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        use_gpu = torch.cuda.is_available()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // max(batch_size, 1)))
+        ds = ds.map(_load_row)
+        ds = ds.map_batches(
+            SamEncoderActor,
+            fn_constructor_kwargs={"sam_type": sam_type, "checkpoint": checkpoint, "random_init": random_init,
+                                   "threads": 0 if use_gpu else os.cpu_count()},
+            batch_size=batch_size, concurrency=num_encoders, num_gpus=1 if use_gpu else 0,
+            num_cpus=1, batch_format="numpy",
+        )
+        by_shard: dict[int, list[dict]] = {}
+        bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
+        for row in ds.iter_rows():
+            by_shard.setdefault(int(row["shard"]), []).append(row)
+            bar.update(1)
+            shard = int(row["shard"])
+            expected = min(shard_size, len(samples) - shard * shard_size)
+            if len(by_shard[shard]) == expected:
+                n_new += _finish_shard(out, manifest, shard, by_shard.pop(shard), samples, table_schema, skip_bad)
+        bar.close()
+    manifest["n_images"] = sum(v["rows"] for v in manifest["shards"].values())
+    counts: dict[str, int] = {}
+    for v in manifest["shards"].values():
+        for split, c in v["splits"].items():
+            counts[split] = counts.get(split, 0) + c
+    manifest["counts"] = counts
+    manifest["tasks"] = sorted({s.task for s in samples})
+    manifest["text"] = {s.task: s.text for s in samples}
+    manifest["complete"] = len(manifest["shards"]) == n_shards
+    write_manifest(out, manifest)
+    if manifest["skipped"]:
+        reasons = list(manifest["skipped"].items())
+        shown = "; ".join(f"{i}: {r}" for i, r in reasons[:5])
+        print(f"[embed] skipped {len(reasons)} of {len(samples)} images: {shown}{' ...' if len(reasons) > 5 else ''}",
+              file=sys.stderr)
+    if progress and n_new:
+        dt = time.time() - t0
+        print(f"[embed] {n_new} images in {dt:.1f}s ({n_new / dt:.2f} img/s) -> {out}", file=sys.stderr)
+    manifest["_images_embedded_now"] = n_new
+    manifest["_seconds"] = time.time() - t0
+    return manifest
+
+
+def _finish_shard(out, manifest, shard, rows, samples, table_schema, skip_bad) -> int:
+    by_id = {s.id: s for s in samples[shard * manifest["shard_size"] : (shard + 1) * manifest["shard_size"]]}
+    good = []
+    for row in sorted(rows, key=lambda r: int(r["order"])):
+        if row["error"]:
+            if not skip_bad:
+                raise DataError(f"{row['error']} (pass --skip-bad to skip such images; finished shards are kept)")
+            manifest["skipped"][row["id"]] = row["error"]
+            continue
+        s = by_id[row["id"]]
+        good.append({
+            "id": s.id, "task": s.task, "split": s.split, "text": s.text, "image_path": s.image_path,
+            "original_h": int(row["original_h"]), "original_w": int(row["original_w"]),
+            "input_h": int(row["input_h"]), "input_w": int(row["input_w"]),
+            "embedding": bytes(row["embedding"]), "gt_lowres": np.asarray(row["gt_lowres"]).tobytes(),
+            "gt_png": bytes(row["gt_png"]),
+        })
+    name = shard_name(shard)
+    digest = write_shard(good, os.path.join(out, name), table_schema)
+    splits: dict[str, int] = {}
+    for g in good:
+        splits[g["split"]] = splits.get(g["split"], 0) + 1
+    manifest["shards"][name] = {"index": shard, "rows": len(good), "sha256": digest, "splits": splits}
+    write_manifest(out, manifest)  # the shard counts as done only once it is in the manifest
+    return len(good)

@@ -1,0 +1,125 @@
+"""Reading a store for training: verified shards -> numpy arrays -> the Ray object store.
+
+    EmbeddingStore(path).arrays(split) -> dict of numpy arrays (N = images in the split):
+        ids (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
+        original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16
+    publish_store(path, split) -> actor name   (driver: ray.put every array, a named actor holds the refs)
+    fetch_store(name) -> the same dict, zero-copy read-only views of the object store (workers)
+
+Never put an ObjectRef into env_config (it is pickled into checkpoints and a restored run
+aborts): pass the holder's *name*; workers look the refs up by it.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from .shards import DECODER_FILE, GRID, LOWRES, StoreError, decode_png, read_manifest, verify_shard
+
+HOLDER_PREFIX = "alignsam-store:"
+
+
+class EmbeddingStore:
+    """A finished store on disk; every shard is checked against its sha256 on open."""
+
+    def __init__(self, path: str, verify: bool = True):
+        self.path = path
+        self.manifest = read_manifest(path)
+        if not self.manifest.get("complete"):
+            raise StoreError(f"store {path!r} is incomplete (an embed run was interrupted); rerun the same "
+                             "`alignsam embed` command to finish it")
+        if verify:
+            for name, info in sorted(self.manifest["shards"].items()):
+                verify_shard(path, name, info["sha256"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def decoder_path(self) -> str:
+        return os.path.join(self.path, DECODER_FILE)
+
+    def table(self, split: str | None = None) -> pa.Table:
+        names = sorted(self.manifest["shards"])
+        tables = [pq.read_table(os.path.join(self.path, n)) for n in names]
+        table = pa.concat_tables(tables) if tables else pa.table({})
+        if split is not None:
+            table = table.filter(pa.compute.equal(table["split"], split))
+        return table
+
+    def arrays(self, split: str | None = None) -> dict[str, np.ndarray]:
+        t = self.table(split)
+        n = t.num_rows
+        if n == 0:
+            raise StoreError(f"store {self.path!r} has no images in split {split!r} "
+                             f"(it has {self.manifest.get('counts')})")
+        out = {
+            "ids": np.asarray(t["id"].to_pylist()),
+            "embeddings": _fixed_binary(t["embedding"], np.float16, (n, self.embed_dim, GRID, GRID)),
+            "gt_lowres": _fixed_binary(t["gt_lowres"], np.uint8, (n, LOWRES, LOWRES)),
+            "original_size": np.stack([t["original_h"].to_numpy(), t["original_w"].to_numpy()], 1).astype(np.int32),
+            "input_size": np.stack([t["input_h"].to_numpy(), t["input_w"].to_numpy()], 1).astype(np.int32),
+        }
+        for name in self.manifest.get("maps", []):
+            out[f"map_{name}"] = _fixed_binary(t[f"map_{name}"], np.float16, (n, GRID, GRID))
+        return out
+
+    def gt_full(self, split: str | None = None) -> dict[str, np.ndarray]:
+        """id -> full-resolution (H, W) uint8 mask (0/1/255)."""
+        t = self.table(split)
+        return {i: decode_png(b) for i, b in zip(t["id"].to_pylist(), t["gt_png"].to_pylist())}
+
+
+def _fixed_binary(column: pa.ChunkedArray, dtype, shape) -> np.ndarray:
+    """A fixed_size_binary column -> one contiguous numpy array (a single copy)."""
+    arr = column.combine_chunks()
+    width = arr.type.byte_width
+    data = np.frombuffer(arr.buffers()[1], dtype=np.uint8)[arr.offset * width : (arr.offset + len(arr)) * width]
+    return data.view(dtype).reshape(shape)
+
+
+@ray.remote(num_cpus=0)
+class StoreHolder:
+    """Owns nothing but keeps the object refs of a published store reachable, by name."""
+
+    def __init__(self, wrapped_refs: list):
+        self._wrapped = wrapped_refs  # [dict name -> ObjectRef]; wrapped so Ray does not resolve them
+
+    def refs(self) -> list:
+        return self._wrapped
+
+
+def holder_name(path: str, split: str | None) -> str:
+    return f"{HOLDER_PREFIX}{os.path.abspath(path)}:{split or 'all'}"
+
+
+def publish_store(path: str, split: str | None = None, name: str | None = None) -> str:
+    """Driver side: load the split once, ``ray.put`` each array, start a named holder; returns its name.
+
+    Idempotent: if a holder of that name is alive, it is reused.
+    """
+    name = name or holder_name(path, split)
+    try:
+        ray.get_actor(name)
+        return name
+    except ValueError:
+        pass
+    arrays = EmbeddingStore(path).arrays(split)
+    refs = {k: ray.put(v) for k, v in arrays.items()}
+    StoreHolder.options(name=name, get_if_exists=True).remote([refs])
+    return name
+
+
+def fetch_store(name: str) -> dict[str, np.ndarray]:
+    """Worker side: the published arrays as zero-copy, read-only views of the object store."""
+    try:
+        holder = ray.get_actor(name)
+    except ValueError as exc:
+        raise StoreError(f"no published store named {name!r} (call publish_store on the driver first)") from exc
+    refs = ray.get(holder.refs.remote())[0]
+    return dict(zip(refs, ray.get(list(refs.values()))))

@@ -1,0 +1,107 @@
+"""On-disk format of an embedding store: Parquet shards (pyarrow) + a JSON manifest.
+
+    STORE/manifest.json          model type, checkpoint hash, shapes, counts, per-shard sha256
+    STORE/decoder.pt             the SAM prompt encoder + mask decoder (what workers load)
+    STORE/shard-00000.parquet    one row per image (schema below), ``shard_size`` rows a shard
+
+Row schema (one image):
+    id, task, split, text, image_path   string
+    original_h, original_w              int32   image size in pixels
+    input_h, input_w                    int32   size after ResizeLongestSide(1024), before padding
+    embedding                           fixed_size_binary  float16 (E, 64, 64), C order
+    gt_lowres                           fixed_size_binary  uint8 (256, 256) in SAM's padded low-res
+                                        frame: 0 background, 1 foreground, 255 ignore (void)
+    gt_png                              binary  full-resolution mask, PNG (same 0/1/255 values)
+    map_<name>                          fixed_size_binary  float16 (64, 64), optional per-image maps
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+MANIFEST = "manifest.json"
+DECODER_FILE = "decoder.pt"
+FORMAT_VERSION = 1
+LOWRES = 256
+GRID = 64
+
+
+class StoreError(RuntimeError):
+    """A store that is incomplete, corrupt, or was built from other inputs."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def schema(embed_dim: int, map_names: tuple[str, ...] = ()) -> pa.Schema:
+    fields = [
+        ("id", pa.string()), ("task", pa.string()), ("split", pa.string()), ("text", pa.string()),
+        ("image_path", pa.string()),
+        ("original_h", pa.int32()), ("original_w", pa.int32()), ("input_h", pa.int32()), ("input_w", pa.int32()),
+        ("embedding", pa.binary(embed_dim * GRID * GRID * 2)),
+        ("gt_lowres", pa.binary(LOWRES * LOWRES)),
+        ("gt_png", pa.binary()),
+    ] + [(f"map_{n}", pa.binary(GRID * GRID * 2)) for n in map_names]
+    return pa.schema(fields)
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(blob: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(blob)))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(rows: list[dict], path: str, table_schema: pa.Schema) -> str:
+    """Write rows atomically (tmp file + rename); returns the file's sha256."""
+    table = pa.Table.from_pylist(rows, schema=table_schema)
+    tmp = path + ".tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def read_manifest(store: str) -> dict:
+    path = os.path.join(store, MANIFEST)
+    if not os.path.isfile(path):
+        raise StoreError(f"{store!r} is not an embedding store (no {MANIFEST}); create one with `alignsam embed`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(store: str, manifest: dict) -> None:
+    path = os.path.join(store, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def verify_shard(store: str, name: str, expected_sha256: str) -> None:
+    path = os.path.join(store, name)
+    if not os.path.isfile(path):
+        raise StoreError(f"shard {path} is missing; rerun `alignsam embed` with the same arguments to recompute it")
+    if sha256_file(path) != expected_sha256:
+        raise StoreError(
+            f"shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); delete it and rerun "
+            "`alignsam embed` with the same arguments: only that shard is recomputed"
+        )
