@@ -28,7 +28,7 @@ def _add_embed(sub):
     p.add_argument("--n-train", type=int, default=50, help="training images drawn per task (paper: 50); -1 = all")
     p.add_argument("--seed", type=int, default=0, help="seed of the training-image draw")
     p.add_argument("--classes", nargs="*", help="VOC: restrict to these class names")
-    p.add_argument("--threshold", type=int, default=128, help="mask binarisation threshold (0..255)")
+    p.add_argument("--threshold", type=int, default=None, help="mask binarisation threshold, 0..255 (default 128, or dataset.json)")
     p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None, help="white = background")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable/mismatched images instead of stopping")
     p.add_argument("--shard-size", type=int, default=32, help="images per Parquet shard")
@@ -82,9 +82,10 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     _add_embed(sub)
     for name, what in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"(not built yet) {what}")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    args = ap.parse_args(argv)
+        sub.add_parser(name, help=f"(not built yet) {what}")
+    args, unknown = ap.parse_known_args(argv)
+    if args.cmd not in NOT_BUILT and unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd in NOT_BUILT:
         print(f"alignsam {args.cmd}: not built yet — {NOT_BUILT[args.cmd]}.", file=sys.stderr)
         return 2

@@ -46,8 +46,10 @@ def _load_row(item: dict) -> dict:
     base = {"order": item["order"], "shard": item["shard"], "id": sample.id, "error": ""}
     try:
         image, mask = load_pair(sample)
-    except DataError as exc:
-        return {**base, "error": str(exc)}
+    except DataError as exc:  # same columns as a good row, so batches keep one schema
+        return {**base, "error": str(exc), "frame": np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
+                "input_h": 0, "input_w": 0, "original_h": 0, "original_w": 0,
+                "gt_lowres": np.zeros((LOWRES, LOWRES), np.uint8), "gt_png": b""}
     from segment_anything.utils.transforms import ResizeLongestSide
 
     resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
@@ -170,7 +172,7 @@ def embed_dataset(
             SamEncoderActor,
             fn_constructor_kwargs={"sam_type": sam_type, "checkpoint": checkpoint, "random_init": random_init,
                                    "threads": 0 if use_gpu else os.cpu_count()},
-            batch_size=batch_size, concurrency=num_encoders, num_gpus=1 if use_gpu else 0,
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_encoders), num_gpus=1 if use_gpu else 0,
             num_cpus=1, batch_format="numpy",
         )
         by_shard: dict[int, list[dict]] = {}

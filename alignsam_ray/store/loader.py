@@ -21,6 +21,7 @@ import ray
 from .shards import DECODER_FILE, GRID, LOWRES, StoreError, decode_png, read_manifest, verify_shard
 
 HOLDER_PREFIX = "alignsam-store:"
+_HOLDERS: dict = {}  # name -> holder handle, alive as long as this driver
 
 
 class EmbeddingStore:
@@ -111,7 +112,8 @@ def publish_store(path: str, split: str | None = None, name: str | None = None) 
         pass
     arrays = EmbeddingStore(path).arrays(split)
     refs = {k: ray.put(v) for k, v in arrays.items()}
-    StoreHolder.options(name=name, get_if_exists=True).remote([refs])
+    # the driver keeps the handle: a named actor whose last handle goes away is stopped
+    _HOLDERS[name] = StoreHolder.options(name=name, get_if_exists=True).remote([refs])
     return name
 
 

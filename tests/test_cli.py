@@ -1,0 +1,43 @@
+"""The `alignsam` command line: help, unfinished subcommands, clear errors before any heavy work."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignsam_ray.cli import NOT_BUILT, main
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "alignsam_ray.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("demo", "embed", "train", "evaluate", "tune", "export", "segment"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("cmd", sorted(NOT_BUILT))
+def test_unfinished_subcommands_say_so(cmd, capsys):
+    assert main([cmd, "--config", "x.yaml"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def _folder(root, mask_size=(20, 30)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "images" / "a.JPG")
+    Image.fromarray(np.zeros(mask_size, np.uint8)).save(root / "masks" / "a.png")
+    return root
+
+
+def test_embed_reports_bad_data_with_the_file_name(tmp_path, capsys):
+    root = _folder(tmp_path / "ds", mask_size=(10, 10))
+    assert main(["embed", "--data", str(root), "--out", str(tmp_path / "store")]) == 1
+    err = capsys.readouterr().err
+    assert "a.png" in err and "error" in err
+
+
+def test_embed_needs_a_local_checkpoint_for_official_sam(tmp_path, capsys):
+    root = _folder(tmp_path / "ds")
+    assert main(["embed", "--data", str(root), "--sam", "vit_b", "--out", str(tmp_path / "store")]) == 1
+    assert "needs --checkpoint" in capsys.readouterr().err
