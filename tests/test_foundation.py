@@ -116,9 +116,9 @@ def test_decode_per_image_equals_mask_decoder_row_by_row():
     sparse, dense = pe(points=(torch.rand(3, 4, 2) * 1024, torch.tensor([[1, 0, -1, -1], [1, 1, 0, -1], [1, -1, -1, -1]])),
                        boxes=None, masks=None)
     with torch.no_grad():
-        low, iou = decode_per_image(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense.expand(3, -1, -1, -1), True)
+        low, iou = decode_per_image(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense, True)
         for r in range(3):
-            ref_low, ref_iou = sam.mask_decoder(emb[r : r + 1], pe.get_dense_pe(), sparse[r : r + 1], dense, True)
+            ref_low, ref_iou = sam.mask_decoder(emb[r : r + 1], pe.get_dense_pe(), sparse[r : r + 1], dense[r : r + 1], True)
             torch.testing.assert_close(low[r : r + 1], ref_low, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(iou[r : r + 1], ref_iou, atol=1e-5, rtol=1e-4)
 
