@@ -8,6 +8,7 @@ A rerun skips finished shards; a killed run loses at most the shards in flight.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -165,6 +166,8 @@ def embed_dataset(
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         use_gpu = torch.cuda.is_available()
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // max(batch_size, 1)))
         ds = ds.map(_load_row)
