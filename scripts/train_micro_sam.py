@@ -165,7 +165,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         opt.step()
         sched.step()
-        history.append((float(loss_total), iou1, iou2))
+        history.append((loss_total.item(), iou1, iou2))
         if step % 50 == 0 or step == args.steps - 1:
             h = np.array(history[-50:])
             el = time.time() - t_train

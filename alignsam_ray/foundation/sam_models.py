@@ -75,12 +75,18 @@ def load_sam(sam_type: str, checkpoint: str | None = None, *, random_init: bool 
              device: str | torch.device = "cpu") -> Sam:
     """Build ``sam_type`` through the registry and load ``checkpoint`` (micro: the shipped weights).
 
-    ``random_init=True`` builds the architecture with random weights (timing, tests). The model is
-    returned in eval mode with ``requires_grad`` off: SAM stays frozen.
+    ``random_init=True`` builds the architecture with random weights (timing, tests), the same in
+    every process (seeded), so a store's decoder matches its encoder. The model is returned in
+    eval mode with ``requires_grad`` off: SAM stays frozen.
     """
     if sam_type not in SAM_REGISTRY:
         raise CheckpointError(f"unknown SAM type {sam_type!r}; choose one of {', '.join(SAM_TYPES)}")
-    sam = SAM_REGISTRY[sam_type]()
+    if random_init:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            sam = SAM_REGISTRY[sam_type]()
+    else:
+        sam = SAM_REGISTRY[sam_type]()
     if not random_init:
         path = checkpoint or default_checkpoint(sam_type)
         if path is None:

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import torch
 from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
 from ..data import DataError, Sample, load_pair
@@ -51,8 +52,6 @@ def _load_row(item: dict) -> dict:
         return {**base, "error": str(exc), "frame": np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
                 "input_h": 0, "input_w": 0, "original_h": 0, "original_w": 0,
                 "gt_lowres": np.zeros((LOWRES, LOWRES), np.uint8), "gt_png": b""}
-    from segment_anything.utils.transforms import ResizeLongestSide
-
     resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
     h, w = resized.shape[:2]
     frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -67,10 +66,10 @@ def _load_row(item: dict) -> dict:
 class SamEncoderActor:
     """Ray Data actor: holds the SAM image encoder; batch of padded frames -> fp16 embeddings."""
 
-    def __init__(self, sam_type: str, checkpoint: str | None, random_init: bool, threads: int):
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, sam_type: str, checkpoint: str | None, random_init: bool):
         device = pick_device()
+        if device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)  # this node's cores (the actor runs alone here)
         self.encoder = SamImageEncoder(load_sam(sam_type, checkpoint, random_init=random_init), device)
 
     def __call__(self, batch: dict) -> dict:
@@ -173,8 +172,7 @@ def embed_dataset(
         ds = ds.map(_load_row)
         ds = ds.map_batches(
             SamEncoderActor,
-            fn_constructor_kwargs={"sam_type": sam_type, "checkpoint": checkpoint, "random_init": random_init,
-                                   "threads": 0 if use_gpu else os.cpu_count()},
+            fn_constructor_kwargs={"sam_type": sam_type, "checkpoint": checkpoint, "random_init": random_init},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_encoders), num_gpus=1 if use_gpu else 0,
             num_cpus=1, batch_format="numpy",
         )
