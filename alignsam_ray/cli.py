@@ -8,8 +8,6 @@ import sys
 import time
 
 NOT_BUILT = {
-    "train": "training the PPO agent (issue: the AlignSAM agent)",
-    "evaluate": "evaluation with the paper's metrics and ablations (issue: the AlignSAM agent)",
     "tune": "Ray Tune sweeps (issue: scale out and ship)",
     "export": "policy export (issue: scale out and ship)",
     "segment": "Ray-free segmentation with an exported bundle (issue: scale out and ship)",
@@ -50,15 +48,69 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train the PPO agent + SRM on one task's embedding store",
+                       description="PPO (RLlib new API stack) on precomputed embeddings; checkpoints + SRM + logs in run_dir.")
+    p.add_argument("--config", required=True, help="run config YAML (see tune_configs/)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides with dotted keys, e.g. ppo.lr=3e-4 train.iterations=50")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no per-iteration lines")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: result.get(k) for k in ("iteration", "hit_rate", "final_iou", "checkpoint")}, indent=2))
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="paper protocol + ablations on a test split -> metrics.json, report.md, figures",
+                       description="Evaluate a trained agent: alignsam, random_actions, all_positive, single_step, "
+                       "gt_labels and a T sweep; metrics mIoU, F_beta, E_phi, MAE, BER.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest checkpoint)")
+    p.add_argument("--store", help="embedding store to evaluate on (default: the run's store)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch", type=int, default=16, help="images per batched decoder call")
+    p.add_argument("--figures", type=int, default=4, help="images to draw")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import Agent, evaluate
+
+    store = args.store or Agent.load(args.checkpoint).cfg["store"]
+    m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
+                 seed=args.seed)
+    print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
+    return 0 if m else 1
+
+
+DEMO_TASKS = ("synthetic_saliency",)
+
+
 def cmd_demo(args) -> int:
-    """Embedded default, end to end as far as it is built: synthesise five tasks, embed them."""
+    """Embedded default, end to end: synthesise five tasks, embed them, train and evaluate."""
+    from .config import load_config
     from .data import SYNTHETIC_TASKS, generate_all, open_dataset
+    from .evaluate import evaluate
     from .store.embed import embed_dataset
+    from .train import train
 
     t0 = time.time()
     out = os.path.abspath(args.out)
-    print(f"[demo] synthesising the five synthetic tasks into {out}/data", flush=True)
+    tasks = SYNTHETIC_TASKS if args.tasks == ["all"] else args.tasks
+    unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
+    if unknown:
+        print(f"alignsam demo: unknown task(s) {unknown}; choose from {list(SYNTHETIC_TASKS)} or 'all'", file=sys.stderr)
+        return 2
+    print(f"[demo] 1/4 synthesising the five synthetic tasks into {out}/data", flush=True)
     folders = generate_all(os.path.join(out, "data"), n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    print("[demo] 2/4 embedding them with the embedded micro-SAM (Ray Data)", flush=True)
     rows = []
     for task in SYNTHETIC_TASKS:
         samples = open_dataset(folders[task], n_train=None)
@@ -67,9 +119,40 @@ def cmd_demo(args) -> int:
     print(f"\n{'task':<22}{'train':>6}{'test':>6}{'embedded now':>14}{'img/s':>8}")
     for task, ntr, nte, n, s in rows:
         print(f"{task:<22}{ntr:>6}{nte:>6}{n:>14}{(n / s if n and s else float('nan')):>8.1f}")
-    print(f"\n[demo] stores in {out}/stores ({time.time() - t0:.0f}s). Training, evaluation and the report "
-          "come with the agent (not built yet).")
+    t_embed = time.time() - t0
+    summary = {}
+    for task in tasks:
+        print(f"\n[demo] 3/4 training the PPO agent on {task} ({args.iterations} iterations)", flush=True)
+        cfg = load_config(None, {  # the paper's defaults (tune_configs/<task>.yaml holds the same)
+            "task": task, "store": os.path.join(out, "stores", task), "run_dir": os.path.join(out, "runs", task),
+            "train": {"iterations": args.iterations, "checkpoint_every": args.iterations, "seed": args.seed},
+            "resources": {"num_env_runners": args.env_runners},
+        })
+        result = train(cfg, resume=True)
+        print(f"[demo] 4/4 evaluating {task} on its test split", flush=True)
+        summary[task] = evaluate(result["checkpoint"], cfg["store"], os.path.join(out, "eval", task), seed=args.seed)
+    _demo_report(out, summary, time.time() - t0, t_embed)
     return 0
+
+
+def _demo_report(out: str, summary: dict, seconds: float, t_embed: float) -> None:
+    names = ("alignsam", "random_actions", "all_positive", "single_step", "gt_labels")
+    lines = ["# alignsam demo", "", f"Synthetic data + micro-SAM; {seconds:.0f} s in all ({t_embed:.0f} s synthesis + "
+             "embedding). Per-task reports: eval/<task>/report.md.", "",
+             "| task | method | mIoU | F_beta | E_phi | MAE | BER | hit rate |", "|---|---|---|---|---|---|---|---|"]
+    for task, m in summary.items():
+        for name in names:
+            s = m["methods"][name]
+            lines.append(f"| {task} | {name} | {s['miou']:.3f} | {s['fbeta']:.3f} | {s['emeasure']:.3f} | "
+                         f"{s['mae']:.3f} | {s['ber']:.3f} | {s['hit_rate']:.3f} |")
+        sweep = " ".join(f"T={t}: {v['miou']:.3f}" for t, v in m["t_sweep"].items())
+        lines.append(f"| {task} | mIoU by T | {sweep} | | | | | |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+    print(f"[demo] done in {seconds:.0f}s: {out}/report.md, eval/<task>/ (metrics.json, report.md, figures/), "
+          f"runs/<task>/ (checkpoints, TensorBoard)")
 
 
 def main(argv=None) -> int:
@@ -80,7 +163,13 @@ def main(argv=None) -> int:
     d.add_argument("--n-train", type=int, default=50)
     d.add_argument("--n-test", type=int, default=50)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--tasks", nargs="+", default=list(DEMO_TASKS), help="synthetic tasks to train and evaluate "
+                   "(default: %(default)s; 'all' = the five)")
+    d.add_argument("--iterations", type=int, default=8, help="PPO iterations per task")
+    d.add_argument("--env-runners", type=int, default=2, help="EnvRunners (0.5 CPU each)")
     _add_embed(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
     for name, what in NOT_BUILT.items():
         sub.add_parser(name, help=f"(not built yet) {what}")
     args, unknown = ap.parse_known_args(argv)
@@ -89,13 +178,14 @@ def main(argv=None) -> int:
     if args.cmd in NOT_BUILT:
         print(f"alignsam {args.cmd}: not built yet — {NOT_BUILT[args.cmd]}.", file=sys.stderr)
         return 2
+    from .config import ConfigError
     from .data import DataError
     from .foundation import CheckpointError
     from .store import StoreError
 
     try:
-        return {"demo": cmd_demo, "embed": cmd_embed}[args.cmd](args)
-    except (DataError, CheckpointError, StoreError) as exc:
+        return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate}[args.cmd](args)
+    except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -5,8 +5,9 @@
 
 SAM-style promptable training, class-agnostic: for each scene we pick objects and sample point
 prompts as SAM's training does (a first positive point uniformly inside the object with a
-multi-mask output and min-over-masks loss; then a random mix of positive and negative points,
-optionally with the previous low-res logits as mask input, single-mask output). Loss: 20 x focal
+multi-mask output and min-over-masks loss; then a random mix of up to 10 positive and 7 negative
+points -- an AlignSAM episode ends with T + 2 = 17 points -- optionally with the previous low-res
+logits as mask input, single-mask output). Loss: 20 x focal
 + dice on the 256x256 low-res logits, plus MSE on the predicted IoU. The encoder sees the
 256x256 area-downsampled frame (what ``MicroImageEncoder`` does to the 1024 frame), so scenes
 are rendered directly at long side 256 to save time.
@@ -94,6 +95,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="scenes per step")
     ap.add_argument("--prompts", type=int, default=2, help="objects (prompt sets) per scene")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--max-pos", type=int, default=10, help="stage B: at most this many positive points")
+    ap.add_argument("--max-neg", type=int, default=7, help="stage B: at most this many negative points")
+    ap.add_argument("--stage-b-weight", type=float, default=1.0, help="weight of the multi-point loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="alignsam_ray/weights/micro_sam.pt")
@@ -148,9 +152,12 @@ def main():
         true_iou = mask_iou(low.detach(), gt3)
         loss_a = per_mask.gather(1, best[:, None]).mean() + F.mse_loss(iou_pred, true_iou)
         iou1 = true_iou.gather(1, iou_pred.argmax(1, keepdim=True)).mean().item()
-        # stage B: 1-4 positive and 0-3 negative points, single mask, half the time with the
-        # previous low-res logits as mask input
-        pb = [sample_points(rng, lab[b], k, int(rng.integers(1, 5)), int(rng.integers(0, 4)), 8) for b, k in zip(rows, ks)]
+        # stage B: up to --max-pos positive and --max-neg negative points (AlignSAM episodes hold
+        # up to T + 2 = 17 points), single mask, half the time with the previous low-res logits
+        # as mask input
+        n_pad = args.max_pos + args.max_neg
+        pb = [sample_points(rng, lab[b], k, int(rng.integers(1, args.max_pos + 1)), int(rng.integers(0, args.max_neg + 1)), n_pad)
+              for b, k in zip(rows, ks)]
         prev = None
         if rng.random() < 0.5:
             prev = low.detach()[torch.arange(n), best][:, None]
@@ -159,7 +166,7 @@ def main():
         true_b = mask_iou(low_b.detach(), gt)
         loss_b = (20 * focal_loss(low_b, gt) + dice_loss(low_b, gt)).mean() + F.mse_loss(iou_b, true_b)
         iou2 = true_b.mean().item()
-        loss_total = loss_a + loss_b
+        loss_total = loss_a + args.stage_b_weight * loss_b
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
@@ -179,7 +186,7 @@ def main():
     torch.save(sam.state_dict(), args.out)
     info = {
         "steps": args.steps, "scenes": args.scenes, "batch": args.batch, "prompts": args.prompts,
-        "lr": args.lr, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
+        "lr": args.lr, "stage_b_weight": args.stage_b_weight, "max_pos": args.max_pos, "max_neg": args.max_neg, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
         "train_minutes": round((time.time() - t0) / 60, 1),
         "final_train_1pt_iou": float(np.mean([h[1] for h in history[-100:]])),
         "final_train_multipt_iou": float(np.mean([h[2] for h in history[-100:]])),

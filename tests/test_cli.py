@@ -41,3 +41,17 @@ def test_embed_needs_a_local_checkpoint_for_official_sam(tmp_path, capsys):
     root = _folder(tmp_path / "ds")
     assert main(["embed", "--data", str(root), "--sam", "vit_b", "--out", str(tmp_path / "store")]) == 1
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_train_config_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml" in capsys.readouterr().err
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("store: somewhere\n")
+    assert main(["train", "--config", str(cfg), "ppo.learning_rate=1e-3"]) == 1
+    assert "unknown config key 'ppo.learning_rate'" in capsys.readouterr().err
+
+
+def test_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "eval")]) == 1
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The agent: SRM, actor-critic RLModule, RLlib callbacks."""

@@ -1,0 +1,75 @@
+"""The policy: a convolutional actor-critic RLModule (RLlib new API stack).
+
+    obs["obs"]          (B, E, R, R) float16   pooled state E_I(x) (.) M_{t-1}
+    obs["action_mask"]  (B, N) float32         1 = patch still free
+    trunk               3 x (3x3 conv, ReLU) at width W -> features (B, W, R, R)  (Columns.EMBEDDINGS)
+    policy head         1x1 conv -> (B, 1, R, R) -> adaptive average pool to the patch grid
+                        (rows, cols) -> N logits, + clamp(log(mask), FLOAT_MIN) (masked actions)
+    value head          [mean, max] pool of the trunk -> MLP -> (B,)
+
+The policy head is spatial: logit n is read from the trunk's features over patch n, so the
+same weights work for any grid (8x8, 10x10, 16x16) at any R.
+
+model_config: {"grid": [rows, cols], "width": 64}
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+from ray.rllib.utils.torch_utils import FLOAT_MIN
+from torch import nn
+
+
+class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
+    def setup(self):
+        embed_dim = self.observation_space["obs"].shape[0]
+        cfg = dict(self.model_config or {})
+        width = int(cfg.get("width", 64))
+        grid = cfg.get("grid")
+        n = self.action_space.n
+        if grid is None:
+            side = int(round(n ** 0.5))
+            if side * side != n:
+                raise ValueError(f"model_config needs 'grid' [rows, cols] for a non-square action space of {n}")
+            grid = (side, side)
+        self.grid = (int(grid[0]), int(grid[1]))
+        if self.grid[0] * self.grid[1] != n:
+            raise ValueError(f"grid {self.grid} does not match the {n} actions")
+        self.trunk = nn.Sequential(
+            nn.Conv2d(embed_dim, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        )
+        self.pi_head = nn.Conv2d(width, 1, 1)
+        self.vf_head = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def _features(self, batch) -> torch.Tensor:
+        return self.trunk(batch[Columns.OBS]["obs"].float())
+
+    def _logits(self, features: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+        logits = F.adaptive_avg_pool2d(self.pi_head(features), self.grid).flatten(1)
+        return logits + torch.clamp(torch.log(action_mask), min=FLOAT_MIN)
+
+    def _forward(self, batch, **kwargs):
+        features = self._features(batch)
+        return {Columns.ACTION_DIST_INPUTS: self._logits(features, batch[Columns.OBS]["action_mask"])}
+
+    def _forward_train(self, batch, **kwargs):
+        features = self._features(batch)
+        return {
+            Columns.ACTION_DIST_INPUTS: self._logits(features, batch[Columns.OBS]["action_mask"]),
+            Columns.EMBEDDINGS: features,
+        }
+
+    def compute_values(self, batch, embeddings=None):
+        if embeddings is None:
+            embeddings = self._features(batch)
+        pooled = torch.cat([embeddings.mean((2, 3)), embeddings.amax((2, 3))], 1)
+        return self.vf_head(pooled).squeeze(-1)
+
+    def masked_logits(self, obs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+        """Plain-tensor entry point (evaluation, export): (B, E, R, R), (B, N) -> (B, N) logits."""
+        return self._logits(self.trunk(obs.float()), action_mask)

@@ -1,0 +1,260 @@
+"""The AlignSAM episode logic for B images at once (the batched core behind every env).
+
+One episode = one image. Reset puts one positive and one negative point; each step adds the
+patch centre the agent picked, labelled by the SRM (or by an ablation's rule), and re-runs SAM's
+prompt encoder + mask decoder on *all* points. Every decoder call covers all B slots at once
+(``SamPromptDecoder.decode``: row b's prompts against row b's embedding), so k environments cost
+one batched call per vector step.
+
+Frames (see ``grid.py``): the image frame (H, W) holds the patch grid; SAM's 1024 frame holds the
+embedding (64x64 grid, 16 px a cell) and the low-res masks (256x256, 4 px a pixel); the image
+occupies the top-left ``input_size`` of it, the rest is padding. Observations are cropped to the
+image and pooled, so the observation grid and the patch grid cover the same area.
+
+    state s_t  = E_I(x) (.) M_{t-1}        (E, 64, 64) in SAM's frame; M = binary previous mask
+    obs        = pool_R(crop(s_t))         (E, R, R) float16, R = ``obs_res``
+    srm input  = obs (and pool_R(crop(E_I(x) (.) M_c)) for the explicit branch)
+
+Reward: +1 if the picked centre lies on ground-truth foreground, -1 on background, 0 on void
+(ground truth read at SAM's low-res 256x256 resolution). IoU: the binary mask vs the ground truth
+at low res, inside the image, void excluded. Slots that share a decoder call but hold fewer
+points than the others are padded with label -1 (SAM's "not a point"); slots in lockstep (the
+usual case: every episode lasts T steps) decode exactly as ``SamPredictor`` would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..foundation.decoder import SamPromptDecoder
+from .grid import PatchGrid
+
+LOWRES = 256
+GRID = 64
+VOID = 255
+
+INIT_MODES = ("gt", "srm")
+LABEL_MODES = ("srm", "gt", "positive")
+
+
+@dataclass
+class StepResult:
+    """Per-slot results of one batched step (arrays of length B)."""
+
+    reward: np.ndarray  # float32
+    terminated: np.ndarray  # bool
+    iou: np.ndarray  # float32, after this step
+    hit: np.ndarray  # bool, picked centre on ground-truth foreground
+    label: np.ndarray  # int64, the label the point was given (1 positive, 0 negative)
+
+
+class PromptEpisodes:
+    """B concurrent episodes over the images of one store split.
+
+    data: dict from ``EmbeddingStore.arrays`` / ``fetch_store`` (read-only arrays are fine).
+    srm: an ``agent.srm.SRM`` (or None when neither init nor labels use it).
+    """
+
+    def __init__(self, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int = 1,
+                 horizon: int = 15, obs_res: int = 16, init: str = "gt", labels: str = "srm",
+                 srm=None, text_map: str | None = None, seed: int | None = None):
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        if (init == "srm" or labels == "srm") and srm is None:
+            raise ValueError("init='srm' or labels='srm' needs an SRM")
+        self.data = data
+        self.decoder = decoder
+        self.grid = grid
+        self.B = num_slots
+        self.T = horizon
+        self.R = obs_res
+        self.init = init
+        self.label_mode = labels
+        self.srm = srm
+        self.rng = np.random.default_rng(seed)
+        self.n_images = len(data["ids"])
+        self.embed_dim = data["embeddings"].shape[1]
+        self.text_map = None
+        if text_map is not None:
+            key = f"map_{text_map}"
+            if key not in data:
+                have = sorted(k[4:] for k in data if k.startswith("map_")) or "none"
+                raise KeyError(f"the store has no per-image map {text_map!r} (maps present: {have}); the "
+                               "explicit SRM branch needs text-guided maps: run `alignsam embed` with CLIP "
+                               "maps, or use the implicit branch (srm_branch: implicit)")
+            self.text_map = data[key]
+        P = horizon + 2
+        self.image = np.zeros(self.B, np.int64)
+        self.t = np.zeros(self.B, np.int64)
+        self.coords = np.zeros((self.B, P, 2), np.float32)
+        self.labels = -np.ones((self.B, P), np.int64)
+        self.taken = np.zeros((self.B, grid.n), bool)
+        self.mask = np.zeros((self.B, LOWRES, LOWRES), bool)  # current binary low-res mask
+        self.logits = np.zeros((self.B, LOWRES, LOWRES), np.float32)  # current low-res logits
+        self.iou = np.zeros(self.B, np.float32)
+        self.obs = np.zeros((self.B, self.embed_dim, self.R, self.R), np.float16)
+        self.srm_prob = np.full((self.B, self.R, self.R), 0.5, np.float32)
+        self.srm_samples: list = []  # (obs, text_obs | None, gt_R) for SRM training
+        self.collect_srm_samples = False
+        self.srm_buffer = 1024
+        # per image: the image's extent in the 64 grid and the 256 low-res frame
+        ins = np.asarray(data["input_size"])
+        self._cells64 = np.ceil(ins / 16).astype(int)
+        self._px256 = np.ceil(ins / 4).astype(int)
+        self._centres = {}  # image -> (N, 2) centres in SAM's frame
+        self._gt_pooled = {}  # image -> (R, R) foreground fraction
+        self._centre_cells = np.minimum((grid.centres_normalised()[:, ::-1] * self.R).astype(int), self.R - 1)  # (N, 2) row, col
+
+    # ------------------------------------------------------------------ geometry
+    def centres_sam(self, i: int) -> np.ndarray:
+        if i not in self._centres:
+            self._centres[i] = self.grid.centres_sam(tuple(self.data["original_size"][i])).astype(np.float32)
+        return self._centres[i]
+
+    def gt_at(self, i: int, xy_sam: np.ndarray) -> np.ndarray:
+        """Ground truth (0/1/255) at points (n, 2) of SAM's 1024 frame."""
+        px = np.clip((np.asarray(xy_sam) / 4).astype(int), 0, LOWRES - 1)
+        return self.data["gt_lowres"][i][px[:, 1], px[:, 0]]
+
+    def _crop_pool(self, x: torch.Tensor, i: int, cells: bool = True) -> torch.Tensor:
+        """(C, 64, 64) or (C, 256, 256) in SAM's frame -> (C, R, R) over the image area."""
+        h, w = self._cells64[i] if cells else self._px256[i]
+        return F.adaptive_avg_pool2d(x[:, :h, :w], self.R)
+
+    def gt_pooled(self, i: int) -> np.ndarray:
+        """(R, R) foreground fraction of the image's ground truth (void counts as background)."""
+        if i not in self._gt_pooled:
+            gt = torch.from_numpy(np.asarray(self.data["gt_lowres"][i] == 1, np.float32))[None]
+            self._gt_pooled[i] = self._crop_pool(gt, i, cells=False)[0].numpy().astype(np.float16)
+        return self._gt_pooled[i]
+
+    # ------------------------------------------------------------------ episode control
+    def reset(self, slots, images=None) -> None:
+        """Start new episodes in ``slots`` on ``images`` (default: random training images)."""
+        slots = np.atleast_1d(np.asarray(slots, np.int64))
+        if images is None:
+            images = self.rng.integers(0, self.n_images, len(slots))
+        images = np.atleast_1d(np.asarray(images, np.int64))
+        self.image[slots] = images
+        self.t[slots] = 0
+        self.labels[slots] = -1
+        self.coords[slots] = 0
+        self.taken[slots] = False
+        if self.init == "srm" or self.collect_srm_samples:
+            self._observe(slots, full_mask=True)  # s_0 = E_I(x): the SRM scores the whole image
+        for s, i in zip(slots, images):
+            self.coords[s, :2], self.labels[s, :2] = self._initial_points(s, i)
+        self._decode(slots)
+        self._observe(slots)
+
+    def _initial_points(self, s: int, i: int):
+        """One positive and one negative point in SAM's frame: from the ground truth (training)
+        or at the SRM's highest and lowest scoring positions (evaluation)."""
+        if self.init == "gt":
+            gt = self.data["gt_lowres"][i][: self._px256[i][0], : self._px256[i][1]]
+            pts = []
+            for value in (1, 0):
+                yx = np.argwhere(gt == value)
+                if len(yx) == 0:  # no foreground (or no background): any image pixel
+                    yx = np.argwhere(gt != VOID) if (gt != VOID).any() else np.argwhere(gt >= 0)
+                y, x = yx[self.rng.integers(len(yx))]
+                pts.append((x * 4 + 1.5, y * 4 + 1.5))
+            return np.array(pts, np.float32), np.array([1, 0])
+        prob = self.srm_prob[s]
+        hi, lo = np.unravel_index(prob.argmax(), prob.shape), np.unravel_index(prob.argmin(), prob.shape)
+        uv = np.array([[(hi[1] + 0.5) / self.R, (hi[0] + 0.5) / self.R], [(lo[1] + 0.5) / self.R, (lo[0] + 0.5) / self.R]])
+        h, w = self.data["original_size"][i]
+        xy = self.decoder.to_input_frame(uv * np.array([w, h]), (int(h), int(w)))
+        return xy.astype(np.float32), np.array([1, 0])
+
+    def step(self, actions, slots=None) -> StepResult:
+        """Apply ``actions[s]`` in each of ``slots`` (default: all B); results are per slot given."""
+        actions = np.asarray(actions, np.int64).reshape(self.B)
+        slots = np.arange(self.B) if slots is None else np.atleast_1d(np.asarray(slots, np.int64))
+        picked = self.taken[slots, actions[slots]]
+        if picked.any():
+            raise ValueError(f"patch(es) {actions[slots][picked].tolist()} already picked in slot(s) "
+                             f"{slots[picked].tolist()}; respect the action mask")
+        if (self.t[slots] >= self.T).any():
+            raise RuntimeError("step() on a finished episode; call reset() first")
+        n = len(slots)
+        label, hit, reward = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, np.float32)
+        for j, s in enumerate(slots):
+            i, a = self.image[s], actions[s]
+            xy = self.centres_sam(i)[a]
+            g = self.gt_at(i, xy[None])[0]
+            hit[j] = g == 1
+            reward[j] = 1.0 if g == 1 else (0.0 if g == VOID else -1.0)
+            label[j] = self._label(s, a, g)
+            k = 2 + self.t[s]
+            self.coords[s, k], self.labels[s, k] = xy, label[j]
+            self.taken[s, a] = True
+            self.t[s] += 1
+        self._decode(slots)
+        self._observe(slots)
+        return StepResult(reward, self.t[slots] >= self.T, self.iou[slots].copy(), hit, label)
+
+    def _label(self, s: int, action: int, gt_value: int) -> int:
+        if self.label_mode == "positive":
+            return 1
+        if self.label_mode == "gt":
+            return int(gt_value == 1)
+        r, c = self._centre_cells[action]
+        return int(self.srm_prob[s, r, c] >= 0.5)
+
+    # ------------------------------------------------------------------ SAM + observation
+    def _decode(self, slots: np.ndarray) -> None:
+        emb = torch.from_numpy(np.ascontiguousarray(self.data["embeddings"][self.image[slots]]))
+        n = 2 + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
+        low, _ = self.decoder.decode(emb, self.coords[slots, :n], self.labels[slots, :n])
+        logits = low[:, 0].numpy()
+        self.logits[slots] = logits
+        self.mask[slots] = logits > 0
+        for s in slots:
+            i = self.image[s]
+            h, w = self._px256[i]
+            gt = self.data["gt_lowres"][i][:h, :w]
+            pred = self.mask[s, :h, :w]
+            valid = gt != VOID
+            inter = np.logical_and(pred, gt == 1)[valid].sum()
+            union = np.logical_or(pred, gt == 1)[valid].sum()
+            self.iou[s] = inter / union if union else 1.0
+
+    def _observe(self, slots: np.ndarray, full_mask: bool = False) -> None:
+        """Build obs (and the SRM's probability map) of ``slots`` from the current masks."""
+        obs, text_obs = [], []
+        for s in slots:
+            i = self.image[s]
+            emb = torch.from_numpy(np.asarray(self.data["embeddings"][i], np.float32))
+            if full_mask:
+                state = emb
+            else:
+                m64 = F.avg_pool2d(torch.from_numpy(self.mask[s]).float()[None], 4)  # (1, 64, 64)
+                state = emb * m64
+            obs.append(self._crop_pool(state, i))
+            if self.text_map is not None:
+                mc = torch.from_numpy(np.asarray(self.text_map[i], np.float32))[None]
+                text_obs.append(self._crop_pool(emb * mc, i))
+        obs = torch.stack(obs)
+        text = torch.stack(text_obs) if text_obs else None
+        self.obs[slots] = obs.numpy().astype(np.float16)
+        if self.srm is not None:
+            self.srm_prob[slots] = self.srm.probability(obs, text)
+        if self.collect_srm_samples:
+            for j, s in enumerate(slots):
+                self.srm_samples.append((self.obs[s].copy(), None if text is None else text[j].numpy().astype(np.float16),
+                                         self.gt_pooled(self.image[s])))
+            del self.srm_samples[: -self.srm_buffer]
+
+    def action_mask(self) -> np.ndarray:
+        """(B, N) float32, 1 where the patch may still be picked."""
+        return (~self.taken).astype(np.float32)
+
+    def pop_srm_samples(self) -> list:
+        out, self.srm_samples = self.srm_samples, []
+        return out

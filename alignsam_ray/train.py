@@ -1,0 +1,253 @@
+"""PPO training of the AlignSAM agent (RLlib new API stack) with the SRM trained alongside.
+
+    alignsam train --config tune_configs/synthetic_blur.yaml [KEY=VALUE ...] [--resume]
+
+One iteration = one PPO update (``algo.train()``: EnvRunners sample ``train_batch_size`` env steps
+on CPU, the learner runs K epochs, on GPU when there is one), then q SRM updates on the
+(state, ground truth) pairs the EnvRunners collected, then the new SRM weights go to every
+EnvRunner. The store is published once to the object store; EnvRunners read it zero-copy.
+
+run_dir/
+    config.yaml                     the resolved config of the run
+    progress.csv                    one row per iteration
+    tb/                             TensorBoard scalars
+    checkpoints/iter_000010/        algo/ (RLlib checkpoint), srm.pt, config.yaml, state.json
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import ray
+import torch
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.tune.registry import register_env
+
+from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm
+from .agent.rl_module import AlignSamActorCritic
+from .agent.srm import SrmTrainer
+from .config import env_config, save_config
+from .env.alignsam_env import make_env
+from .env.grid import PatchGrid
+from .store.loader import EmbeddingStore, publish_store
+
+ENV_NAME = "alignsam"
+CHECKPOINTS = "checkpoints"
+MODULE_SUBDIR = os.path.join("algo", "learner_group", "learner", "rl_module", "default_policy")
+
+PROGRESS_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_iou", "label_accuracy",
+                 "srm_loss", "srm_pixel_acc", "env_steps_per_s", "sample_s", "learn_s", "iter_s")
+
+
+def init_ray(**kwargs) -> None:
+    """Connect to RAY_ADDRESS (a cluster, `ray job submit`) or start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 logging_level="WARNING", **kwargs)
+
+
+def grid_of(cfg: dict) -> PatchGrid:
+    e = cfg["env"]
+    return PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
+
+
+def num_gpus(cfg: dict) -> float:
+    g = cfg["resources"]["num_gpus_per_learner"]
+    return (1 if torch.cuda.is_available() else 0) if g == "auto" else float(g)
+
+
+def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
+    """The RLlib PPOConfig of a run config (paper hyperparameters set explicitly)."""
+    register_env(ENV_NAME, make_env)
+    p, r = cfg["ppo"], cfg["resources"]
+    grid = grid_of(cfg)
+    return (
+        PPOConfig()
+        .environment(ENV_NAME, env_config=env_config(cfg, store_actor=store_actor, split="train", init="gt",
+                                                     labels="srm", collect_srm_samples=True,
+                                                     seed=cfg["train"]["seed"]))
+        .env_runners(num_env_runners=r["num_env_runners"], num_envs_per_env_runner=r["num_envs_per_env_runner"],
+                     num_cpus_per_env_runner=r["num_cpus_per_env_runner"], sample_timeout_s=r["sample_timeout_s"],
+                     gym_env_vectorize_mode="vector_entry_point")
+        .learners(num_learners=0, num_gpus_per_learner=num_gpus(cfg))
+        .training(gamma=p["gamma"], clip_param=p["clip_param"], num_epochs=p["num_epochs"], lr=p["lr"],
+                  lambda_=p["lambda_"], entropy_coeff=p["entropy_coeff"], vf_loss_coeff=p["vf_loss_coeff"],
+                  vf_clip_param=p["vf_clip_param"], use_kl_loss=p["use_kl_loss"],
+                  train_batch_size_per_learner=p["train_batch_size"], minibatch_size=p["minibatch_size"],
+                  grad_clip=p["grad_clip"])
+        .rl_module(rl_module_spec=RLModuleSpec(
+            module_class=AlignSamActorCritic,
+            model_config={"grid": [grid.rows, grid.cols], "width": cfg["model"]["width"]}))
+        .callbacks(AlignSamMetrics)
+        .fault_tolerance(restart_failed_env_runners=True)
+        .debugging(seed=cfg["train"]["seed"], log_level="WARN")
+    )
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """Finished checkpoints of a run, oldest first."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("iter_") and
+                   os.path.isfile(os.path.join(root, n, "state.json")))
+    return [os.path.join(root, n) for n in names]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder, or a run folder (-> its latest checkpoint)."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint (no state.json) nor a run folder with checkpoints")
+    return found[-1]
+
+
+def _scalar(d: dict, *keys, default=float("nan")):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return float(d) if np.isscalar(d) else default
+
+
+class Trainer:
+    """Owns the Algorithm, the SRM trainer and the run folder."""
+
+    def __init__(self, cfg: dict, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = cfg["run_dir"]
+        os.makedirs(self.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        store = EmbeddingStore(cfg["store"], verify=False)
+        init_ray()
+        self.store_actor = publish_store(cfg["store"], "train")
+        self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
+        s = cfg["srm"]
+        self.srm = SrmTrainer(store.embed_dim, s["branch"], s["lr"], s["q"], s["batch_size"], cfg["train"]["seed"])
+        self.iteration = 0
+        self.env_steps = 0
+        if resume:
+            self._restore()
+        self.push_srm()
+
+    # ------------------------------------------------------------------ SRM <-> EnvRunners
+    def push_srm(self) -> None:
+        state = self.srm.state()
+        self.algo.env_runner_group.foreach_env_runner(lambda r: set_runner_srm(r, state), local_env_runner=True)
+
+    def pull_srm_samples(self) -> list:
+        out = self.algo.env_runner_group.foreach_env_runner(pop_srm_samples, local_env_runner=True)
+        return [s for part in out if part for s in part]
+
+    # ------------------------------------------------------------------ loop
+    def train_iteration(self) -> dict:
+        t0 = time.time()
+        result = self.algo.train()
+        t1 = time.time()
+        srm_stats = self.srm.update(self.pull_srm_samples())
+        self.push_srm()
+        self.iteration += 1
+        er = result.get("env_runners", {})
+        steps = _scalar(er, "num_env_steps_sampled", default=0.0)
+        self.env_steps += int(steps)
+        sample_s = _scalar(er, "sample", default=float("nan"))
+        learn_s = _scalar(result, "learners", "__all_modules__", "learner_update_timer", default=float("nan"))
+        row = {
+            "iteration": self.iteration, "env_steps": self.env_steps,
+            "episode_return": _scalar(er, "episode_return_mean"), "hit_rate": _scalar(er, "hit_rate"),
+            "final_iou": _scalar(er, "final_iou"), "label_accuracy": _scalar(er, "label_accuracy"),
+            "srm_loss": srm_stats.get("srm_loss", float("nan")), "srm_pixel_acc": srm_stats.get("srm_pixel_acc", float("nan")),
+            "env_steps_per_s": steps / sample_s if sample_s and sample_s == sample_s else steps / (t1 - t0),
+            "sample_s": sample_s, "learn_s": learn_s, "iter_s": time.time() - t0,
+        }
+        return row
+
+    def run(self) -> dict:
+        c = self.cfg["train"]
+        total = c["iterations"]
+        if self.iteration >= total:
+            print(f"[train] {self.run_dir}: already at iteration {self.iteration} of {total}; nothing to do")
+            return {"iteration": self.iteration, "checkpoint": resolve_checkpoint(self.run_dir)}
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        csv_path = os.path.join(self.run_dir, "progress.csv")
+        new_csv = not os.path.isfile(csv_path)
+        last = None
+        with open(csv_path, "a", newline="") as f:
+            out = csv.DictWriter(f, PROGRESS_KEYS)
+            if new_csv:
+                out.writeheader()
+            while self.iteration < total:
+                row = self.train_iteration()
+                out.writerow(row)
+                f.flush()
+                for k, v in row.items():
+                    if k != "iteration" and v == v:
+                        writer.add_scalar(f"alignsam/{k}", v, row["iteration"])
+                writer.flush()
+                if self.progress:
+                    print(f"[train] iter {row['iteration']:>3}/{total}  return {row['episode_return']:6.2f}  "
+                          f"hit {row['hit_rate']:.3f}  IoU {row['final_iou']:.3f}  SRM acc {row['srm_pixel_acc']:.3f}  "
+                          f"{row['env_steps_per_s']:6.1f} steps/s  ({row['iter_s']:.1f}s)", flush=True)
+                if self.iteration % c["checkpoint_every"] == 0 or self.iteration == total:
+                    last = self.save()
+                last_row = row
+        writer.close()
+        return {**last_row, "checkpoint": last}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """Write checkpoints/iter_N atomically (tmp folder + rename)."""
+        root = os.path.join(self.run_dir, CHECKPOINTS)
+        final = os.path.join(root, f"iter_{self.iteration:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.algo.save_to_path(os.path.abspath(os.path.join(tmp, "algo")))
+        self.srm.save(os.path.join(tmp, "srm.pt"))
+        save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"iteration": self.iteration, "env_steps": self.env_steps, "task": self.cfg["task"],
+                       "store": self.cfg["store"], "time": time.time()}, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if self.progress:
+            print(f"[train] checkpoint {final}", flush=True)
+        return final
+
+    def _restore(self) -> None:
+        found = checkpoints(self.run_dir)
+        if not found:
+            print(f"[train] --resume: no checkpoint in {self.run_dir}; starting from scratch", file=sys.stderr)
+            return
+        ckpt = found[-1]
+        self.algo.restore_from_path(os.path.abspath(os.path.join(ckpt, "algo")))
+        # restored weights live on the learner; EnvRunners keep stale ones unless synced
+        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
+                                                inference_only=True)
+        self.srm.load(os.path.join(ckpt, "srm.pt"))
+        with open(os.path.join(ckpt, "state.json")) as f:
+            state = json.load(f)
+        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        print(f"[train] resumed from {ckpt} (iteration {self.iteration})", flush=True)
+
+    def stop(self) -> None:
+        self.algo.stop()
+
+
+def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.stop()

@@ -1,0 +1,54 @@
+"""Shared fixtures: a small real embedding store (synthetic blur task, micro-SAM, Ray Data)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+
+@pytest.fixture(scope="session")
+def blur_store(tmp_path_factory):
+    """Path of a finished store: 8 train + 6 test synthetic_blur images embedded by micro-SAM."""
+    from alignsam_ray.data import generate_task, open_dataset
+    from alignsam_ray.store.embed import embed_dataset
+
+    root = tmp_path_factory.mktemp("blur")
+    folder = generate_task("synthetic_blur", str(root / "data"), n_train=8, n_test=6, seed=0, progress=False)
+    samples = open_dataset(folder, n_train=None)
+    was_running = ray.is_initialized()
+    embed_dataset(samples, str(root / "store"), sam_type="micro", dataset_spec=folder, progress=False)
+    if not was_running:
+        ray.shutdown()
+    return str(root / "store")
+
+
+@pytest.fixture(scope="session")
+def micro_decoder():
+    from alignsam_ray.foundation import load_sam
+    from alignsam_ray.foundation.decoder import SamPromptDecoder
+
+    return SamPromptDecoder.from_sam(load_sam("micro"), "micro")
+
+
+def toy_data(sizes=((300, 600), (500, 250)), seed=0) -> dict:
+    """Hand-made store arrays: random embeddings; ground truth = left half of the image is
+    foreground, a void band at the top. sizes: (H, W) per image."""
+    rng = np.random.default_rng(seed)
+    n = len(sizes)
+    gt = np.zeros((n, 256, 256), np.uint8)
+    input_size = np.zeros((n, 2), np.int32)
+    for k, (h, w) in enumerate(sizes):
+        s = 1024 / max(h, w)
+        ih, iw = int(h * s + 0.5), int(w * s + 0.5)
+        input_size[k] = ih, iw
+        ph, pw = int(np.ceil(ih / 4)), int(np.ceil(iw / 4))
+        gt[k, :ph, : pw // 2] = 1
+        gt[k, : ph // 8, :pw] = 255
+        gt[k, ph:, :] = 0
+    return {
+        "ids": np.array([f"test/{k}" for k in range(n)]),
+        "embeddings": rng.standard_normal((n, 64, 64, 64)).astype(np.float16),
+        "gt_lowres": gt,
+        "original_size": np.array(sizes, np.int32),
+        "input_size": input_size,
+    }

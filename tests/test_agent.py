@@ -1,0 +1,83 @@
+"""SRM, the actor-critic RLModule and the run config."""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+
+from alignsam_ray.agent.rl_module import AlignSamActorCritic
+from alignsam_ray.agent.srm import SRM, SrmTrainer, srm_loss
+from alignsam_ray.config import ConfigError, load_config, parse_overrides
+
+
+@pytest.mark.parametrize("branch", ["implicit", "explicit"])
+def test_srm_shapes(branch):
+    srm = SRM(64, branch)
+    s = torch.randn(3, 64, 12, 12)
+    out = srm(s, s if branch == "explicit" else None)
+    assert out.shape == (3, 12, 12)
+    assert srm.probability(s, s if branch == "explicit" else None).shape == (3, 12, 12)
+    if branch == "explicit":
+        with pytest.raises(ValueError, match="s_c"):
+            srm(s)
+
+
+def test_srm_loss_values():
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1
+    good, _ = srm_loss(torch.where(target > 0, 10.0, -10.0), target)
+    bad, _ = srm_loss(torch.where(target > 0, -10.0, 10.0), target)
+    assert good.item() < 0.01 and bad.item() > 5
+
+
+def test_srm_trainer_learns_a_rule():
+    """Foreground = positive first channel: q updates drive the loss down and accuracy up."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(64):
+        s = rng.standard_normal((8, 8, 8)).astype(np.float16)
+        samples.append((s, None, (s[0] > 0).astype(np.float16)))
+    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=60, batch_size=32)
+    assert trainer.q == 60
+    first = trainer.update(samples)
+    second = trainer.update(samples)
+    assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
+    assert SrmTrainer(8, "explicit").q == 5 and SrmTrainer(8, "implicit").q == 1  # the paper's q
+
+
+def _module(grid=(10, 10), embed=16, res=8):
+    obs = gym.spaces.Dict({"obs": gym.spaces.Box(-1e4, 1e4, (embed, res, res), np.float16),
+                           "action_mask": gym.spaces.Box(0.0, 1.0, (grid[0] * grid[1],), np.float32)})
+    return AlignSamActorCritic(observation_space=obs, action_space=gym.spaces.Discrete(grid[0] * grid[1]),
+                               model_config={"grid": list(grid), "width": 16})
+
+
+@pytest.mark.parametrize("grid", [(10, 10), (8, 8), (16, 16), (6, 9)])
+def test_module_shapes_and_masking(grid):
+    m = _module(grid)
+    n = grid[0] * grid[1]
+    mask = torch.ones(4, n)
+    mask[:, :3] = 0
+    batch = {Columns.OBS: {"obs": torch.randn(4, 16, 8, 8).half(), "action_mask": mask}}
+    out = m.forward_train(batch)
+    logits = out[Columns.ACTION_DIST_INPUTS]
+    assert logits.shape == (4, n) and (logits[:, :3] < -1e30).all()
+    assert torch.isfinite(logits[:, 3:]).all()
+    assert m.compute_values(batch, out[Columns.EMBEDDINGS]).shape == (4,)
+    assert torch.allclose(m.compute_values(batch), m.compute_values(batch, out[Columns.EMBEDDINGS]))
+    assert torch.equal(m.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], logits)
+    assert batch[Columns.OBS]["action_mask"][:, :3].eq(0).all()  # the batch is not mutated
+
+
+def test_config_defaults_overrides_and_typos(tmp_path):
+    cfg = load_config(None, ["store=somewhere", "ppo.lr=3e-4", "env.grid=[8,8]"])
+    assert cfg["ppo"]["lr"] == 3e-4 and cfg["env"]["grid"] == [8, 8]
+    assert (cfg["ppo"]["gamma"], cfg["ppo"]["clip_param"], cfg["ppo"]["num_epochs"], cfg["env"]["horizon"]) == (0.99, 0.2, 20, 15)
+    with pytest.raises(ConfigError, match="unknown config key 'ppo.learning_rate'"):
+        load_config(None, ["store=x", "ppo.learning_rate=1"])
+    with pytest.raises(ConfigError, match="needs 'store'"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["ppo.lr"])

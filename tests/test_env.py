@@ -1,0 +1,132 @@
+"""Environment semantics: grid geometry, reward, action masking, termination, batching."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from alignsam_ray.agent.srm import SRM
+from alignsam_ray.env import AlignSamEnv, AlignSamVectorEnv, PatchGrid, PromptEpisodes
+from conftest import toy_data
+
+
+def test_grid_paper_default_and_config():
+    assert PatchGrid.from_config() == PatchGrid(10, 10)  # 800 / 80
+    assert PatchGrid.from_config(patch_size=50).n == 256  # 16 x 16
+    assert PatchGrid.from_config(grid=[8, 12]).n == 96
+    with pytest.raises(ValueError):
+        PatchGrid.from_config(patch_size=70)  # does not divide 800
+
+
+def test_grid_centres_non_square_image():
+    g = PatchGrid(10, 10)
+    h, w = 300, 600
+    xy = g.centres_original((h, w))
+    assert np.allclose(xy[0], [30, 15]) and np.allclose(xy[99], [570, 285])  # patches are 60 x 30 px
+    assert np.allclose(xy[12], [(2 + 0.5) * 60, (1 + 0.5) * 30])  # row-major: action 12 = row 1, col 2
+    expect = ResizeLongestSide(1024).apply_coords(xy, (h, w))  # exactly what SamPredictor does
+    assert np.allclose(g.centres_sam((h, w)), expect)
+    assert g.centres_sam((h, w))[:, 1].max() < 1024 * h / w  # inside the image part of the frame
+    u, v = g.centres_normalised().T
+    assert (g.cell_of(u, v) == np.arange(100)).all()
+
+
+def _episodes(decoder, labels="gt", horizon=4, slots=1, sizes=((300, 600), (500, 250))):
+    data = toy_data(sizes)
+    return PromptEpisodes(data, decoder, PatchGrid(10, 10), slots, horizon, 8, "gt", labels, SRM(64), seed=0)
+
+
+def test_reward_hit_label_and_void(micro_decoder):
+    ep = _episodes(micro_decoder)
+    ep.reset([0], [0])  # ground truth: left half foreground, a void band on top
+    r = ep.step([55])  # row 5, col 5: just right of the middle -> background
+    assert r.reward[0] == -1 and not r.hit[0] and r.label[0] == 0
+    r = ep.step([54])  # col 4: left half -> foreground
+    assert r.reward[0] == 1 and r.hit[0] and r.label[0] == 1  # oracle labels follow the ground truth
+    r = ep.step([2])  # row 0 lies in the void band: neither reward nor penalty
+    assert r.reward[0] == 0 and not r.hit[0]
+    assert 0.0 <= r.iou[0] <= 1.0
+    # the picked points are stored in SAM's frame with their labels
+    assert np.allclose(ep.coords[0, 2], PatchGrid(10, 10).centres_sam((300, 600))[55])
+    assert ep.labels[0, :5].tolist() == [1, 0, 0, 1, 0]
+
+
+def test_action_mask_and_termination(micro_decoder):
+    ep = _episodes(micro_decoder, horizon=3)
+    ep.reset([0], [1])
+    ep.step([7])
+    assert ep.action_mask()[0, 7] == 0 and ep.action_mask()[0].sum() == 99
+    with pytest.raises(ValueError, match="already picked"):
+        ep.step([7])
+    assert not ep.step([8]).terminated[0]
+    assert ep.step([9]).terminated[0]
+    with pytest.raises(RuntimeError, match="finished episode"):
+        ep.step([10])
+
+
+def test_positive_labels_ablation(micro_decoder):
+    ep = _episodes(micro_decoder, labels="positive")
+    ep.reset([0], [0])
+    assert ep.step([55]).label[0] == 1  # background point, labelled positive anyway
+
+
+def test_batched_slots_equal_single_slots(micro_decoder):
+    """k slots in one decoder call give what k separate episodes give."""
+    batched = _episodes(micro_decoder, slots=2)
+    batched.reset([0, 1], [0, 1])
+    singles = [_episodes(micro_decoder) for _ in range(2)]
+    for k, s in enumerate(singles):
+        s.reset([0], [k])
+        s.coords[0, :2] = batched.coords[k, :2]  # same random start points
+        s._decode(np.array([0]))
+        s._observe(np.array([0]))
+    for actions in ([11, 64], [33, 20]):
+        rb = batched.step(actions)
+        for k, s in enumerate(singles):
+            r = s.step([actions[k]])
+            assert r.reward[0] == rb.reward[k]
+            np.testing.assert_allclose(s.logits[0], batched.logits[k], atol=1e-4)
+            np.testing.assert_allclose(s.obs[0].astype(np.float32), batched.obs[k].astype(np.float32), atol=1e-2)
+
+
+def test_observation_is_masked_embedding(micro_decoder):
+    ep = _episodes(micro_decoder)
+    ep.reset([0], [0])
+    ep.mask[0] = False
+    ep._observe(np.array([0]))
+    assert not ep.obs[0].any()  # empty previous mask -> zero state
+    ep.mask[0] = True
+    ep._observe(np.array([0]))
+    assert ep.obs.dtype == np.float16 and ep.obs[0].any()
+
+
+def test_gym_env_passes_checker_and_reads_store(blur_store):
+    env = AlignSamEnv({"store": blur_store, "horizon": 5, "obs_res": 8, "seed": 0})
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=1)
+    assert obs["obs"].shape == (64, 8, 8) and obs["action_mask"].shape == (100,)
+    total, done = 0, False
+    while not done:
+        action = int(np.flatnonzero(obs["action_mask"])[0])
+        obs, reward, done, truncated, info = env.step(action)
+        assert reward in (-1.0, 0.0, 1.0) and not truncated
+        total += 1
+    assert total == 5 and info["step"] == 5 and {"iou", "hit", "label"} <= set(info)
+
+
+def test_vector_env_autoresets_next_step(blur_store):
+    env = AlignSamVectorEnv({"store": blur_store, "horizon": 2, "obs_res": 8, "seed": 0}, num_envs=3)
+    obs, _ = env.reset(seed=0)
+    assert obs["obs"].shape == (3, 64, 8, 8)
+    for t in range(2):
+        obs, rew, term, trunc, info = env.step(obs["action_mask"].argmax(1))
+    assert term.all()
+    obs, rew, term, trunc, info = env.step(np.zeros(3, int))  # NEXT_STEP autoreset: fresh episodes
+    assert (rew == 0).all() and not term.any() and (info["step"] == 0).all()
+    assert (obs["action_mask"] == 1).all()
+
+
+def test_explicit_branch_needs_text_map(blur_store):
+    with pytest.raises(KeyError, match="no per-image map"):
+        AlignSamEnv({"store": blur_store, "srm_branch": "explicit", "text_map": "clip"})
