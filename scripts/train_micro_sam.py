@@ -190,7 +190,7 @@ def main():
         "train_minutes": round((time.time() - t0) / 60, 1),
         "final_train_1pt_iou": float(np.mean([h[1] for h in history[-100:]])),
         "final_train_multipt_iou": float(np.mean([h[2] for h in history[-100:]])),
-        "command": "python scripts/train_micro_sam.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "command": "python scripts/train_micro_sam.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
     }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(info, f, indent=2)

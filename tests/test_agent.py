@@ -39,9 +39,10 @@ def test_srm_trainer_learns_a_rule():
     for _ in range(64):
         s = rng.standard_normal((8, 8, 8)).astype(np.float16)
         samples.append((s, None, (s[0] > 0).astype(np.float16)))
-    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=60, batch_size=32)
-    assert trainer.q == 60
+    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=30, batch_size=32)
+    assert trainer.q == 30
     first = trainer.update(samples)
+    assert trainer.updates == 30 * 2  # q epochs of 64 / 32 minibatches
     second = trainer.update(samples)
     assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
     assert SrmTrainer(8, "explicit").q == 5 and SrmTrainer(8, "implicit").q == 1  # the paper's q
@@ -81,3 +82,18 @@ def test_config_defaults_overrides_and_typos(tmp_path):
         load_config(None, [])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["ppo.lr"])
+
+
+def test_every_shipped_config_loads():
+    import glob
+    import os
+
+    paths = glob.glob(os.path.join(os.path.dirname(__file__), "..", "tune_configs", "*.yaml"))
+    tasks = {os.path.basename(p)[:-5] for p in paths}
+    assert {"blur", "shadow", "glass", "saliency", "voc"} <= tasks
+    assert {f"synthetic_{t}" for t in ("blur", "shadow", "glass", "saliency", "shapes")} <= tasks
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg["ppo"]["num_epochs"] == 20 and cfg["store"] and cfg["srm"]["branch"] in ("implicit", "explicit")
+        if cfg["srm"]["branch"] == "explicit":
+            assert cfg["srm"]["text_map"]

@@ -130,3 +130,21 @@ def test_vector_env_autoresets_next_step(blur_store):
 def test_explicit_branch_needs_text_map(blur_store):
     with pytest.raises(KeyError, match="no per-image map"):
         AlignSamEnv({"store": blur_store, "srm_branch": "explicit", "text_map": "clip"})
+
+
+def test_explicit_branch_reads_the_text_map(micro_decoder):
+    """The explicit SRM gets s_c = E (.) M_c from the store's map column; samples carry it."""
+    data = toy_data()
+    data["map_clip"] = np.zeros((2, 64, 64), np.float16)
+    data["map_clip"][:, :, :32] = 1  # the "text" points at the left half
+    srm = SRM(64, "explicit")
+    ep = PromptEpisodes(data, micro_decoder, PatchGrid(10, 10), 1, 3, 8, "srm", "srm", srm, text_map="clip", seed=0)
+    ep.collect_srm_samples = True
+    ep.reset([0], [0])
+    ep.step([44])
+    samples = ep.pop_srm_samples()
+    assert len(samples) == 3  # s_0 at reset, after reset, after the step
+    s_t, s_c, target = samples[-1]
+    assert s_c is not None and s_c.shape == s_t.shape == (64, 8, 8) and target.shape == (8, 8)
+    assert np.abs(s_c[:, :, 6:]).max() == 0  # M_c = 0 on the right: nothing there
+    assert ep.pop_srm_samples() == []

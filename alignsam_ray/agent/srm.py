@@ -12,7 +12,8 @@ the ground truth pooled to the same grid (fractions in [0, 1]).
     inputs  s_t, s_c: (B, E, R, R) float (the env's observation; E = SAM's embedding width)
     output  logits (B, R, R); probability = sigmoid(logits); a point is positive iff p >= 0.5
 
-Paper: updated q times per PPO update (q = 1 implicit, q = 5 explicit).
+Paper: updated q times per PPO update (q = 1 implicit, q = 5 explicit); here one SRM update is
+one epoch over the (state, ground truth) pairs collected during that PPO update.
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def srm_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tu
 
 
 class SrmTrainer:
-    """Holds the SRM and its optimiser; ``update`` makes q gradient steps on collected samples.
+    """Holds the SRM and its optimiser; ``update`` makes q SRM updates on the samples collected
+    during one PPO update. As a PPO update is K epochs over its batch, one SRM update is one
+    epoch over its samples (minibatches of ``batch_size``).
 
     samples: list of (s_t (E,R,R) f16, s_c (E,R,R) f16 | None, target (R,R) f16) from the envs.
     """
@@ -97,13 +100,14 @@ class SrmTrainer:
         target = torch.from_numpy(np.stack([s[2] for s in samples]).astype(np.float32))
         self.srm.train()
         stats = {}
-        for _ in range(self.q):
-            idx = torch.from_numpy(self.rng.permutation(len(samples))[: self.batch_size])
-            loss, stats = srm_loss(self.srm(s_t[idx], None if s_c is None else s_c[idx]), target[idx])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.updates += 1
+        for _ in range(self.q):  # one SRM update = one epoch over the samples, in minibatches
+            order = torch.from_numpy(self.rng.permutation(len(samples)))
+            for idx in order.split(self.batch_size):
+                loss, stats = srm_loss(self.srm(s_t[idx], None if s_c is None else s_c[idx]), target[idx])
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.updates += 1
         self.srm.eval()
         with torch.inference_mode():
             pred = torch.sigmoid(self.srm(s_t, s_c)) >= 0.5
