@@ -139,14 +139,15 @@ def _demo_report(out: str, summary: dict, seconds: float, t_embed: float) -> Non
     names = ("alignsam", "random_actions", "all_positive", "single_step", "gt_labels")
     lines = ["# alignsam demo", "", f"Synthetic data + micro-SAM; {seconds:.0f} s in all ({t_embed:.0f} s synthesis + "
              "embedding). Per-task reports: eval/<task>/report.md.", "",
-             "| task | method | mIoU | F_beta | E_phi | MAE | BER | hit rate |", "|---|---|---|---|---|---|---|---|"]
+             "| task | method | mIoU | F_beta | E_phi | MAE | BER | hit rate | label acc. |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task, m in summary.items():
         for name in names:
             s = m["methods"][name]
             lines.append(f"| {task} | {name} | {s['miou']:.3f} | {s['fbeta']:.3f} | {s['emeasure']:.3f} | "
-                         f"{s['mae']:.3f} | {s['ber']:.3f} | {s['hit_rate']:.3f} |")
+                         f"{s['mae']:.3f} | {s['ber']:.3f} | {s['hit_rate']:.3f} | {s['label_accuracy']:.3f} |")
         sweep = " ".join(f"T={t}: {v['miou']:.3f}" for t, v in m["t_sweep"].items())
-        lines.append(f"| {task} | mIoU by T | {sweep} | | | | | |")
+        lines.append(f"| {task} | mIoU by T | {sweep} | | | | | | |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--tasks", nargs="+", default=list(DEMO_TASKS), help="synthetic tasks to train and evaluate "
                    "(default: %(default)s; 'all' = the five)")
-    d.add_argument("--iterations", type=int, default=8, help="PPO iterations per task")
+    d.add_argument("--iterations", type=int, default=16, help="PPO iterations per task")
     d.add_argument("--env-runners", type=int, default=2, help="EnvRunners (0.5 CPU each)")
     _add_embed(sub)
     _add_train(sub)
@@ -188,6 +189,10 @@ def main(argv=None) -> int:
     except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"alignsam {args.cmd}: interrupted; finished shards and checkpoints are kept (rerun to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

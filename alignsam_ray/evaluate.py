@@ -88,7 +88,12 @@ class Rollout:
 
     logits: dict  # step -> list of (256, 256) float32 low-res logits, one per image
     points: dict  # step -> list of (coords (n, 2) SAM frame, labels (n,))
-    hits: np.ndarray  # (n_images, horizon) bool
+    hits: np.ndarray  # (n_images, horizon) bool: picked point on ground-truth foreground
+    label_ok: np.ndarray  # (n_images, horizon) bool: its label (SRM/oracle/positive) matches the ground truth
+
+    def stats(self, t: int) -> dict:
+        """Hit rate and label accuracy over the first ``t`` steps."""
+        return {"hit_rate": float(self.hits[:, :t].mean()), "label_accuracy": float(self.label_ok[:, :t].mean())}
 
 
 def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: str, horizon: int,
@@ -99,6 +104,7 @@ def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, l
     logits = {t: [] for t in record}
     points = {t: [] for t in record}
     hits = np.zeros((n, horizon), bool)
+    label_ok = np.zeros((n, horizon), bool)
     e = agent.cfg["env"]
     text_map = agent.cfg["srm"]["text_map"] if agent.srm.branch == "explicit" else None
     for start in range(0, n, batch):
@@ -117,10 +123,11 @@ def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, l
                 a = np.array([rng.choice(np.flatnonzero(m)) for m in mask])
             r = ep.step(a)
             hits[images, t - 1] = r.hit
+            label_ok[images, t - 1] = r.label == r.hit  # void points count as background here
             if t in record:
                 logits[t] += list(ep.logits.copy())
                 points[t] += [(ep.coords[s, : 2 + t].copy(), ep.labels[s, : 2 + t].copy()) for s in range(len(images))]
-    return Rollout(logits, points, hits)
+    return Rollout(logits, points, hits, label_ok)
 
 
 def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> dict:
@@ -157,16 +164,16 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     main = rollout(agent, data, decoder, "policy", "srm", horizon, tuple(sorted(set(T_SWEEP + FIGURE_STEPS + (T, 0)))),
                    batch, seed)
     for t in T_SWEEP:
-        sweep[str(t)] = {**score(main.logits[t], ids, sizes, gt_full, decoder), "hit_rate": float(main.hits[:, :t].mean())}
-    results["alignsam"] = {**score(main.logits[T], ids, sizes, gt_full, decoder), "hit_rate": float(main.hits[:, :T].mean())}
-    results["single_step"] = {**score(main.logits[1], ids, sizes, gt_full, decoder), "hit_rate": float(main.hits[:, :1].mean())}
+        sweep[str(t)] = {**score(main.logits[t], ids, sizes, gt_full, decoder), **main.stats(t)}
+    results["alignsam"] = {**score(main.logits[T], ids, sizes, gt_full, decoder), **main.stats(T)}
+    results["single_step"] = {**score(main.logits[1], ids, sizes, gt_full, decoder), **main.stats(1)}
     for name, (actions, labels, h) in METHODS.items():
         if name in results:
             continue
         log(f"method {name}")
         h = h or T
         r = rollout(agent, data, decoder, actions, labels, h, (h,), batch, seed)
-        results[name] = {**score(r.logits[h], ids, sizes, gt_full, decoder), "hit_rate": float(r.hits.mean())}
+        results[name] = {**score(r.logits[h], ids, sizes, gt_full, decoder), **r.stats(h)}
     metrics = {
         "task": agent.cfg["task"], "n_images": int(len(ids)), "split": split, "horizon": T,
         "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "methods": results, "t_sweep": sweep,
@@ -183,11 +190,11 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
 
 
 def _row(name: str, m: dict) -> str:
-    return f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in METRIC_KEYS + ("hit_rate",)) + " |"
+    return f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in METRIC_KEYS + ("hit_rate", "label_accuracy")) + " |"
 
 
 def report_markdown(metrics: dict) -> str:
-    head = "| | mIoU | F_beta | E_phi | MAE | BER | hit rate |\n|---|---|---|---|---|---|---|"
+    head = "| | mIoU | F_beta | E_phi | MAE | BER | hit rate | label acc. |\n|---|---|---|---|---|---|---|---|"
     prim = ", ".join(primary_metrics(metrics["task"]))
     lines = [
         f"# AlignSAM evaluation: {metrics['task']}", "",
@@ -197,7 +204,8 @@ def report_markdown(metrics: dict) -> str:
     ]
     lines += [_row(name, m) for name, m in metrics["methods"].items()]
     lines += ["", "`random_actions` = w/o RL, `all_positive` = w/o SRM, `single_step` = w/o multi-step (T = 1), "
-              "`gt_labels` = oracle point labels (upper bound). hit rate = share of picked points on foreground.", "",
+              "`gt_labels` = oracle point labels (upper bound). hit rate = share of picked points on foreground; "
+              "label acc. = share of picked points whose label (SRM, oracle or all-positive) matches the ground truth.", "",
               "## Number of steps T (cf. paper Table 5)", "", head.replace("| |", "| T |", 1)]
     lines += [_row(t, m) for t, m in metrics["t_sweep"].items()]
     init = metrics["initial_prompts"]

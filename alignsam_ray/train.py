@@ -160,7 +160,7 @@ class Trainer:
         steps = _scalar(er, "num_env_steps_sampled", default=0.0)
         self.env_steps += int(steps)
         sample_s = _scalar(er, "sample", default=float("nan"))
-        learn_s = _scalar(result, "learners", "__all_modules__", "learner_update_timer", default=float("nan"))
+        learn_s = _scalar(result, "timers", "learner_update_timer", default=float("nan"))
         row = {
             "iteration": self.iteration, "env_steps": self.env_steps,
             "episode_return": _scalar(er, "episode_return_mean"), "hit_rate": _scalar(er, "hit_rate"),
@@ -188,7 +188,14 @@ class Trainer:
             if new_csv:
                 out.writeheader()
             while self.iteration < total:
-                row = self.train_iteration()
+                try:
+                    row = self.train_iteration()
+                except KeyboardInterrupt:
+                    kept = resolve_checkpoint(self.run_dir) if checkpoints(self.run_dir) else "none yet"
+                    print(f"\n[train] interrupted during iteration {self.iteration + 1}; last checkpoint: {kept}. "
+                          f"Continue with: alignsam train --config {os.path.join(self.run_dir, 'config.yaml')} --resume",
+                          file=sys.stderr, flush=True)
+                    raise
                 out.writerow(row)
                 f.flush()
                 for k, v in row.items():

@@ -75,8 +75,11 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     assert set(m["methods"]) == {"alignsam", "random_actions", "all_positive", "single_step", "gt_labels"}
     assert set(m["t_sweep"]) == {"1", "5", "10", "15", "20"}
     for scores in list(m["methods"].values()) + list(m["t_sweep"].values()):
-        for key in ("miou", "fbeta", "emeasure", "mae", "ber", "hit_rate"):
+        for key in ("miou", "fbeta", "emeasure", "mae", "ber", "hit_rate", "label_accuracy"):
             assert 0.0 <= scores[key] <= 1.0 + 1e-3  # E_phi divides by N - 1, as the MATLAB reference
+    assert m["methods"]["gt_labels"]["label_accuracy"] == 1.0  # oracle labels always match the ground truth
+    positive = m["methods"]["all_positive"]
+    assert positive["label_accuracy"] == pytest.approx(positive["hit_rate"])  # all labels 1: right exactly on hits
     assert m["methods"]["single_step"]["miou"] == m["t_sweep"]["1"]["miou"]
     report = (out / "report.md").read_text()
     assert "| alignsam |" in report and "Table 5" in report
