@@ -46,7 +46,7 @@ DEFAULTS: dict = {
     "model": {"width": 64},
     "resources": {
         "num_env_runners": 1,
-        "num_envs_per_env_runner": 1,
+        "num_envs_per_env_runner": 4,   # k episodes per EnvRunner, one batched decoder call per step (scripts/bench.py)
         "num_cpus_per_env_runner": 0.5,  # a trial needs 1 CPU + this per runner; 0.5 fits 2 cores
         "num_gpus_per_learner": "auto",  # 1 if CUDA is visible, else 0
         "sample_timeout_s": 600,

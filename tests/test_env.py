@@ -127,6 +127,18 @@ def test_vector_env_autoresets_next_step(blur_store):
     assert (obs["action_mask"] == 1).all()
 
 
+def test_vector_env_makes_one_decoder_call_per_step(blur_store):
+    """k slots share one batched SAM decoder call per vector step (the fast path of issue 6)."""
+    env = AlignSamVectorEnv({"store": blur_store, "horizon": 4, "obs_res": 8, "seed": 0}, num_envs=4)
+    obs, _ = env.reset(seed=0)
+    decoder, calls = env.episodes.decoder, []
+    inner = decoder.decode
+    decoder.decode = lambda emb, *a, **k: calls.append(len(emb)) or inner(emb, *a, **k)
+    for _ in range(4):
+        obs, *_ = env.step(obs["action_mask"].argmax(1))
+    assert calls == [4, 4, 4, 4]  # one call per step, all four slots in it
+
+
 def test_explicit_branch_needs_text_map(blur_store):
     with pytest.raises(KeyError, match="no per-image map"):
         AlignSamEnv({"store": blur_store, "srm_branch": "explicit", "text_map": "clip"})

@@ -1,0 +1,354 @@
+#!/usr/bin/env python
+"""Performance benchmarks of the rollout fast path (issue 6), measured side by side in one run.
+
+    python scripts/bench.py [--only NAME ...] --out results/bench.json [--work /tmp/alignsam_bench]
+
+NAME (JSON key it writes):
+  reencode       (reencode_speedup)       env steps/s on precomputed embeddings vs the paper's literal
+                                          loop that re-runs the image encoder every step (vit_b
+                                          architecture, random weights; same decoder, same threads)
+  env_overhead   (env_overhead_fraction)  share of an env step spent outside its SAM decoder call
+                                          (AlignSamEnv, 1 torch thread as in an EnvRunner)
+  runner_scaling (runner_scaling_2v1)     RLlib EnvRunner sampling, env steps/s with 2 runners vs 1
+  uss            (uss_growth_mb_100_to_1000)  an EnvRunner's private memory (USS) with a 1000-image
+                                          store minus that with a 100-image store (zero-copy reads)
+  decoder_batch  (decoder_batch_steps_per_s)  env steps/s with k = 1, 4, 8 slots per vector env
+                                          (one batched decoder call per vector step), in-process and
+                                          inside one RLlib EnvRunner
+  demo           (demo_wall_s)            wall time of `alignsam demo` in a fresh folder, and its PPO
+                                          iterations split into sampling and learning
+
+Everything runs on the embedded default (micro-SAM + synthetic saliency) unless stated. Data and
+stores are cached in --work (embedding is resumable), so a rerun only measures. Prints one table
+per benchmark and writes one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "demo")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def table(title: str, header: tuple, rows: list) -> None:
+    print(f"\n## {title}")
+    print(" | ".join(f"{h:>14}" for h in header))
+    for r in rows:
+        print(" | ".join(f"{v:>14.4g}" if isinstance(v, float) else f"{str(v):>14}" for v in r))
+
+
+def store_of(work: str, n: int, sam_type: str = "micro") -> str:
+    """A synthetic-saliency store of ``n`` training images (cached in ``work``)."""
+    from alignsam_ray.data import generate_task, open_dataset
+    from alignsam_ray.store.embed import embed_dataset
+
+    data = os.path.join(work, f"data_{n}")
+    if not os.path.isfile(os.path.join(data, ".complete")):
+        shutil.rmtree(data, ignore_errors=True)
+        generate_task("synthetic_saliency", data, n_train=n, n_test=0, seed=7, progress=False)
+        open(os.path.join(data, ".complete"), "w").close()
+    out = os.path.join(work, f"store_{sam_type}_{n}")
+    embed_dataset(open_dataset(data, n_train=None), out, sam_type=sam_type, random_init=sam_type != "micro",
+                  shard_size=64 if sam_type == "micro" else 2, batch_size=8 if sam_type == "micro" else 1,
+                  progress=False)
+    return out
+
+
+class DecodeTimer:
+    """Wraps a SamPromptDecoder's ``decode``: counts calls and the seconds spent in them."""
+
+    def __init__(self, decoder):
+        self.decoder, self.inner = decoder, decoder.decode
+        self.calls, self.seconds = 0, 0.0
+        decoder.decode = self
+
+    def __call__(self, *a, **k):
+        t0 = time.perf_counter()
+        out = self.inner(*a, **k)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def reset(self):
+        self.calls, self.seconds = 0, 0.0
+
+
+def random_legal(mask: np.ndarray, rng) -> np.ndarray:
+    """One random allowed action per row of an (n, N) action mask."""
+    return np.array([rng.choice(np.flatnonzero(m)) for m in np.atleast_2d(mask)])
+
+
+def step_env(env, steps: int, rng) -> tuple[int, float, DecodeTimer]:
+    """Run at least ``steps`` env steps (random legal actions), timing only the step() calls.
+
+    Works for ``AlignSamEnv`` and ``AlignSamVectorEnv`` (counting only the slots that advanced;
+    a vector env resets finished slots inside step(), as RLlib sees it). A single env's reset()
+    is outside the timing, its decoder call too."""
+    from alignsam_ray.env import AlignSamVectorEnv
+
+    vector = isinstance(env, AlignSamVectorEnv)
+    timer = DecodeTimer(env.episodes.decoder)
+    obs, _ = env.reset(seed=0)
+    timer.reset()
+    spent, done_steps = 0.0, 0
+    while done_steps < steps:
+        a = random_legal(obs["action_mask"], rng)
+        t0 = time.perf_counter()
+        obs, _, term, _, info = env.step(a if vector else int(a[0]))
+        spent += time.perf_counter() - t0
+        done_steps += int(info["_hit"].sum()) if vector else 1
+        if not vector and term:
+            calls, secs = timer.calls, timer.seconds
+            obs, _ = env.reset()
+            timer.calls, timer.seconds = calls, secs
+    return done_steps, spent, timer
+
+
+def uss_mb(pid: int) -> float:
+    """Unique set size (private pages) of a process, from /proc/PID/smaps_rollup."""
+    kb = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                kb += int(line.split()[1])
+    return kb / 1024
+
+
+def _runner_episodes(runner):
+    from alignsam_ray.env import iter_prompt_episodes
+
+    return iter_prompt_episodes(runner.env)[0]
+
+
+def run_config(store: str, **overrides) -> dict:
+    from alignsam_ray.config import load_config
+
+    o = {"task": "bench", "store": store, "run_dir": "/tmp/alignsam_bench_run", **overrides}
+    return load_config(None, [f"{k}={v}" for k, v in o.items()])
+
+
+def build_algo(cfg: dict):
+    from alignsam_ray.store.loader import publish_store
+    from alignsam_ray.train import build_ppo_config, init_ray
+
+    init_ray()
+    return build_ppo_config(cfg, publish_store(cfg["store"], "train")).build_algo()
+
+
+def runner_sample(algo, steps_per_runner: int) -> tuple[int, float]:
+    """All remote EnvRunners sample ``steps_per_runner`` env steps at once; (steps, seconds)."""
+    t0 = time.perf_counter()
+    counts = algo.env_runner_group.foreach_env_runner(
+        lambda r: sum(len(e) for e in r.sample(num_timesteps=steps_per_runner)), local_env_runner=False)
+    return int(sum(counts)), time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------- benches
+def bench_reencode(work: str, args) -> dict:
+    """Literal loop (encode + decode every step) vs precomputed embeddings (decode only), vit_b."""
+    from alignsam_ray.data import open_dataset
+    from alignsam_ray.data.samples import load_image
+    from alignsam_ray.env import AlignSamEnv
+    from alignsam_ray.foundation.encoder import SamImageEncoder
+    from alignsam_ray.foundation.sam_models import load_sam
+
+    store = store_of(work, 2, "vit_b")
+    image = load_image(open_dataset(os.path.join(work, "data_2"), n_train=None)[0])
+    encoder = SamImageEncoder(load_sam("vit_b", random_init=True))
+    env = AlignSamEnv({"store": store, "labels": "gt", "init": "gt", "seed": 0})
+    env.reset(seed=0, options={"image": 0})
+    rng = np.random.default_rng(0)
+    # fast path: the store's embedding, decoder only
+    n_fast, fast_s, _ = step_env(env, args.fast_steps, rng)
+    # literal loop: re-encode the image before every step, write it where the env reads it
+    emb = env.episodes.data["embeddings"]
+    emb = emb if emb.flags.writeable else emb.copy()
+    env.episodes.data = {**env.episodes.data, "embeddings": emb}
+    obs, _ = env.reset(seed=0, options={"image": 0})
+    t0 = time.perf_counter()
+    for _ in range(args.literal_steps):
+        emb[0] = encoder.embed(image)
+        obs, _, term, _, _ = env.step(int(random_legal(obs["action_mask"], rng)[0]))
+        if term:
+            obs, _ = env.reset(options={"image": 0})
+    literal_s = time.perf_counter() - t0
+    fast, literal = n_fast / fast_s, args.literal_steps / literal_s
+    table("re-encode every step vs precomputed embeddings (vit_b, random weights, "
+          f"{torch.get_num_threads()} torch threads)", ("path", "steps", "seconds", "steps/s"),
+          [("literal loop", args.literal_steps, literal_s, literal), ("precomputed", n_fast, fast_s, fast)])
+    print(f"speed-up: {fast / literal:.0f}x")
+    return {"reencode_speedup": fast / literal,
+            "reencode": {"literal_steps_per_s": literal, "precomputed_steps_per_s": fast,
+                         "literal_steps": args.literal_steps, "precomputed_steps": n_fast,
+                         "torch_threads": torch.get_num_threads()}}
+
+
+def bench_env_overhead(work: str, args) -> dict:
+    from alignsam_ray.env import AlignSamEnv
+
+    rows, out = [], {}
+    stores = [("micro", store_of(work, 100))]
+    if not args.skip_vit_b:
+        stores.append(("vit_b", store_of(work, 2, "vit_b")))
+    for name, store in stores:
+        env = AlignSamEnv({"store": store, "seed": 0, "torch_threads": 1})
+        step_env(env, 30, np.random.default_rng(1))  # warm-up
+        n, spent, timer = step_env(env, args.fast_steps, np.random.default_rng(0))
+        frac = 1.0 - timer.seconds / spent
+        rows.append((name, n, spent / n * 1e3, timer.seconds / timer.calls * 1e3, frac))
+        out[name] = {"step_ms": spent / n * 1e3, "decoder_ms": timer.seconds / timer.calls * 1e3,
+                     "overhead_fraction": frac, "decoder_calls_per_step": timer.calls / n}
+    torch.set_num_threads(os.cpu_count())
+    table("env step vs its decoder call (AlignSamEnv, 1 torch thread)",
+          ("SAM", "steps", "step ms", "decoder ms", "overhead"), rows)
+    return {"env_overhead_fraction": out["micro"]["overhead_fraction"], "env_overhead": out}
+
+
+def bench_runner_scaling(work: str, args) -> dict:
+    import ray
+
+    store = store_of(work, 100)
+    rows, rate = [], {}
+    for n in (1, 2):
+        algo = build_algo(run_config(store, **{"resources.num_env_runners": n}))
+        runner_sample(algo, 150)  # warm-up: env construction, first forward passes
+        steps, secs = runner_sample(algo, args.runner_steps)
+        rate[n] = steps / secs
+        rows.append((n, steps, secs, rate[n], rate[n] / n))
+        algo.stop()
+    ray.shutdown()
+    table("RLlib sampling: EnvRunners side by side (1 torch thread each)",
+          ("runners", "steps", "seconds", "steps/s", "per runner"), rows)
+    print(f"2 vs 1: {rate[2] / rate[1]:.2f}x")
+    return {"runner_scaling_2v1": rate[2] / rate[1], "runner_steps_per_s": {str(k): v for k, v in rate.items()}}
+
+
+def _runner_uss_mb(runner) -> float:
+    """Inside an EnvRunner: free what the allocator holds, then read this process's USS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return uss_mb(os.getpid())
+
+
+def _runner_touch_all(runner) -> int:
+    """Inside an EnvRunner: read every byte of the store's arrays (all images, not only those sampled)."""
+    data = _runner_episodes(runner).data
+    for key in ("embeddings", "gt_lowres"):
+        arr = data[key]
+        for i in range(0, len(arr), 64):
+            float(np.asarray(arr[i:i + 64]).astype(np.float32).sum())
+    return len(data["ids"])
+
+
+def bench_uss(work: str, args) -> dict:
+    import ray
+
+    rows, uss = [], {}
+    for n in (100, 1000):
+        store = store_of(work, n)
+        algo = build_algo(run_config(store, **{"resources.num_env_runners": 1}))
+        images = algo.env_runner_group.foreach_env_runner(_runner_touch_all, local_env_runner=False)[0]
+        readings = []
+        for _ in range(3):  # sample (touching images), then measure; the smallest reading counts
+            runner_sample(algo, args.runner_steps)
+            readings.append(algo.env_runner_group.foreach_env_runner(_runner_uss_mb, local_env_runner=False)[0])
+        uss[n] = min(readings)
+        rows.append((n, images, uss[n], max(readings) - min(readings)))
+        algo.stop()
+        ray.shutdown()
+    emb_mb = 1000 * 64 * 64 * 64 * 2 / 2**20
+    table("EnvRunner private memory (USS, after gc + malloc_trim) vs store size",
+          ("store images", "read by runner", "USS MB", "spread MB"), rows)
+    growth = uss[1000] - uss[100]
+    print(f"growth 100 -> 1000 images: {growth:.1f} MB (the 1000 fp16 embeddings alone are {emb_mb:.0f} MB)")
+    return {"uss_growth_mb_100_to_1000": growth, "uss_mb": {str(k): v for k, v in uss.items()},
+            "embeddings_mb_1000": emb_mb}
+
+
+def bench_decoder_batch(work: str, args) -> dict:
+    import ray
+
+    from alignsam_ray.env import AlignSamVectorEnv
+
+    store = store_of(work, 100)
+    rows, env_rate, rllib_rate = [], {}, {}
+    for k in (1, 4, 8):
+        env = AlignSamVectorEnv({"store": store, "seed": 0, "torch_threads": 1}, num_envs=k)
+        step_env(env, 8 * k, np.random.default_rng(1))
+        n, spent, timer = step_env(env, args.fast_steps * 2, np.random.default_rng(0))
+        env_rate[k] = n / spent
+        calls_per_vector_step = timer.calls / (n / k)
+        algo = build_algo(run_config(store, **{"resources.num_env_runners": 1,
+                                               "resources.num_envs_per_env_runner": k}))
+        runner_sample(algo, 150)
+        steps, secs = runner_sample(algo, args.runner_steps)
+        rllib_rate[k] = steps / secs
+        algo.stop()
+        rows.append((k, env_rate[k], calls_per_vector_step, rllib_rate[k]))
+    ray.shutdown()
+    torch.set_num_threads(os.cpu_count())
+    table("batched decoding: k slots per vector env (micro-SAM, 1 torch thread)",
+          ("k", "env steps/s", "decodes/vstep", "RLlib steps/s"), rows)
+    best = max(rllib_rate, key=rllib_rate.get)
+    print(f"fastest in an EnvRunner: k = {best}")
+    return {"decoder_batch_steps_per_s": {str(k): v for k, v in rllib_rate.items()},
+            "decoder_batch_env_only_steps_per_s": {str(k): v for k, v in env_rate.items()}, "decoder_batch_best_k": best}
+
+
+def bench_demo(work: str, args) -> dict:
+    out = os.path.join(work, "demo")
+    shutil.rmtree(out, ignore_errors=True)
+    exe = os.path.join(os.path.dirname(sys.executable), "alignsam")
+    t0 = time.perf_counter()
+    subprocess.run([exe, "demo", "--out", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(out, "runs", "synthetic_saliency", "progress.csv")) as f:
+        rows = list(csv.DictReader(f))
+    mean = {k: float(np.mean([float(r[k]) for r in rows])) for k in ("sample_s", "learn_s", "iter_s")}
+    table("end to end", ("what", "seconds"), [("alignsam demo", wall), ("PPO iteration", mean["iter_s"]),
+                                               ("  sampling", mean["sample_s"]), ("  learning", mean["learn_s"])])
+    return {"demo_wall_s": wall, "ppo_iteration_s": mean, "demo_iterations": len(rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=BENCHES, help="run only these")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--work", default="/tmp/alignsam_bench", help="cache of synthetic data and stores")
+    ap.add_argument("--fast-steps", type=int, default=300, help="env steps per fast-path measurement")
+    ap.add_argument("--literal-steps", type=int, default=3, help="steps of the re-encoding loop (vit_b: ~16 s each)")
+    ap.add_argument("--runner-steps", type=int, default=600, help="env steps per EnvRunner per measurement")
+    ap.add_argument("--skip-vit-b", action="store_true", help="env_overhead on the micro-SAM only")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    command = " ".join(["python", "scripts/bench.py"] + sys.argv[1:])
+    result = {"device": "cuda" if torch.cuda.is_available() else f"cpu x{os.cpu_count()}", "commands": [command]}
+    if os.path.isfile(args.out) and args.only:  # --only updates an existing result file
+        with open(args.out) as f:
+            old = json.load(f)
+        result = {**old, **result, "commands": old.get("commands", []) + [command]}
+    for name in args.only or BENCHES:
+        t0 = time.time()
+        result.update(globals()[f"bench_{name}"](args.work, args))
+        print(f"[bench] {name} took {time.time() - t0:.0f}s", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
