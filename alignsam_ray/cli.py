@@ -7,10 +7,10 @@ import os
 import sys
 import time
 
+import numpy as np
+
 NOT_BUILT = {
     "tune": "Ray Tune sweeps (issue: scale out and ship)",
-    "export": "policy export (issue: scale out and ship)",
-    "segment": "Ray-free segmentation with an exported bundle (issue: scale out and ship)",
 }
 
 
@@ -88,6 +88,62 @@ def cmd_evaluate(args) -> int:
                  seed=args.seed)
     print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
     return 0 if m else 1
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a Ray-free bundle of a trained agent (policy ONNX + .pt2, SRM, config)",
+                       description="Export the policy (torch.export .pt2 and ONNX), the SRM and the config, with a manifest.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="bundle folder (replaced if it exists)")
+    p.add_argument("--no-onnx", action="store_true", help="only the torch.export program")
+
+
+def cmd_export(args) -> int:
+    from .export import export_bundle
+
+    m = export_bundle(args.checkpoint, args.out, onnx=not args.no_onnx)
+    print(json.dumps({"bundle": args.out, "task": m["task"], "sam": m["sam"]["sam_type"], "files": sorted(m["files"])},
+                     indent=2))
+    return 0
+
+
+def _add_segment(sub):
+    p = sub.add_parser("segment", help="segment images with an exported bundle (no Ray)",
+                       description="Ray-free inference: SAM embeds each image, the SRM places the first two points, "
+                       "the policy picks T more; writes <stem>_mask.png and <stem>_overlay.png per image.")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--bundle", required=True, help="folder written by `alignsam export`")
+    p.add_argument("--sam-checkpoint", help="the official SAM .pth the policy was trained with (not needed for micro-SAM)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch", type=int, default=4, help="images per batched decoder call")
+    p.add_argument("--steps", type=int, default=None, help="T (default: the trained T)")
+
+
+def cmd_segment(args) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .data.samples import read_image
+    from .predictor import AlignSAMPredictor
+    from .visualise import overlay
+
+    predictor = AlignSAMPredictor(args.bundle, sam_checkpoint=args.sam_checkpoint)
+    os.makedirs(args.out, exist_ok=True)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in args.images]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two input images share a file stem; their outputs would overwrite each other")
+    with tqdm(total=len(args.images), desc="segment", unit="image", disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, len(args.images), args.batch):
+            paths = args.images[start:start + args.batch]
+            images = [read_image(p) for p in paths]
+            for path, image, pred in zip(paths, images, predictor.predict_batch(images, args.steps)):
+                stem = os.path.splitext(os.path.basename(path))[0]
+                Image.fromarray(pred.mask.astype(np.uint8) * 255).save(os.path.join(args.out, f"{stem}_mask.png"))
+                Image.fromarray(overlay(image, pred.mask, pred.points, pred.labels)).save(
+                    os.path.join(args.out, f"{stem}_overlay.png"))
+                bar.update(1)
+    print(f"wrote {len(args.images)} mask(s) and overlay(s) to {args.out}")
+    return 0
 
 
 DEMO_TASKS = ("synthetic_saliency",)
@@ -171,6 +227,8 @@ def main(argv=None) -> int:
     _add_embed(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_export(sub)
+    _add_segment(sub)
     for name, what in NOT_BUILT.items():
         sub.add_parser(name, help=f"(not built yet) {what}")
     args, unknown = ap.parse_known_args(argv)
@@ -179,13 +237,23 @@ def main(argv=None) -> int:
     if args.cmd in NOT_BUILT:
         print(f"alignsam {args.cmd}: not built yet — {NOT_BUILT[args.cmd]}.", file=sys.stderr)
         return 2
+    if args.cmd == "segment":  # Ray-free: none of the Ray-backed modules below may load
+        from .data.samples import DataError as _DataError
+        from .foundation import CheckpointError as _CheckpointError
+
+        try:
+            return cmd_segment(args)
+        except (_DataError, _CheckpointError, FileNotFoundError, ValueError) as exc:
+            print(f"alignsam segment: error: {exc}", file=sys.stderr)
+            return 1
     from .config import ConfigError
     from .data import DataError
     from .foundation import CheckpointError
     from .store import StoreError
 
     try:
-        return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate}[args.cmd](args)
+        return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate,
+                "export": cmd_export}[args.cmd](args)
     except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1

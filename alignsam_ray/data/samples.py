@@ -84,11 +84,16 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def load_image(sample: Sample) -> np.ndarray:
     """Decode ``sample.image_path`` -> (H, W, 3) uint8 RGB (L/LA/P/RGBA/CMYK/16-bit are converted)."""
-    img = _to_8bit(_decode(sample.image_path, "image"))
+    return read_image(sample.image_path)
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file -> (H, W, 3) uint8 RGB; a clear ``DataError`` naming the file otherwise."""
+    img = _to_8bit(_decode(path, "image"))
     try:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except Exception as exc:
-        raise DataError(f"cannot convert image {sample.image_path} (mode {img.mode}) to RGB: {exc}") from None
+        raise DataError(f"cannot convert image {path} (mode {img.mode}) to RGB: {exc}") from None
 
 
 def _grey_values(img: Image.Image) -> np.ndarray:

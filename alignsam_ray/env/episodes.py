@@ -79,6 +79,10 @@ class PromptEpisodes:
         self.rng = np.random.default_rng(seed)
         self.n_images = len(data["ids"])
         self.embed_dim = data["embeddings"].shape[1]
+        # without ground truth (new images: `alignsam segment`) rewards are 0, IoU and hit unknown
+        self.has_gt = "gt_lowres" in data
+        if not self.has_gt and (init == "gt" or labels == "gt"):
+            raise ValueError("data without 'gt_lowres' (inference) needs init='srm' and labels 'srm' or 'positive'")
         self.text_map = None
         if text_map is not None:
             key = f"map_{text_map}"
@@ -187,7 +191,7 @@ class PromptEpisodes:
         for j, s in enumerate(slots):
             i, a = self.image[s], actions[s]
             xy = self.centres_sam(i)[a]
-            g = self.gt_at(i, xy[None])[0]
+            g = self.gt_at(i, xy[None])[0] if self.has_gt else VOID
             hit[j] = g == 1
             reward[j] = 1.0 if g == 1 else (0.0 if g == VOID else -1.0)
             label[j] = self._label(s, a, g)
@@ -215,6 +219,9 @@ class PromptEpisodes:
         logits = low[:, 0].numpy()
         self.logits[slots] = logits
         self.mask[slots] = logits > 0
+        if not self.has_gt:
+            self.iou[slots] = np.nan
+            return
         for s in slots:
             i = self.image[s]
             h, w = self._px256[i]

@@ -1,0 +1,107 @@
+"""Export a trained agent to a Ray-free bundle (`alignsam export`).
+
+    alignsam export --checkpoint runs/synthetic_saliency --out bundles/saliency
+
+BUNDLE/
+    policy.pt2      torch.export program of ``PolicyNet``: (obs (B, E, R, R) float32, action_mask (B, N)
+                    float32) -> masked logits (B, N); B is dynamic
+    policy.onnx     the same graph through the torch.onnx dynamo exporter (opset 18)
+    srm.pt          the SRM ({"branch", "embed_dim", "state_dict"})
+    config.yaml     the run config (grid, T, R, ...)
+    manifest.json   format version, SAM model id (type + checkpoint sha256 of the store it was trained
+                    on), shapes, files with sha256, the source checkpoint
+
+The bundle holds no SAM weights: ``alignsam segment`` loads the micro-SAM shipped in the package or
+the official checkpoint the user passes, and checks its sha256 against the manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+BUNDLE_FORMAT = 1
+POLICY_PT2, POLICY_ONNX, SRM_FILE, CONFIG_FILE, MANIFEST = "policy.pt2", "policy.onnx", "srm.pt", "config.yaml", "manifest.json"
+FLOAT_MIN = torch.finfo(torch.float32).min  # what RLlib's masking clamps to
+
+
+class PolicyNet(nn.Module):
+    """The actor of ``AlignSamActorCritic`` alone (no value head), as a plain module.
+
+    forward(obs (B, E, R, R), action_mask (B, N)) -> (B, N) logits, masked patches at FLOAT_MIN.
+    """
+
+    def __init__(self, trunk: nn.Module, pi_head: nn.Module, grid: tuple[int, int]):
+        super().__init__()
+        self.trunk, self.pi_head, self.grid = trunk, pi_head, (int(grid[0]), int(grid[1]))
+
+    @classmethod
+    def from_module(cls, module) -> "PolicyNet":
+        import copy
+
+        return cls(copy.deepcopy(module.trunk), copy.deepcopy(module.pi_head), module.grid).eval()
+
+    def forward(self, obs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+        logits = F.adaptive_avg_pool2d(self.pi_head(self.trunk(obs.float())), self.grid).flatten(1)
+        return logits + torch.clamp(torch.log(action_mask), min=FLOAT_MIN)
+
+
+def _sha256(path: str) -> str:
+    from .foundation.sam_models import file_sha256
+
+    return file_sha256(path)
+
+
+def export_bundle(checkpoint: str, out: str, onnx: bool = True) -> dict:
+    """Write the bundle of a training checkpoint (a run folder or ``checkpoints/iter_N``)."""
+    from .evaluate import Agent
+    from .store.shards import read_manifest
+
+    agent = Agent.load(checkpoint)
+    policy = PolicyNet.from_module(agent.module)
+    e = agent.cfg["env"]
+    R, N, E = int(e["obs_res"]), agent.grid.n, agent.srm.embed_dim
+    example = (torch.randn(2, E, R, R), torch.ones(2, N))
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = {"obs": {0: batch}, "action_mask": {0: batch}}
+    program = torch.export.export(policy, example, dynamic_shapes=shapes)
+    torch.export.save(program, os.path.join(tmp, POLICY_PT2))
+    files = [POLICY_PT2]
+    if onnx:
+        onnx_program = torch.onnx.export(policy, example, dynamo=True, dynamic_shapes=shapes,
+                                         input_names=["obs", "action_mask"], output_names=["logits"])
+        onnx_program.save(os.path.join(tmp, POLICY_ONNX))
+        files.append(POLICY_ONNX)
+    torch.save({"branch": agent.srm.branch, "embed_dim": E, "state_dict": agent.srm.state_dict()},
+               os.path.join(tmp, SRM_FILE))
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        yaml.safe_dump(agent.cfg, f, sort_keys=False)
+    files += [SRM_FILE, CONFIG_FILE]
+    try:
+        store = read_manifest(agent.cfg["store"])
+        sam = {"sam_type": store["sam_type"], "checkpoint_sha256": store["checkpoint_sha256"],
+               "embed_dim": store["embed_dim"], "maps": store.get("maps", [])}
+    except Exception as exc:  # the store may live elsewhere by now; the checkpoint still says what it needs
+        raise FileNotFoundError(f"cannot read the training store {agent.cfg['store']!r} to record which SAM the "
+                                f"policy was trained on ({exc}); pass a checkpoint whose store is reachable") from exc
+    manifest = {
+        "format_version": BUNDLE_FORMAT, "task": agent.cfg["task"], "sam": sam,
+        "grid": [agent.grid.rows, agent.grid.cols], "obs_res": R, "horizon": int(e["horizon"]),
+        "policy_inputs": {"obs": ["B", E, R, R], "action_mask": ["B", N]}, "policy_output": ["B", N],
+        "srm_branch": agent.srm.branch, "text_map": agent.cfg["srm"]["text_map"],
+        "source_checkpoint": agent.checkpoint,
+        "files": {name: _sha256(os.path.join(tmp, name)) for name in files},
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return manifest

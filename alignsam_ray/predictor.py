@@ -1,0 +1,106 @@
+"""Segment new images with an exported bundle, without Ray (`alignsam segment`, ``AlignSAMPredictor``).
+
+    from alignsam_ray.predictor import AlignSAMPredictor
+    p = AlignSAMPredictor("bundles/saliency")                    # micro-SAM bundles: nothing else needed
+    p = AlignSAMPredictor("bundles/shadow", sam_checkpoint="/models/sam_vit_b_01ec64.pth")
+    result = p.predict(image)          # image: (H, W, 3) uint8 RGB
+    result.mask                        # (H, W) bool
+    result.points, result.labels       # (2 + T, 2) x, y in image pixels; (2 + T,) 1 positive / 0 negative
+
+The paper's inference: SAM embeds the image once; the SRM places one positive and one negative point
+at its highest and lowest scores; the policy then picks T patches greedily, each labelled by the SRM,
+and SAM's decoder re-runs on all points after each. Only torch, numpy and segment-anything are used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+
+from .agent.srm import SRM
+from .env.episodes import PromptEpisodes
+from .env.grid import PatchGrid
+from .export import CONFIG_FILE, MANIFEST, POLICY_PT2, SRM_FILE
+from .foundation import CheckpointError, SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # (H, W) bool
+    points: np.ndarray  # (2 + T, 2) float32, x, y in the image's pixels
+    labels: np.ndarray  # (2 + T,) int64, 1 positive, 0 negative
+    low_res_logits: np.ndarray  # (256, 256) float32, SAM's low-res output (SAM frame)
+
+
+class AlignSAMPredictor:
+    """A frozen SAM + an exported policy and SRM (see module docstring)."""
+
+    def __init__(self, bundle: str, sam_checkpoint: str | None = None, device: str = "auto"):
+        path = os.path.join(bundle, MANIFEST)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{bundle!r} is not an alignsam bundle (no {MANIFEST}); make one with "
+                                    "`alignsam export --checkpoint RUN --out BUNDLE`")
+        with open(path) as f:
+            self.manifest = json.load(f)
+        for name, digest in self.manifest["files"].items():
+            if file_sha256(os.path.join(bundle, name)) != digest:
+                raise ValueError(f"bundle file {os.path.join(bundle, name)} does not match its sha256 in {MANIFEST}")
+        with open(os.path.join(bundle, CONFIG_FILE)) as f:
+            self.cfg = yaml.safe_load(f)
+        sam = self.manifest["sam"]
+        if self.manifest["srm_branch"] == "explicit":
+            raise NotImplementedError("bundles with the explicit SRM branch need CLIP maps at inference; not built yet")
+        if sam["checkpoint_sha256"] != "random-init":
+            ckpt = sam_checkpoint
+            if ckpt is None and sam["sam_type"] != "micro":
+                raise CheckpointError(f"this policy was trained on {sam['sam_type']} embeddings: pass "
+                                      f"--sam-checkpoint PATH (the official .pth, sha256 {sam['checkpoint_sha256'][:12]}...)")
+            if ckpt is not None and file_sha256(ckpt) != sam["checkpoint_sha256"]:
+                raise CheckpointError(f"{ckpt} is not the SAM checkpoint the policy was trained with (sha256 "
+                                      f"{sam['checkpoint_sha256'][:12]}... expected)")
+        self.device = pick_device(device)
+        model = load_sam(sam["sam_type"], sam_checkpoint, random_init=sam["checkpoint_sha256"] == "random-init")
+        self.encoder = SamImageEncoder(model, self.device)
+        self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
+        self.policy = torch.export.load(os.path.join(bundle, POLICY_PT2)).module()
+        blob = torch.load(os.path.join(bundle, SRM_FILE), map_location="cpu", weights_only=True)
+        self.srm = SRM(blob["embed_dim"], blob["branch"])
+        self.srm.load_state_dict(blob["state_dict"])
+        self.srm.eval()
+        e = self.cfg["env"]
+        self.grid = PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
+        self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray, horizon: int | None = None) -> Prediction:
+        """(H, W, 3) uint8 RGB -> the mask after ``horizon`` (default: the trained T) steps."""
+        return self.predict_batch([image], horizon)[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[np.ndarray], horizon: int | None = None) -> list[Prediction]:
+        """Several images: one decoder call per step for all of them."""
+        T = self.horizon if horizon is None else int(horizon)
+        resized = [self.encoder.resize(im) for im in images]
+        emb = self.encoder.encode(resized).astype(np.float16)
+        data = {"ids": np.arange(len(images)), "embeddings": emb,
+                "original_size": np.array([im.shape[:2] for im in images]),
+                "input_size": np.array([r.shape[:2] for r in resized])}
+        ep = PromptEpisodes(data, self.decoder, self.grid, len(images), T, self.obs_res, "srm", "srm", self.srm)
+        ep.reset(np.arange(len(images)), np.arange(len(images)))
+        for _ in range(T):
+            logits = self.policy(torch.from_numpy(ep.obs.astype(np.float32)), torch.from_numpy(ep.action_mask()))
+            ep.step(logits.argmax(1).numpy())
+        out = []
+        for s, im in enumerate(images):
+            h, w = im.shape[:2]
+            low = torch.from_numpy(ep.logits[s])[None]
+            mask = self.decoder.upscale(low, (h, w))[0].numpy() > 0
+            n = 2 + T
+            scale = np.array([w, h], np.float32) / np.array(resized[s].shape[1::-1], np.float32)
+            points = ep.coords[s, :n] * scale  # SAM frame -> image pixels
+            out.append(Prediction(mask, points.astype(np.float32), ep.labels[s, :n].copy(), ep.logits[s].copy()))
+        return out

@@ -1,0 +1,123 @@
+"""Export (`alignsam export`) and Ray-free segmentation (`alignsam segment`, AlignSAMPredictor)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from alignsam_ray.cli import main as cli_main
+from alignsam_ray.config import load_config
+
+TINY = ["env.horizon=3", "env.obs_res=8", "model.width=16", "ppo.train_batch_size=48", "ppo.minibatch_size=24",
+        "ppo.num_epochs=2", "train.iterations=1", "train.checkpoint_every=1", "resources.sample_timeout_s=300"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(blur_store, tmp_path_factory):
+    """A run folder trained for one tiny PPO iteration on the blur store."""
+    from alignsam_ray.train import Trainer
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    cfg = load_config(None, [f"task=synthetic_blur", f"store={blur_store}", f"run_dir={run}"] + TINY)
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    trainer.stop()
+    ray.shutdown()
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bundle") / "b")
+    assert cli_main(["export", "--checkpoint", trained_run, "--out", out]) == 0
+    return out
+
+
+def test_bundle_contents(bundle):
+    m = json.load(open(os.path.join(bundle, "manifest.json")))
+    assert set(m["files"]) == {"policy.pt2", "policy.onnx", "srm.pt", "config.yaml"}
+    assert m["sam"]["sam_type"] == "micro" and len(m["sam"]["checkpoint_sha256"]) == 64
+    assert m["policy_inputs"] == {"obs": ["B", 64, 8, 8], "action_mask": ["B", 100]} and m["horizon"] == 3
+
+
+def test_exported_policy_matches_rl_module(trained_run, bundle):
+    """Parity: the .pt2 program and the ONNX graph give the RLModule's logits within 1e-5."""
+    import onnxruntime
+
+    from alignsam_ray.evaluate import Agent
+
+    module = Agent.load(trained_run).module
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((5, 64, 8, 8)).astype(np.float16).astype(np.float32)
+    mask = (rng.random((5, 100)) > 0.3).astype(np.float32)
+    with torch.no_grad():
+        want = module.masked_logits(torch.from_numpy(obs), torch.from_numpy(mask)).numpy()
+    program = torch.export.load(os.path.join(bundle, "policy.pt2")).module()
+    with torch.no_grad():
+        got_pt2 = program(torch.from_numpy(obs), torch.from_numpy(mask)).numpy()
+    session = onnxruntime.InferenceSession(os.path.join(bundle, "policy.onnx"))
+    got_onnx = session.run(None, {"obs": obs, "action_mask": mask})[0]
+    free = mask > 0
+    np.testing.assert_allclose(got_pt2[free], want[free], atol=1e-5)
+    np.testing.assert_allclose(got_onnx[free], want[free], atol=1e-5)
+    assert (got_pt2[~free] < -1e30).all() and (got_onnx[~free] < -1e30).all()  # masked patches stay masked
+    assert (got_pt2.argmax(1) == want.argmax(1)).all()
+
+
+def test_segment_runs_without_ray_and_writes_masks(bundle, blur_store, tmp_path):
+    images = sorted(glob.glob(os.path.join(os.path.dirname(blur_store), "data", "test", "images", "*")))[:3]
+    out = tmp_path / "seg"
+    code = ("import sys; from alignsam_ray.cli import main; "
+            f"rc = main(['segment', *{images!r}, '--bundle', {bundle!r}, '--out', {str(out)!r}]); "
+            "assert 'ray' not in sys.modules, 'segment imported Ray'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in images:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        size = Image.open(path).size
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert Image.open(out / f"{stem}_overlay.png").size == size
+
+
+def test_predictor_reproduces_evaluation_rollout(trained_run, bundle, blur_store):
+    """The Ray-free predictor re-embeds the images and gives the masks evaluation computes from the store."""
+    from alignsam_ray.data.samples import read_image
+    from alignsam_ray.evaluate import Agent, rollout
+    from alignsam_ray.foundation.decoder import SamPromptDecoder
+    from alignsam_ray.predictor import AlignSAMPredictor
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    st = EmbeddingStore(blur_store)
+    data = st.arrays("test")
+    agent = Agent.load(trained_run)
+    T = agent.cfg["env"]["horizon"]
+    ref = rollout(agent, data, SamPromptDecoder.load(st.decoder_path), "policy", "srm", T, (T,))
+    folder = os.path.join(os.path.dirname(blur_store), "data", "test", "images")
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+    assert [os.path.splitext(os.path.basename(p))[0] for p in paths] == [i.split("/")[-1] for i in data["ids"]]
+    preds = AlignSAMPredictor(bundle).predict_batch([read_image(p) for p in paths])
+    for k, pred in enumerate(preds):
+        ref_points, ref_labels = ref.points[T][k]
+        np.testing.assert_array_equal(pred.labels, ref_labels)
+        np.testing.assert_allclose(pred.low_res_logits, ref.logits[T][k], atol=1e-3)
+
+
+def test_bundle_errors(bundle, tmp_path):
+    from alignsam_ray.foundation import CheckpointError
+    from alignsam_ray.predictor import AlignSAMPredictor
+
+    with pytest.raises(FileNotFoundError, match="not an alignsam bundle"):
+        AlignSAMPredictor(str(tmp_path))
+    wrong = tmp_path / "other.pth"
+    torch.save({"x": torch.zeros(1)}, wrong)
+    with pytest.raises(CheckpointError, match="not the SAM checkpoint"):
+        AlignSAMPredictor(bundle, sam_checkpoint=str(wrong))
