@@ -9,9 +9,6 @@ import time
 
 import numpy as np
 
-NOT_BUILT = {
-    "tune": "Ray Tune sweeps (issue: scale out and ship)",
-}
 
 
 def _add_embed(sub):
@@ -146,6 +143,22 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="Ray Tune sweep over tasks and hyperparameters -> best-per-task table",
+                       description="Each trial is one training run; see alignsam_ray/tune.py for the sweep file.")
+    p.add_argument("--config", required=True, help="sweep YAML (e.g. tune_configs/sweep_synthetic.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    p.add_argument("--quiet", action="store_true", help="no Tune status tables")
+
+
+def cmd_tune(args) -> int:
+    from .tune import load_sweep, run_sweep
+
+    summary = run_sweep(load_sweep(args.config), resume=args.resume, progress=not args.quiet)
+    print(f"[tune] results in {summary['path']} (best_per_task.md/.csv, trials.csv, sweep.png)")
+    return 0
+
+
 DEMO_TASKS = ("synthetic_saliency",)
 
 
@@ -228,15 +241,9 @@ def main(argv=None) -> int:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_tune(sub)
     _add_segment(sub)
-    for name, what in NOT_BUILT.items():
-        sub.add_parser(name, help=f"(not built yet) {what}")
-    args, unknown = ap.parse_known_args(argv)
-    if args.cmd not in NOT_BUILT and unknown:
-        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.cmd in NOT_BUILT:
-        print(f"alignsam {args.cmd}: not built yet — {NOT_BUILT[args.cmd]}.", file=sys.stderr)
-        return 2
+    args = ap.parse_args(argv)
     if args.cmd == "segment":  # Ray-free: none of the Ray-backed modules below may load
         from .data.samples import DataError as _DataError
         from .foundation import CheckpointError as _CheckpointError
@@ -253,7 +260,7 @@ def main(argv=None) -> int:
 
     try:
         return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate,
-                "export": cmd_export}[args.cmd](args)
+                "export": cmd_export, "tune": cmd_tune}[args.cmd](args)
     except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1

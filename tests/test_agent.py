@@ -88,11 +88,17 @@ def test_every_shipped_config_loads():
     import glob
     import os
 
+    from alignsam_ray.tune import load_sweep
+
     paths = glob.glob(os.path.join(os.path.dirname(__file__), "..", "tune_configs", "*.yaml"))
     tasks = {os.path.basename(p)[:-5] for p in paths}
     assert {"blur", "shadow", "glass", "saliency", "voc"} <= tasks
     assert {f"synthetic_{t}" for t in ("blur", "shadow", "glass", "saliency", "shapes")} <= tasks
     for p in paths:
+        if os.path.basename(p).startswith("sweep_"):  # sweep files: tests/test_tune.py
+            sweep = load_sweep(p)
+            assert set(sweep["task_configs"]) and sweep["search"]
+            continue
         cfg = load_config(p)
         assert cfg["ppo"]["num_epochs"] == 20 and cfg["store"] and cfg["srm"]["branch"] in ("implicit", "explicit")
         if cfg["srm"]["branch"] == "explicit":

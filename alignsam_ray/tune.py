@@ -1,0 +1,280 @@
+"""Ray Tune sweeps over tasks and hyperparameters (`alignsam tune`).
+
+    alignsam tune --config tune_configs/sweep_synthetic.yaml [--resume]
+
+A sweep file (YAML):
+
+    name: synthetic_sweep           # results in <storage>/<name>/
+    storage: tune_results           # relative = to the cwd (a shared path or URI on a cluster)
+    tasks: [tune_configs/synthetic_blur.yaml, tune_configs/synthetic_saliency.yaml]   # base run configs
+    overrides: {train.iterations: 30}            # applied to every trial (dotted keys, as on `alignsam train`)
+    search:                                      # dotted key -> {grid: [...]} | {choice: [...]} |
+      ppo.gamma: {grid: [0.95, 0.99]}            #   {uniform: [lo, hi]} | {loguniform: [lo, hi]}
+      ppo.clip_param: {grid: [0.1, 0.2]}
+      env.horizon: {grid: [10, 15]}
+      env.grid: {grid: [8, 10, 16]}              # the patch grid: 8x8, 10x10, 16x16 actions
+    num_samples: 1                  # repeats of the grid (random search: draws)
+    metric: final_iou               # reported each iteration: final_iou, hit_rate, episode_return
+    scheduler: none                 # or asha (early stopping; asha: {grace_period, reduction_factor})
+    max_concurrent: null            # trials at once (default: as many as the cluster fits)
+
+Each trial is one `alignsam train` run (PPO + SRM, the same ``Trainer``) in its Tune trial folder,
+with its own checkpoints; ``--resume`` continues an interrupted sweep with ``Tuner.restore`` and
+every unfinished trial resumes from its last checkpoint. At the end: ``best_per_task.md`` / ``.csv``
+(the best trial of each task by the last value of ``metric``), ``trials.csv`` and ``sweep.png``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import os
+
+import yaml
+
+from .config import ConfigError, load_config
+
+SWEEP_DEFAULTS = {"name": "sweep", "storage": "tune_results", "tasks": None, "overrides": {}, "search": {},
+                  "num_samples": 1, "metric": "final_iou", "scheduler": "none",
+                  "asha": {"grace_period": 5, "reduction_factor": 3}, "max_concurrent": None}
+METRICS = ("final_iou", "hit_rate", "episode_return")
+RESULT_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_iou", "label_accuracy",
+               "env_steps_per_s", "iter_s")
+
+
+def load_sweep(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file {path!r} not found")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    unknown = set(raw) - set(SWEEP_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; known: {sorted(SWEEP_DEFAULTS)}")
+    sweep = {**copy.deepcopy(SWEEP_DEFAULTS), **raw}
+    if not sweep["tasks"]:
+        raise ConfigError(f"{path}: 'tasks' must list at least one base run config (tune_configs/<task>.yaml)")
+    if sweep["metric"] not in METRICS:
+        raise ConfigError(f"{path}: metric must be one of {METRICS}, got {sweep['metric']!r}")
+    if sweep["scheduler"] not in ("none", "asha"):
+        raise ConfigError(f"{path}: scheduler must be 'none' or 'asha', got {sweep['scheduler']!r}")
+    base = os.path.dirname(os.path.abspath(path))
+    tasks = {}
+    for p in sweep["tasks"]:
+        full = p if os.path.isabs(p) or os.path.isfile(p) else os.path.join(base, os.path.basename(p))
+        cfg = load_config(full, {k: v for k, v in _nested(sweep["overrides"]).items()})  # checks keys early
+        for key in sweep["search"]:
+            _check_key(cfg, key, path)
+        tasks[cfg["task"]] = cfg
+    sweep["task_configs"] = tasks
+    storage = sweep["storage"]
+    sweep["storage"] = storage if "://" in storage else os.path.abspath(storage)
+    return sweep
+
+
+def _nested(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in (dotted or {}).items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _check_key(cfg: dict, key: str, where: str) -> None:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: search key {key!r} is not a run config key (see alignsam_ray/config.py)")
+        node = node[part]
+
+
+def param_space(sweep: dict) -> dict:
+    """Tune's search space: the task (a grid over the base configs) and every searched key."""
+    from ray import tune
+
+    space = {"task": tune.grid_search(sorted(sweep["task_configs"]))}
+    for key, spec in sweep["search"].items():
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"search key {key!r}: give one of grid / choice / uniform / loguniform, got {spec!r}")
+        (kind, values), = spec.items()
+        if kind == "grid":
+            space[key] = tune.grid_search(list(values))
+        elif kind == "choice":
+            space[key] = tune.choice(list(values))
+        elif kind in ("uniform", "loguniform"):
+            space[key] = getattr(tune, kind)(float(values[0]), float(values[1]))
+        else:
+            raise ConfigError(f"search key {key!r}: unknown kind {kind!r} (grid, choice, uniform, loguniform)")
+    return space
+
+
+def trial_config(base: dict, params: dict, run_dir: str) -> dict:
+    """A run config: the task's base config, the trial's searched values, the trial folder."""
+    from .config import _merge
+
+    searched = {k: v for k, v in params.items() if k != "task"}
+    cfg = _merge(base, _nested(searched))
+    cfg["run_dir"] = run_dir
+    return cfg
+
+
+def _trainable(params: dict, task_configs: dict) -> None:
+    """One Tune trial = one training run; reports every iteration, resumes from its own checkpoints."""
+    from ray import tune
+
+    from .train import Trainer, checkpoints
+
+    run_dir = os.path.join(tune.get_context().get_trial_dir(), "run")
+    cfg = trial_config(task_configs[params["task"]], params, run_dir)
+    trainer = Trainer(cfg, resume=bool(checkpoints(run_dir)) if os.path.isdir(run_dir) else False, progress=False)
+    total, every = cfg["train"]["iterations"], cfg["train"]["checkpoint_every"]
+    try:
+        while trainer.iteration < total:
+            row = trainer.train_iteration()
+            if trainer.iteration % every == 0 or trainer.iteration == total:
+                trainer.save()
+            tune.report({k: row[k] for k in RESULT_KEYS} | {"task": params["task"]})
+    finally:
+        trainer.stop()
+
+
+def trial_resources(cfg: dict):
+    """Placement group of one trial: the learner (1 CPU, + GPU) and one bundle per EnvRunner."""
+    from ray import tune
+
+    from .train import num_gpus
+
+    r = cfg["resources"]
+    learner = {"CPU": 1.0}
+    gpus = num_gpus(cfg)
+    if gpus:
+        learner["GPU"] = float(gpus)
+    runners = [{"CPU": float(r["num_cpus_per_env_runner"])}] * int(r["num_env_runners"])
+    return tune.PlacementGroupFactory([learner] + runners)
+
+
+def check_resources(sweep: dict) -> None:
+    """Refuse a sweep whose trials cannot fit the cluster (Tune would leave them PENDING forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for task, cfg in sweep["task_configs"].items():
+        need: dict = {}
+        for bundle in trial_resources(cfg).bundles:
+            for k, v in bundle.items():
+                need[k] = need.get(k, 0) + v
+        short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+        if short:
+            what = ", ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
+            raise ConfigError(f"a {task} trial cannot be scheduled ({what}); lower resources.num_env_runners or "
+                              "resources.num_cpus_per_env_runner (e.g. 0.5), or add nodes")
+
+
+def run_sweep(sweep: dict, resume: bool = False, progress: bool = True):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .store.loader import publish_store
+    from .train import init_ray
+
+    init_ray()
+    check_resources(sweep)
+    for cfg in sweep["task_configs"].values():  # the driver that runs fit() owns the stores' object refs
+        publish_store(cfg["store"], "train")
+    any_cfg = next(iter(sweep["task_configs"].values()))  # trial resources: the first task's `resources`
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, task_configs=sweep["task_configs"]),
+        trial_resources(any_cfg))
+    path = os.path.join(sweep["storage"], sweep["name"])
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"--resume: no sweep to restore at {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        scheduler = None
+        if sweep["scheduler"] == "asha":
+            a = sweep["asha"]
+            scheduler = ASHAScheduler(time_attr="iteration", grace_period=int(a["grace_period"]),
+                                      reduction_factor=float(a["reduction_factor"]),
+                                      max_t=max(c["train"]["iterations"] for c in sweep["task_configs"].values()))
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(metric=sweep["metric"], mode="max", num_samples=int(sweep["num_samples"]),
+                                        scheduler=scheduler, max_concurrent_trials=sweep["max_concurrent"]),
+            run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
+                                      verbose=1 if progress else 0),
+        )
+    results = tuner.fit()
+    summary = write_summary(results, sweep, path)
+    ray.shutdown()
+    return summary
+
+
+def write_summary(results, sweep: dict, path: str) -> dict:
+    """trials.csv (every trial's last result), best_per_task.{md,csv}, sweep.png."""
+    metric = sweep["metric"]
+    searched = ["task"] + list(sweep["search"])
+    trials, curves = [], []
+    for r in results:
+        if r.metrics is None or metric not in (r.metrics or {}):
+            trials.append({"trial": os.path.basename(r.path), "status": "error" if r.error else "no result",
+                           **{k: (r.config or {}).get(k) for k in searched}})
+            continue
+        trials.append({"trial": os.path.basename(r.path), "status": "error" if r.error else "ok",
+                       **{k: r.config.get(k) for k in searched},
+                       **{k: r.metrics.get(k) for k in RESULT_KEYS}})
+        if r.metrics_dataframe is not None:
+            curves.append((r.config["task"], r.metrics_dataframe))
+    cols = ["trial", "status"] + searched + list(RESULT_KEYS)
+    with open(os.path.join(path, "trials.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(trials)
+    best = {}
+    for t in trials:
+        if t["status"] == "ok" and (t["task"] not in best or t[metric] > best[t["task"]][metric]):
+            best[t["task"]] = t
+    rows = [best[k] for k in sorted(best)]
+    with open(os.path.join(path, "best_per_task.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    shown = searched + ["iteration", "final_iou", "hit_rate", "episode_return"]
+    md = [f"# Sweep {sweep['name']}: best trial per task (by last {metric})", "",
+          "| " + " | ".join(shown) + " | trial |", "|" + "---|" * (len(shown) + 1)]
+    for t in rows:
+        md.append("| " + " | ".join(_fmt(t.get(k)) for k in shown) + f" | {t['trial']} |")
+    failed = [t["trial"] for t in trials if t["status"] != "ok"]
+    md += ["", f"{len(trials)} trials, {len(failed)} without a result" + (f": {', '.join(failed)}" if failed else "") + "."]
+    text = "\n".join(md) + "\n"
+    with open(os.path.join(path, "best_per_task.md"), "w") as f:
+        f.write(text)
+    _plot(curves, metric, os.path.join(path, "sweep.png"))
+    print(text)
+    return {"path": path, "best": rows, "trials": trials}
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _plot(curves, metric: str, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for t, _ in curves})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for t, df in curves:
+            if t == task and metric in df:
+                ax.plot(df["iteration"], df[metric], alpha=0.7)
+        ax.set_title(task)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""`alignsam tune`: sweep files, the resource check, a real (tiny) Tune sweep, its summary and restore."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+
+import pytest
+import ray
+import yaml
+
+from alignsam_ray.cli import main as cli_main
+from alignsam_ray.config import ConfigError
+from alignsam_ray.tune import check_resources, load_sweep, param_space
+
+TINY = {"env.horizon": 3, "env.obs_res": 8, "model.width": 16, "ppo.train_batch_size": 48, "ppo.minibatch_size": 24,
+        "ppo.num_epochs": 2, "train.iterations": 1, "train.checkpoint_every": 1, "resources.num_env_runners": 1}
+
+
+def _sweep(tmp_path, blur_store, **extra) -> str:
+    base = tmp_path / "synthetic_blur.yaml"
+    base.write_text(yaml.safe_dump({"task": "synthetic_blur", "store": blur_store}))
+    sweep = {"name": "t", "storage": str(tmp_path / "results"), "tasks": [str(base)], "overrides": TINY,
+             "search": {"env.grid": {"grid": [8, 10]}}, **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+def test_sweep_file_errors(tmp_path, blur_store):
+    with pytest.raises(ConfigError, match="unknown sweep key"):
+        load_sweep(_sweep(tmp_path, blur_store, searh={}))
+    with pytest.raises(ConfigError, match="not a run config key"):
+        load_sweep(_sweep(tmp_path, blur_store, search={"ppo.gama": {"grid": [0.9]}}))
+    with pytest.raises(ConfigError, match="metric"):
+        load_sweep(_sweep(tmp_path, blur_store, metric="accuracy"))
+    with pytest.raises(ConfigError, match="unknown kind"):
+        param_space(load_sweep(_sweep(tmp_path, blur_store, search={"ppo.gamma": {"normal": [0.9, 1]}})))
+
+
+def test_trials_that_cannot_fit_are_refused(tmp_path, blur_store):
+    sweep = load_sweep(_sweep(tmp_path, blur_store))
+    sweep["task_configs"]["synthetic_blur"]["resources"]["num_env_runners"] = 4
+    sweep["task_configs"]["synthetic_blur"]["resources"]["num_cpus_per_env_runner"] = 1
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(ConfigError, match="cannot be scheduled.*CPU: needs 5, the cluster has 2"):
+            check_resources(sweep)
+    finally:
+        ray.shutdown()
+
+
+def test_tiny_sweep_writes_best_per_task_and_restores(tmp_path, blur_store):
+    path = _sweep(tmp_path, blur_store)
+    assert cli_main(["tune", "--config", path, "--quiet"]) == 0
+    out = tmp_path / "results" / "t"
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert sorted(r["env.grid"] for r in rows) == ["10", "8"] and all(r["status"] == "ok" for r in rows)
+    best = list(csv.DictReader(open(out / "best_per_task.csv")))
+    assert [b["task"] for b in best] == ["synthetic_blur"]
+    assert float(best[0]["final_iou"]) == max(float(r["final_iou"]) for r in rows)
+    assert "| synthetic_blur |" in (out / "best_per_task.md").read_text() and (out / "sweep.png").stat().st_size > 0
+    # every trial trained in its own folder with its own checkpoint
+    assert len(glob.glob(str(out / "*" / "run" / "checkpoints" / "iter_000001"))) == 2
+    # --resume restores the (finished) sweep through Tuner.restore and rewrites the same summary
+    assert cli_main(["tune", "--config", path, "--quiet", "--resume"]) == 0
+    assert len(list(csv.DictReader(open(out / "trials.csv")))) == 2
