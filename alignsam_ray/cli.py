@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     try:
         return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate,
                 "export": cmd_export, "tune": cmd_tune}[args.cmd](args)
-    except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError) as exc:
+    except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError, ConnectionError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ from .config import env_config, save_config
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
 from .store.loader import EmbeddingStore, publish_store
+from . import ray_session
 
 ENV_NAME = "alignsam"
 CHECKPOINTS = "checkpoints"
@@ -47,9 +48,7 @@ PROGRESS_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_
 
 def init_ray(**kwargs) -> None:
     """Connect to RAY_ADDRESS (a cluster, `ray job submit`) or start a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 logging_level="WARNING", **kwargs)
+    ray_session.init_ray(logging_level="WARNING", **kwargs)
 
 
 def grid_of(cfg: dict) -> PatchGrid:

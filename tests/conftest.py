@@ -1,9 +1,15 @@
 """Shared fixtures: a small real embedding store (synthetic blur task, micro-SAM, Ray Data)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import ray
+
+# Tests start their own local Ray: never join a cluster that a `ray start` on this machine recorded
+# in /tmp/ray/ray_current_cluster (a stale one breaks ray.init; a live one is somebody else's).
+os.environ["RAY_ADDRESS"] = "local"
 
 
 @pytest.fixture(scope="session")

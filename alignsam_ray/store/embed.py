@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..data import DataError, Sample, load_pair
 from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
 from ..foundation.sam_models import default_checkpoint
+from ..ray_session import init_ray
 from .shards import (
     DECODER_FILE, FORMAT_VERSION, GRID, LOWRES, StoreError, encode_png, read_manifest, schema, shard_name,
     sha256_file, write_manifest, write_shard,
@@ -160,8 +161,7 @@ def embed_dataset(
     t0 = time.time()
     n_new = 0
     if items:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+        init_ray(log_to_driver=False)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
