@@ -149,12 +149,14 @@ def _add_tune(sub):
     p.add_argument("--config", required=True, help="sweep YAML (e.g. tune_configs/sweep_synthetic.yaml)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     p.add_argument("--quiet", action="store_true", help="no Tune status tables")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="set top-level sweep keys, e.g. storage=/mnt/shared/sweeps store_root=s3://bucket/stores")
 
 
 def cmd_tune(args) -> int:
     from .tune import load_sweep, run_sweep
 
-    summary = run_sweep(load_sweep(args.config), resume=args.resume, progress=not args.quiet)
+    summary = run_sweep(load_sweep(args.config, args.overrides), resume=args.resume, progress=not args.quiet)
     print(f"[tune] results in {summary['path']} (best_per_task.md/.csv, trials.csv, sweep.png)")
     return 0
 

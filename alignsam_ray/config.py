@@ -119,7 +119,8 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     cfg["task"] = cfg["task"] or os.path.basename(os.path.normpath(cfg["store"]))
     cfg["run_dir"] = cfg["run_dir"] or os.path.join("runs", cfg["task"])
     for key in ("store", "run_dir"):
-        cfg[key] = os.path.abspath(cfg[key])
+        if "://" not in cfg[key]:  # a store may be a pyarrow URI (s3://bucket/stores/blur)
+            cfg[key] = os.path.abspath(cfg[key])
     return cfg
 
 

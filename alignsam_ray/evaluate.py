@@ -149,7 +149,7 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
                           f"{agent.srm.embed_dim}-d ones (another SAM type); evaluate on a store of the same SAM")
     data = st.arrays(split)
     gt_full = st.gt_full(split)
-    decoder = SamPromptDecoder.load(st.decoder_path)
+    decoder = st.decoder()
     T = int(agent.cfg["env"]["horizon"])
     ids, sizes = data["ids"], data["original_size"]
     os.makedirs(out, exist_ok=True)

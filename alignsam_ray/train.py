@@ -238,9 +238,10 @@ class Trainer:
             return
         ckpt = found[-1]
         self.algo.restore_from_path(os.path.abspath(os.path.join(ckpt, "algo")))
-        # restored weights live on the learner; EnvRunners keep stale ones unless synced
+        # restored weights live on the learner; EnvRunners keep stale ones unless synced. RLlib's
+        # default timeout 0.0 is fire-and-forget: wait, so the runners hold them when this returns
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
-                                                inference_only=True)
+                                                inference_only=True, timeout_seconds=120.0)
         self.srm.load(os.path.join(ckpt, "srm.pt"))
         with open(os.path.join(ckpt, "state.json")) as f:
             state = json.load(f)

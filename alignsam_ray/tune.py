@@ -1,12 +1,15 @@
 """Ray Tune sweeps over tasks and hyperparameters (`alignsam tune`).
 
-    alignsam tune --config tune_configs/sweep_synthetic.yaml [--resume]
+    alignsam tune --config tune_configs/sweep_synthetic.yaml [--resume] [key=value ...]
+
+(``key=value`` sets a top-level sweep key, e.g. ``storage=/mnt/shared/sweeps store_root=s3://b/stores``.)
 
 A sweep file (YAML):
 
     name: synthetic_sweep           # results in <storage>/<name>/
     storage: tune_results           # relative = to the cwd (a shared path or URI on a cluster)
     tasks: [tune_configs/synthetic_blur.yaml, tune_configs/synthetic_saliency.yaml]   # base run configs
+    store_root: null                # if set: every task's store is <store_root>/<task> (shared path or URI)
     overrides: {train.iterations: 30}            # applied to every trial (dotted keys, as on `alignsam train`)
     search:                                      # dotted key -> {grid: [...]} | {choice: [...]} |
       ppo.gamma: {grid: [0.95, 0.99]}            #   {uniform: [lo, hi]} | {loguniform: [lo, hi]}
@@ -33,7 +36,8 @@ import yaml
 
 from .config import ConfigError, load_config
 
-SWEEP_DEFAULTS = {"name": "sweep", "storage": "tune_results", "tasks": None, "overrides": {}, "search": {},
+SWEEP_DEFAULTS = {"name": "sweep", "storage": "tune_results", "tasks": None, "store_root": None,
+                  "overrides": {}, "search": {},
                   "num_samples": 1, "metric": "final_iou", "scheduler": "none",
                   "asha": {"grace_period": 5, "reduction_factor": 3}, "max_concurrent": None}
 METRICS = ("final_iou", "hit_rate", "episode_return")
@@ -41,11 +45,17 @@ RESULT_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_io
                "env_steps_per_s", "iter_s")
 
 
-def load_sweep(path: str) -> dict:
+def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
+    """The sweep file at ``path``, with ``key=value`` strings setting top-level keys (values in YAML)."""
     if not os.path.isfile(path):
         raise ConfigError(f"sweep file {path!r} not found")
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"sweep override {item!r} is not key=value")
+        raw[key.strip()] = yaml.safe_load(value)
     unknown = set(raw) - set(SWEEP_DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; known: {sorted(SWEEP_DEFAULTS)}")
@@ -60,7 +70,12 @@ def load_sweep(path: str) -> dict:
     tasks = {}
     for p in sweep["tasks"]:
         full = p if os.path.isabs(p) or os.path.isfile(p) else os.path.join(base, os.path.basename(p))
-        cfg = load_config(full, {k: v for k, v in _nested(sweep["overrides"]).items()})  # checks keys early
+        task_overrides = dict(_nested(sweep["overrides"]))
+        if sweep["store_root"]:
+            with open(full) as f:
+                name = (yaml.safe_load(f) or {}).get("task") or os.path.splitext(os.path.basename(full))[0]
+            task_overrides["store"] = f"{str(sweep['store_root']).rstrip('/')}/{name}"
+        cfg = load_config(full, task_overrides)  # checks keys early
         for key in sweep["search"]:
             _check_key(cfg, key, path)
         tasks[cfg["task"]] = cfg

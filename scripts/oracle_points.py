@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from alignsam_ray.env import PatchGrid, PromptEpisodes
-from alignsam_ray.foundation.decoder import SamPromptDecoder
 from alignsam_ray.store.loader import EmbeddingStore
 
 
@@ -33,7 +32,7 @@ def main():
         st = EmbeddingStore(path)
         data = st.arrays(args.split)
         n = min(args.n, len(data["ids"]))
-        ep = PromptEpisodes(data, SamPromptDecoder.load(st.decoder_path), grid, n, 15, 16, "gt", "gt", seed=0)
+        ep = PromptEpisodes(data, st.decoder(), grid, n, 15, 16, "gt", "gt", seed=0)
         ep.reset(np.arange(n), np.arange(n))
         rng = np.random.default_rng(0)
         fg = np.stack([ep.gt_at(i, ep.centres_sam(i)) == 1 for i in range(n)])

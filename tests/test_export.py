@@ -92,7 +92,6 @@ def test_predictor_reproduces_evaluation_rollout(trained_run, bundle, blur_store
     """The Ray-free predictor re-embeds the images and gives the masks evaluation computes from the store."""
     from alignsam_ray.data.samples import read_image
     from alignsam_ray.evaluate import Agent, rollout
-    from alignsam_ray.foundation.decoder import SamPromptDecoder
     from alignsam_ray.predictor import AlignSAMPredictor
     from alignsam_ray.store.loader import EmbeddingStore
 
@@ -100,7 +99,7 @@ def test_predictor_reproduces_evaluation_rollout(trained_run, bundle, blur_store
     data = st.arrays("test")
     agent = Agent.load(trained_run)
     T = agent.cfg["env"]["horizon"]
-    ref = rollout(agent, data, SamPromptDecoder.load(st.decoder_path), "policy", "srm", T, (T,))
+    ref = rollout(agent, data, st.decoder(), "policy", "srm", T, (T,))
     folder = os.path.join(os.path.dirname(blur_store), "data", "test", "images")
     paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
     assert [os.path.splitext(os.path.basename(p))[0] for p in paths] == [i.split("/")[-1] for i in data["ids"]]

@@ -56,6 +56,11 @@ def test_embed_then_load_is_exact(tmp_path):
             assert tuple(arrays["original_size"][k]) == image.shape[:2]
             np.testing.assert_array_equal(arrays["gt_lowres"][k], lowres_mask(mask, tuple(arrays["input_size"][k])))
             np.testing.assert_array_equal(full[sid], mask)
+    # the same store through a pyarrow filesystem URI (what s3://, gs://, hdfs:// stores go through)
+    by_uri = EmbeddingStore("file://" + str(tmp_path / "store"))
+    for key, value in store.arrays("train").items():
+        np.testing.assert_array_equal(by_uri.arrays("train")[key], value)
+    assert by_uri.decoder_bytes() == store.decoder_bytes() and by_uri.decoder().embed_dim == 64
 
 
 def test_interrupted_embed_resumes_without_redoing_shards(tmp_path, monkeypatch):
@@ -142,3 +147,16 @@ def test_workers_read_the_store_zero_copy(tmp_path):
     assert got == {"writeable": False, "owndata": False, "sum": float(expected.astype(np.float64).sum()), "n": 6}
     with pytest.raises(StoreError, match="no published store"):
         fetch_store("nobody")
+    # EnvRunners on other nodes never open the store: the decoder travels with the published arrays
+    os.rename(out, out + "_elsewhere")
+    assert ray.get(_env_step_in_worker.remote(out, name)) in (-1.0, 1.0)
+
+
+@ray.remote(num_cpus=0)
+def _env_step_in_worker(store: str, holder: str) -> float:
+    from alignsam_ray.env.alignsam_env import AlignSamEnv
+
+    env = AlignSamEnv({"store": store, "store_actor": holder, "split": None, "horizon": 3, "obs_res": 8,
+                       "labels": "gt"})
+    obs, _ = env.reset(seed=0)
+    return float(env.step(int(np.flatnonzero(obs["action_mask"])[0]))[1])

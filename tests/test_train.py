@@ -100,7 +100,6 @@ def test_learning_direction(tmp_path):
     picked points on the object) clearly exceeds the untrained policy's, on held-out images."""
     from alignsam_ray.data import generate_task, open_dataset
     from alignsam_ray.evaluate import Agent, rollout
-    from alignsam_ray.foundation.decoder import SamPromptDecoder
     from alignsam_ray.store.embed import embed_dataset
     from alignsam_ray.store.loader import EmbeddingStore
 
@@ -115,7 +114,7 @@ def test_learning_direction(tmp_path):
     trainer.run()
     trainer.stop()
     st = EmbeddingStore(store)
-    data, decoder = st.arrays("test"), SamPromptDecoder.load(st.decoder_path)
+    data, decoder = st.arrays("test"), st.decoder()
     hit = {}
     for name in ("iter_000000", "iter_000006"):
         agent = Agent.load(str(tmp_path / "run" / "checkpoints" / name))

@@ -36,6 +36,17 @@ def test_sweep_file_errors(tmp_path, blur_store):
         load_sweep(_sweep(tmp_path, blur_store, metric="accuracy"))
     with pytest.raises(ConfigError, match="unknown kind"):
         param_space(load_sweep(_sweep(tmp_path, blur_store, search={"ppo.gamma": {"normal": [0.9, 1]}})))
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_sweep(_sweep(tmp_path, blur_store), ["storage"])
+
+
+def test_command_line_keys_and_store_root(tmp_path, blur_store):
+    """`alignsam tune --config S storage=... store_root=...`: what a cluster run sets on the command line."""
+    sweep = load_sweep(_sweep(tmp_path, blur_store), ["storage=/mnt/shared/sweeps", "store_root=s3://bucket/stores/"])
+    assert sweep["storage"] == "/mnt/shared/sweeps"
+    assert sweep["task_configs"]["synthetic_blur"]["store"] == "s3://bucket/stores/synthetic_blur"
+    local = load_sweep(_sweep(tmp_path, blur_store), [f"store_root={os.path.dirname(blur_store)}"])
+    assert local["task_configs"]["synthetic_blur"]["store"] == os.path.join(os.path.dirname(blur_store), "synthetic_blur")
 
 
 def test_trials_that_cannot_fit_are_refused(tmp_path, blur_store):

@@ -26,6 +26,7 @@ slots share one batched decoder call per step.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import gymnasium as gym
@@ -36,8 +37,7 @@ from gymnasium.vector.utils import batch_space
 
 from ..agent.srm import SRM
 from ..foundation.decoder import SamPromptDecoder
-from ..store.loader import EmbeddingStore, fetch_store
-from ..store.shards import DECODER_FILE
+from ..store.loader import DECODER_KEY, EmbeddingStore, fetch_store
 from .episodes import PromptEpisodes
 from .grid import PatchGrid
 
@@ -72,11 +72,13 @@ def _in_ray_worker() -> bool:
 
 
 def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
-    if cfg["store_actor"]:
+    if cfg["store_actor"]:  # published by the driver: this node needs no access to the store
         data = fetch_store(cfg["store_actor"])
+        decoder_file = data.pop(DECODER_KEY).tobytes()
     else:
-        data = EmbeddingStore(cfg["store"]).arrays(cfg["split"])
-    decoder = SamPromptDecoder.load(os.path.join(cfg["store"], DECODER_FILE))
+        store = EmbeddingStore(cfg["store"])
+        data, decoder_file = store.arrays(cfg["split"]), store.decoder_bytes()
+    decoder = SamPromptDecoder.load(io.BytesIO(decoder_file))
     grid = PatchGrid.from_config(cfg["grid"], cfg["patch_size"], cfg["resize"])
     srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
     srm.eval()

@@ -69,7 +69,8 @@ class SamPromptDecoder(nn.Module):
         torch.save({"sam_type": self.sam_type, "state_dict": self.state_dict()}, path)
 
     @classmethod
-    def load(cls, path: str) -> "SamPromptDecoder":
+    def load(cls, path) -> "SamPromptDecoder":
+        """From a file written by ``save``: a path or a binary file object (e.g. ``io.BytesIO``)."""
         blob = torch.load(path, map_location="cpu", weights_only=True)
         dec = cls(blob["sam_type"], *build_decoder_parts(blob["sam_type"]))
         dec.load_state_dict(blob["state_dict"])

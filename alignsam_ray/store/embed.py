@@ -112,6 +112,9 @@ def embed_dataset(
     """Embed ``samples`` into the store ``out`` (created or resumed). Returns the manifest."""
     if not samples:
         raise DataError("no samples to embed")
+    if "://" in out:
+        raise StoreError(f"--out {out!r}: embed writes a local or shared-filesystem folder; embed there, then copy "
+                         "it to object storage (e.g. `aws s3 sync STORE s3://bucket/stores/task`); training reads URIs")
     os.makedirs(out, exist_ok=True)
     samples = sorted(samples, key=lambda s: (s.split, s.id))
     ckpt_path = checkpoint or default_checkpoint(sam_type)

@@ -3,7 +3,8 @@
     EmbeddingStore(path).arrays(split) -> dict of numpy arrays (N = images in the split):
         ids (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
         original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16
-    publish_store(path, split) -> actor name   (driver: ray.put every array, a named actor holds the refs)
+    publish_store(path, split) -> actor name   (driver: ray.put every array, a named actor holds the refs;
+                                               also "decoder_file" (n_bytes,) uint8, the store's decoder.pt)
     fetch_store(name) -> the same dict, zero-copy read-only views of the object store (workers)
 
 Never put an ObjectRef into env_config (it is pickled into checkpoints and a restored run
@@ -11,16 +12,18 @@ aborts): pass the holder's *name*; workers look the refs up by it.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from .shards import DECODER_FILE, GRID, LOWRES, StoreError, decode_png, read_manifest, verify_shard
+from .shards import (DECODER_FILE, GRID, LOWRES, StoreError, decode_png, is_uri, read_manifest, read_store_bytes,
+                     read_table, verify_shard)
 
 HOLDER_PREFIX = "alignsam-store:"
+DECODER_KEY = "decoder_file"  # published arrays: the decoder file's bytes, (n_bytes,) uint8
 _HOLDERS: dict = {}  # name -> holder handle, alive as long as this driver
 
 
@@ -41,13 +44,19 @@ class EmbeddingStore:
     def embed_dim(self) -> int:
         return int(self.manifest["embed_dim"])
 
-    @property
-    def decoder_path(self) -> str:
-        return os.path.join(self.path, DECODER_FILE)
+    def decoder_bytes(self) -> bytes:
+        """The store's SAM prompt encoder + mask decoder file (``SamPromptDecoder.load`` reads it)."""
+        return read_store_bytes(self.path, DECODER_FILE)
+
+    def decoder(self):
+        """The store's frozen SAM prompt encoder + mask decoder (a ``SamPromptDecoder``)."""
+        from ..foundation.decoder import SamPromptDecoder
+
+        return SamPromptDecoder.load(io.BytesIO(self.decoder_bytes()))
 
     def table(self, split: str | None = None) -> pa.Table:
         names = sorted(self.manifest["shards"])
-        tables = [pq.read_table(os.path.join(self.path, n)) for n in names]
+        tables = [read_table(self.path, n) for n in names]
         table = pa.concat_tables(tables) if tables else pa.table({})
         if split is not None:
             table = table.filter(pa.compute.equal(table["split"], split))
@@ -96,7 +105,7 @@ class StoreHolder:
 
 
 def holder_name(path: str, split: str | None) -> str:
-    return f"{HOLDER_PREFIX}{os.path.abspath(path)}:{split or 'all'}"
+    return f"{HOLDER_PREFIX}{path if is_uri(path) else os.path.abspath(path)}:{split or 'all'}"
 
 
 def publish_store(path: str, split: str | None = None, name: str | None = None) -> str:
@@ -110,7 +119,10 @@ def publish_store(path: str, split: str | None = None, name: str | None = None) 
         return name
     except ValueError:
         pass
-    arrays = EmbeddingStore(path).arrays(split)
+    store = EmbeddingStore(path)
+    arrays = store.arrays(split)
+    # the decoder travels with the arrays: EnvRunners on other nodes need no access to the store
+    arrays[DECODER_KEY] = np.frombuffer(store.decoder_bytes(), np.uint8)
     refs = {k: ray.put(v) for k, v in arrays.items()}
     # the driver keeps the handle: a named actor whose last handle goes away is stopped
     _HOLDERS[name] = StoreHolder.options(name=name, get_if_exists=True).remote([refs])

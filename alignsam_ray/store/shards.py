@@ -13,6 +13,11 @@ Row schema (one image):
                                         frame: 0 background, 1 foreground, 255 ignore (void)
     gt_png                              binary  full-resolution mask, PNG (same 0/1/255 values)
     map_<name>                          fixed_size_binary  float16 (64, 64), optional per-image maps
+
+Reading works on any filesystem pyarrow knows: a local or shared path (NFS, EFS, Lustre) or a URI
+(``s3://bucket/stores/blur``, ``gs://...``, ``hdfs://...``, ``file:///abs/path``; credentials as pyarrow
+reads them, e.g. AWS_* variables or instance roles). ``alignsam embed`` writes a local folder; copy it
+up with your storage's own tool (``aws s3 sync STORE s3://bucket/stores/blur``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -81,12 +87,49 @@ def write_shard(rows: list[dict], path: str, table_schema: pa.Schema) -> str:
     return digest
 
 
+def is_uri(store: str) -> bool:
+    return "://" in store
+
+
+def store_filesystem(store: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, the store's path inside it) for a local path or a pyarrow URI."""
+    if not is_uri(store):
+        return pafs.LocalFileSystem(), os.path.abspath(store)
+    try:
+        return pafs.FileSystem.from_uri(store)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise StoreError(f"cannot open store {store!r} through pyarrow's filesystems: {exc}") from exc
+
+
+def store_file(store: str, name: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path, display name) of one file of a store."""
+    fs, root = store_filesystem(store)
+    return fs, f"{root.rstrip('/')}/{name}", (f"{store.rstrip('/')}/{name}" if is_uri(store) else os.path.join(store, name))
+
+
+def store_file_exists(store: str, name: str) -> bool:
+    fs, path, _ = store_file(store, name)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_store_bytes(store: str, name: str) -> bytes:
+    """The whole content of one file of a store (raises StoreError if it is missing)."""
+    fs, path, shown = store_file(store, name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise StoreError(f"{shown} is missing")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_table(store: str, name: str) -> pa.Table:
+    fs, path, _ = store_file(store, name)
+    return pq.read_table(path, filesystem=fs)
+
+
 def read_manifest(store: str) -> dict:
-    path = os.path.join(store, MANIFEST)
-    if not os.path.isfile(path):
+    if not store_file_exists(store, MANIFEST):
         raise StoreError(f"{store!r} is not an embedding store (no {MANIFEST}); create one with `alignsam embed`")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(read_store_bytes(store, MANIFEST))
 
 
 def write_manifest(store: str, manifest: dict) -> None:
@@ -97,10 +140,14 @@ def write_manifest(store: str, manifest: dict) -> None:
 
 
 def verify_shard(store: str, name: str, expected_sha256: str) -> None:
-    path = os.path.join(store, name)
-    if not os.path.isfile(path):
+    fs, full, path = store_file(store, name)
+    if fs.get_file_info(full).type != pafs.FileType.File:
         raise StoreError(f"shard {path} is missing; rerun `alignsam embed` with the same arguments to recompute it")
-    if sha256_file(path) != expected_sha256:
+    h = hashlib.sha256()
+    with fs.open_input_stream(full) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if h.hexdigest() != expected_sha256:
         raise StoreError(
             f"shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); delete it and rerun "
             "`alignsam embed` with the same arguments: only that shard is recomputed"
