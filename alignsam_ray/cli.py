@@ -29,6 +29,10 @@ def _add_embed(sub):
     p.add_argument("--shard-size", type=int, default=32, help="images per Parquet shard")
     p.add_argument("--batch-size", type=int, default=4, help="images per encoder call")
     p.add_argument("--encoders", type=int, default=1, help="encoder actors (one per GPU on a cluster)")
+    p.add_argument("--clip-model", help="also store CLIP Surgery maps (explicit SRM branch): 'micro' (embedded) "
+                   "or an open_clip ViT name, e.g. ViT-B-16")
+    p.add_argument("--clip-weights", help="local open_clip weights file for --clip-model (micro: the shipped one)")
+    p.add_argument("--clip-text", action="append", help="text prompt of a map (repeatable; default: the task's text)")
 
 
 def cmd_embed(args) -> int:
@@ -39,9 +43,10 @@ def cmd_embed(args) -> int:
                            skip_bad=args.skip_bad, threshold=args.threshold, invert=args.invert, classes=args.classes)
     m = embed_dataset(samples, args.out, sam_type=args.sam, checkpoint=args.checkpoint, random_init=args.random_init,
                       shard_size=args.shard_size, batch_size=args.batch_size, num_encoders=args.encoders,
-                      skip_bad=args.skip_bad, dataset_spec=args.data)
+                      skip_bad=args.skip_bad, dataset_spec=args.data, clip_model=args.clip_model,
+                      clip_weights=args.clip_weights, clip_texts=args.clip_text)
     print(json.dumps({"store": args.out, "n_images": m["n_images"], "counts": m["counts"], "tasks": m["tasks"],
-                      "sam_type": m["sam_type"], "complete": m["complete"]}, indent=2))
+                      "sam_type": m["sam_type"], "maps": m["maps"], "complete": m["complete"]}, indent=2))
     return 0
 
 
@@ -111,6 +116,8 @@ def _add_segment(sub):
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--bundle", required=True, help="folder written by `alignsam export`")
     p.add_argument("--sam-checkpoint", help="the official SAM .pth the policy was trained with (not needed for micro-SAM)")
+    p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file the maps were made "
+                   "with (not needed for the micro CLIP)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch", type=int, default=4, help="images per batched decoder call")
     p.add_argument("--steps", type=int, default=None, help="T (default: the trained T)")
@@ -124,7 +131,7 @@ def cmd_segment(args) -> int:
     from .predictor import AlignSAMPredictor
     from .visualise import overlay
 
-    predictor = AlignSAMPredictor(args.bundle, sam_checkpoint=args.sam_checkpoint)
+    predictor = AlignSAMPredictor(args.bundle, sam_checkpoint=args.sam_checkpoint, clip_weights=args.clip_weights)
     os.makedirs(args.out, exist_ok=True)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in args.images]
     if len(set(stems)) != len(stems):

@@ -89,11 +89,12 @@ def export_bundle(checkpoint: str, out: str, onnx: bool = True) -> dict:
         store = read_manifest(agent.cfg["store"])
         sam = {"sam_type": store["sam_type"], "checkpoint_sha256": store["checkpoint_sha256"],
                "embed_dim": store["embed_dim"], "maps": store.get("maps", [])}
+        clip = store.get("clip")  # model, weights sha256, map name -> text: what segment must recompute
     except Exception as exc:  # the store may live elsewhere by now; the checkpoint still says what it needs
         raise FileNotFoundError(f"cannot read the training store {agent.cfg['store']!r} to record which SAM the "
                                 f"policy was trained on ({exc}); pass a checkpoint whose store is reachable") from exc
     manifest = {
-        "format_version": BUNDLE_FORMAT, "task": agent.cfg["task"], "sam": sam,
+        "format_version": BUNDLE_FORMAT, "task": agent.cfg["task"], "sam": sam, "clip": clip,
         "grid": [agent.grid.rows, agent.grid.cols], "obs_res": R, "horizon": int(e["horizon"]),
         "policy_inputs": {"obs": ["B", E, R, R], "action_mask": ["B", N]}, "policy_output": ["B", N],
         "srm_branch": agent.srm.branch, "text_map": agent.cfg["srm"]["text_map"],

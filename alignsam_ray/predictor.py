@@ -39,7 +39,8 @@ class Prediction:
 class AlignSAMPredictor:
     """A frozen SAM + an exported policy and SRM (see module docstring)."""
 
-    def __init__(self, bundle: str, sam_checkpoint: str | None = None, device: str = "auto"):
+    def __init__(self, bundle: str, sam_checkpoint: str | None = None, device: str = "auto",
+                 clip_weights: str | None = None):
         path = os.path.join(bundle, MANIFEST)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{bundle!r} is not an alignsam bundle (no {MANIFEST}); make one with "
@@ -52,8 +53,6 @@ class AlignSAMPredictor:
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
             self.cfg = yaml.safe_load(f)
         sam = self.manifest["sam"]
-        if self.manifest["srm_branch"] == "explicit":
-            raise NotImplementedError("bundles with the explicit SRM branch need CLIP maps at inference; not built yet")
         if sam["checkpoint_sha256"] != "random-init":
             ckpt = sam_checkpoint
             if ckpt is None and sam["sam_type"] != "micro":
@@ -63,6 +62,9 @@ class AlignSAMPredictor:
                 raise CheckpointError(f"{ckpt} is not the SAM checkpoint the policy was trained with (sha256 "
                                       f"{sam['checkpoint_sha256'][:12]}... expected)")
         self.device = pick_device(device)
+        self.clip, self.text_map, self.text = None, None, None
+        if self.manifest["srm_branch"] == "explicit":  # the SRM's text-guided input: CLIP Surgery maps
+            self._load_clip(clip_weights)
         model = load_sam(sam["sam_type"], sam_checkpoint, random_init=sam["checkpoint_sha256"] == "random-init")
         self.encoder = SamImageEncoder(model, self.device)
         self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
@@ -74,6 +76,24 @@ class AlignSAMPredictor:
         e = self.cfg["env"]
         self.grid = PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
         self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])
+
+    def _load_clip(self, clip_weights: str | None) -> None:
+        from .foundation.clip_surgery import ClipSurgery
+        from .foundation.micro_clip import MICRO_CLIP_WEIGHTS
+
+        clip, name = self.manifest.get("clip"), self.manifest["text_map"]
+        if not clip or name not in clip["maps"]:
+            raise ValueError(f"bundle has the explicit SRM branch but no CLIP map {name!r} recorded; re-export it "
+                             "from a run whose store was embedded with --clip-model")
+        weights = clip_weights or (MICRO_CLIP_WEIGHTS if clip["model"] == "micro" else None)
+        if weights is None:
+            raise CheckpointError(f"this policy uses {clip['model']} CLIP Surgery maps: pass --clip-weights PATH "
+                                  f"(sha256 {clip['weights_sha256'][:12]}...)")
+        if file_sha256(weights) != clip["weights_sha256"]:
+            raise CheckpointError(f"{weights} is not the CLIP weights file the store's maps were made with (sha256 "
+                                  f"{clip['weights_sha256'][:12]}... expected)")
+        self.clip = ClipSurgery.load(clip["model"], weights, device=self.device)
+        self.text_map, self.text = name, clip["maps"][name]
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray, horizon: int | None = None) -> Prediction:
@@ -89,7 +109,10 @@ class AlignSAMPredictor:
         data = {"ids": np.arange(len(images)), "embeddings": emb,
                 "original_size": np.array([im.shape[:2] for im in images]),
                 "input_size": np.array([r.shape[:2] for r in resized])}
-        ep = PromptEpisodes(data, self.decoder, self.grid, len(images), T, self.obs_res, "srm", "srm", self.srm)
+        if self.clip is not None:  # as `alignsam embed` made them: on the resized image, SAM's padding
+            data[f"map_{self.text_map}"] = self.clip.maps(resized, [self.text])[:, 0]
+        ep = PromptEpisodes(data, self.decoder, self.grid, len(images), T, self.obs_res, "srm", "srm", self.srm,
+                            self.text_map)
         ep.reset(np.arange(len(images)), np.arange(len(images)))
         for _ in range(T):
             logits = self.policy(torch.from_numpy(ep.obs.astype(np.float32)), torch.from_numpy(ep.action_mask()))

@@ -120,3 +120,53 @@ def test_bundle_errors(bundle, tmp_path):
     torch.save({"x": torch.zeros(1)}, wrong)
     with pytest.raises(CheckpointError, match="not the SAM checkpoint"):
         AlignSAMPredictor(bundle, sam_checkpoint=str(wrong))
+
+
+def test_explicit_branch_trains_exports_and_segments(blur_store, tmp_path):
+    """Explicit SRM branch end to end: a store with CLIP Surgery maps (micro CLIP architecture, random
+    weights), one PPO iteration, export, then the Ray-free predictor recomputes the map from the image
+    and reproduces evaluation's rollout; a different CLIP weights file is refused."""
+    from alignsam_ray.data import open_dataset
+    from alignsam_ray.data.samples import read_image
+    from alignsam_ray.evaluate import Agent, rollout
+    from alignsam_ray.foundation import CheckpointError
+    from alignsam_ray.foundation.micro_clip import build_micro_clip
+    from alignsam_ray.predictor import AlignSAMPredictor
+    from alignsam_ray.store.embed import embed_dataset
+    from alignsam_ray.store.loader import EmbeddingStore
+    from alignsam_ray.train import Trainer
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "clip.pt")
+    torch.save(build_micro_clip().state_dict(), weights)
+    folder = os.path.join(os.path.dirname(blur_store), "data")
+    store = str(tmp_path / "store")
+    m = embed_dataset(open_dataset(folder, n_train=None), store, clip_model="micro", clip_weights=weights,
+                      dataset_spec=folder, progress=False)
+    assert m["maps"] == ["defocus_background"]
+    run = tmp_path / "run"
+    cfg = load_config(None, ["task=synthetic_blur", f"store={store}", f"run_dir={run}", "srm.branch=explicit",
+                             "srm.text_map=defocus_background"] + TINY)
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    trainer.stop()
+    ray.shutdown()
+    out = str(tmp_path / "bundle")
+    assert cli_main(["export", "--checkpoint", str(run), "--out", out]) == 0
+    assert json.load(open(os.path.join(out, "manifest.json")))["clip"]["maps"] == {"defocus_background": "defocus background"}
+
+    st = EmbeddingStore(store)
+    data = st.arrays("test")
+    agent = Agent.load(str(run))
+    assert agent.srm.branch == "explicit"
+    T = agent.cfg["env"]["horizon"]
+    ref = rollout(agent, data, st.decoder(), "policy", "srm", T, (T,))
+    images = [read_image(os.path.join(folder, "test", "images", i.split("/")[-1] + ".png")) for i in data["ids"]]
+    preds = AlignSAMPredictor(out, clip_weights=weights).predict_batch(images)
+    for k, pred in enumerate(preds):
+        np.testing.assert_array_equal(pred.labels, ref.points[T][k][1])
+        np.testing.assert_allclose(pred.low_res_logits, ref.logits[T][k], atol=1e-3)
+    other = str(tmp_path / "other_clip.pt")
+    torch.save(build_micro_clip().state_dict(), other)  # other random weights
+    with pytest.raises(CheckpointError, match="not the CLIP weights file"):
+        AlignSAMPredictor(out, clip_weights=other)

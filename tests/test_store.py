@@ -160,3 +160,33 @@ def _env_step_in_worker(store: str, holder: str) -> float:
                        "labels": "gt"})
     obs, _ = env.reset(seed=0)
     return float(env.step(int(np.flatnonzero(obs["action_mask"])[0]))[1])
+
+
+def test_embed_with_clip_surgery_maps(tmp_path):
+    """`alignsam embed --clip-model micro --clip-text ...`: one fp16 64x64 map column per text, equal to
+    CLIP Surgery on the image SAM saw; the store's identity includes the CLIP inputs."""
+    import torch
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from alignsam_ray.foundation.clip_surgery import ClipSurgery
+    from alignsam_ray.foundation.micro_clip import build_micro_clip
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "clip.pt")
+    torch.save(build_micro_clip().state_dict(), weights)  # random weights, the micro architecture
+    samples = open_dataset(str(_dataset(tmp_path / "ds", n=3)), n_train=None)
+    out = str(tmp_path / "store")
+    m = embed_dataset(samples, out, clip_model="micro", clip_weights=weights, clip_texts=["a star", "circle"],
+                      progress=False)
+    assert m["maps"] == ["a_star", "circle"] and m["clip"]["maps"] == {"a_star": "a star", "circle": "circle"}
+    arrays = EmbeddingStore(out).arrays()
+    clip = ClipSurgery.load("micro", weights)
+    by_id = {s.id: s for s in samples}
+    for k, sid in enumerate(arrays["ids"]):
+        resized = ResizeLongestSide(1024).apply_image(load_pair(by_id[sid])[0])
+        expected = clip.maps([resized], ["a star", "circle"])[0]
+        assert arrays["map_a_star"].dtype == np.float16 and arrays["map_a_star"].shape[1:] == (64, 64)
+        np.testing.assert_allclose(arrays["map_a_star"][k], expected[0], atol=2e-3)
+        np.testing.assert_allclose(arrays["map_circle"][k], expected[1], atol=2e-3)
+    with pytest.raises(StoreError, match="other inputs.*clip"):
+        embed_dataset(samples, out, clip_model="micro", clip_weights=weights, clip_texts=["star"], progress=False)

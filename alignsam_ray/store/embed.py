@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -64,28 +65,60 @@ def _load_row(item: dict) -> dict:
     }
 
 
-class SamEncoderActor:
-    """Ray Data actor: holds the SAM image encoder; batch of padded frames -> fp16 embeddings."""
+def map_name(text: str) -> str:
+    """A text prompt -> its store column suffix: "defocus background" -> "defocus_background"."""
+    name = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    if not name:
+        raise DataError(f"text prompt {text!r} has no letters or digits to name its map column")
+    return name
 
-    def __init__(self, sam_type: str, checkpoint: str | None, random_init: bool):
+
+class SamEncoderActor:
+    """Ray Data actor: holds the SAM image encoder (and CLIP Surgery when maps are asked for);
+    batch of padded frames -> fp16 embeddings (+ one (64, 64) fp16 map per text prompt)."""
+
+    def __init__(self, sam_type: str, checkpoint: str | None, random_init: bool, clip: dict | None = None):
         device = pick_device()
         if device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # this node's cores (the actor runs alone here)
         self.encoder = SamImageEncoder(load_sam(sam_type, checkpoint, random_init=random_init), device)
+        self.clip, self.texts = None, []
+        if clip:
+            from ..foundation.clip_surgery import ClipSurgery
+
+            self.clip = ClipSurgery.load(clip["model"], clip["weights"], device=device)
+            self.texts = list(clip["texts"])
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, e in enumerate(batch["error"]) if not e]
-        emb = np.empty(len(batch["error"]), dtype=object)
+        n = len(batch["error"])
+        emb = np.empty(n, dtype=object)
         emb[:] = b""
+        maps = {t: np.full(n, b"", dtype=object) for t in self.texts}
         if ok:
             frames = [batch["frame"][i][: batch["input_h"][i], : batch["input_w"][i]] for i in ok]
             out = self.encoder.encode(frames).astype(np.float16)
             for j, i in enumerate(ok):
                 emb[i] = out[j].tobytes()
+            if self.clip is not None:  # on the image SAM saw (long side 1024), padded like SAM: grids align
+                m = self.clip.maps(frames, self.texts)  # (B, C, 64, 64) float16
+                for j, i in enumerate(ok):
+                    for c, t in enumerate(self.texts):
+                        maps[t][i] = m[j, c].tobytes()
         batch = dict(batch)
         batch.pop("frame", None)
         batch["embedding"] = emb
+        for t in self.texts:
+            batch[f"map_{map_name(t)}"] = maps[t]
         return batch
+
+
+def _micro_clip_weights(model: str) -> str:
+    from ..foundation.micro_clip import MICRO_CLIP_WEIGHTS
+
+    if model != "micro":
+        raise DataError(f"CLIP model {model!r} needs --clip-weights PATH (a local file; nothing is downloaded)")
+    return MICRO_CLIP_WEIGHTS
 
 
 def samples_digest(samples: list[Sample]) -> str:
@@ -107,9 +140,16 @@ def embed_dataset(
     num_encoders: int = 1,
     skip_bad: bool = False,
     dataset_spec: str = "",
+    clip_model: str | None = None,
+    clip_weights: str | None = None,
+    clip_texts: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Embed ``samples`` into the store ``out`` (created or resumed). Returns the manifest."""
+    """Embed ``samples`` into the store ``out`` (created or resumed). Returns the manifest.
+
+    clip_model: also compute CLIP Surgery maps ("micro" = the embedded micro CLIP, or an open_clip
+    ViT name with ``clip_weights`` a local file), one column ``map_<name>`` per text in
+    ``clip_texts`` (default: the samples' task texts, e.g. "star" -> ``map_star``)."""
     if not samples:
         raise DataError("no samples to embed")
     if "://" in out:
@@ -122,7 +162,21 @@ def embed_dataset(
     ckpt_hash = "random-init" if random_init else file_sha256(ckpt_path)
     embed_dim = sam.prompt_encoder.embed_dim
     digest = samples_digest(samples)
-    identity = {"sam_type": sam_type, "checkpoint_sha256": ckpt_hash, "samples_sha256": digest, "shard_size": shard_size}
+    identity = {"sam_type": sam_type, "checkpoint_sha256": ckpt_hash, "samples_sha256": digest, "shard_size": shard_size,
+                "clip": None}
+    clip = None
+    if clip_model:
+        from ..foundation.clip_surgery import ClipSurgery
+
+        texts = list(dict.fromkeys(clip_texts or [s.text for s in samples]))
+        names = [map_name(t) for t in texts]
+        if len(set(names)) != len(names):
+            raise DataError(f"text prompts {texts} give clashing map column names {names}")
+        ClipSurgery.load(clip_model, clip_weights)  # fails fast on a wrong or missing weights file
+        weights_file = clip_weights or _micro_clip_weights(clip_model)
+        clip = {"model": clip_model, "weights": clip_weights, "texts": texts}
+        identity["clip"] = {"model": clip_model, "weights_sha256": file_sha256(weights_file),
+                            "maps": dict(zip(names, texts))}
 
     manifest_path = os.path.join(out, "manifest.json")
     if os.path.isfile(manifest_path):
@@ -136,7 +190,8 @@ def embed_dataset(
             "format_version": FORMAT_VERSION, **identity, "checkpoint": ckpt_path,
             "dataset": dataset_spec, "embed_dim": embed_dim,
             "embedding_shape": [embed_dim, GRID, GRID], "embedding_dtype": "float16",
-            "gt_lowres_shape": [LOWRES, LOWRES], "maps": [], "decoder": DECODER_FILE,
+            "gt_lowres_shape": [LOWRES, LOWRES], "maps": sorted(identity["clip"]["maps"]) if clip else [],
+            "decoder": DECODER_FILE,
             "shards": {}, "skipped": {}, "complete": False,
         }
     SamPromptDecoder.from_sam(sam, sam_type).save(os.path.join(out, DECODER_FILE))
@@ -160,7 +215,7 @@ def embed_dataset(
     ]
     if progress and done:
         print(f"[embed] resuming: {len(done)} of {n_shards} shards already done", file=sys.stderr)
-    table_schema = schema(embed_dim)
+    table_schema = schema(embed_dim, tuple(manifest["maps"]))
     t0 = time.time()
     n_new = 0
     if items:
@@ -175,7 +230,8 @@ def embed_dataset(
         ds = ds.map(_load_row)
         ds = ds.map_batches(
             SamEncoderActor,
-            fn_constructor_kwargs={"sam_type": sam_type, "checkpoint": checkpoint, "random_init": random_init},
+            fn_constructor_kwargs={"sam_type": sam_type, "checkpoint": checkpoint, "random_init": random_init,
+                                   "clip": clip},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_encoders), num_gpus=1 if use_gpu else 0,
             num_cpus=1, batch_format="numpy",
         )
@@ -228,6 +284,7 @@ def _finish_shard(out, manifest, shard, rows, samples, table_schema, skip_bad) -
             "input_h": int(row["input_h"]), "input_w": int(row["input_w"]),
             "embedding": bytes(row["embedding"]), "gt_lowres": np.asarray(row["gt_lowres"]).tobytes(),
             "gt_png": bytes(row["gt_png"]),
+            **{f"map_{m}": bytes(row[f"map_{m}"]) for m in manifest["maps"]},
         })
     name = shard_name(shard)
     digest = write_shard(good, os.path.join(out, name), table_schema)
