@@ -78,7 +78,7 @@ from .micro_clip import MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, MICRO_NAME, build_mi
 from .sam_models import CheckpointError
 
 __all__ = ["ClipSurgery", "DEFAULT_SURGERY_BLOCKS", "MAP_SIZE", "feature_surgery", "surgery_forward",
-           "sam_valid_cells", "pad_to_square", "preprocess_image", "load_clip_weights", "CheckpointError"]
+           "sam_valid_cells", "mask_on_sam_grid", "map_auroc", "pad_to_square", "preprocess_image", "load_clip_weights", "CheckpointError"]
 
 DEFAULT_SURGERY_BLOCKS = 6   # reference: the last 6 blocks of ViT-B/16 (``for i in range(1, 7)``)
 MAP_SIZE = 64                # SAM's image-embedding grid
@@ -94,6 +94,28 @@ def sam_valid_cells(h: int, w: int, grid: int = MAP_SIZE, long_side: int = SAM_I
     newh, neww = ResizeLongestSide.get_preprocess_shape(h, w, long_side)
     cell = long_side / grid
     return min(grid, math.ceil(newh / cell)), min(grid, math.ceil(neww / cell))
+
+
+def mask_on_sam_grid(mask: np.ndarray, grid: int = MAP_SIZE) -> np.ndarray:
+    """(H, W) bool -> (grid, grid) float32 foreground fraction per cell of SAM's grid (padded bottom/right)."""
+    h, w = mask.shape
+    side = max(h, w)
+    square = np.zeros((side, side), np.float32)
+    square[:h, :w] = mask
+    return np.asarray(Image.fromarray(square, mode="F").resize((grid, grid), Image.BOX))
+
+
+def map_auroc(text_map: np.ndarray, mask: np.ndarray) -> float | None:
+    """AUROC of a (64, 64) map against an (H, W) bool mask, over the cells the image covers.
+
+    A cell is positive when >= 50% of it is foreground; None when all covered cells are one class.
+    """
+    from sklearn.metrics import roc_auc_score   # scikit-learn comes with pysodmetrics
+    rows, cols = sam_valid_cells(*mask.shape, grid=text_map.shape[-1])
+    labels = mask_on_sam_grid(mask, text_map.shape[-1])[:rows, :cols] >= 0.5
+    if labels.all() or not labels.any():
+        return None
+    return float(roc_auc_score(labels.ravel(), text_map[:rows, :cols].astype(np.float32).ravel()))
 
 
 def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
