@@ -88,6 +88,8 @@ def test_every_shipped_config_loads():
     import glob
     import os
 
+    from alignsam_ray.data.samples import TASK_TEXT
+    from alignsam_ray.store.embed import map_name
     from alignsam_ray.tune import load_sweep
 
     paths = glob.glob(os.path.join(os.path.dirname(__file__), "..", "tune_configs", "*.yaml"))
@@ -103,3 +105,5 @@ def test_every_shipped_config_loads():
         assert cfg["ppo"]["num_epochs"] == 20 and cfg["store"] and cfg["srm"]["branch"] in ("implicit", "explicit")
         if cfg["srm"]["branch"] == "explicit":
             assert cfg["srm"]["text_map"]
+            if cfg["task"] in TASK_TEXT:   # the column `alignsam embed --clip-model ...` writes for the task's text
+                assert cfg["srm"]["text_map"] == map_name(TASK_TEXT[cfg["task"]]), p
