@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignsam_ray.data import generate_task  # noqa: E402
+from alignsam_ray.data import generate_task, open_dataset  # noqa: E402
+from alignsam_ray.data.samples import load_pair  # noqa: E402
 from alignsam_ray.data.synthetic import SHAPE_CLASSES, TARGET_SHAPE  # noqa: E402
 from alignsam_ray.foundation.clip_surgery import MAP_SIZE, ClipSurgery, map_auroc  # noqa: E402
 from alignsam_ray.foundation.micro_clip import (  # noqa: E402
@@ -41,11 +41,10 @@ RANDOM_INIT_SEED = 0
 
 
 def load_split(data_dir: str, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first n synthetic_shapes test pictures (H, W, 3) uint8 and their masks (H, W) bool."""
     generate_task("synthetic_shapes", data_dir, n_train=0, n_test=n, seed=0, progress=False)
-    names = sorted(os.listdir(os.path.join(data_dir, "test", "images")))[:n]
-    images = [np.asarray(Image.open(os.path.join(data_dir, "test", "images", f)).convert("RGB")) for f in names]
-    masks = [np.asarray(Image.open(os.path.join(data_dir, "test", "masks", f))) > 127 for f in names]
-    return images, masks
+    pairs = [load_pair(s) for s in open_dataset(data_dir, n_train=None) if s.split == "test"][:n]
+    return [image for image, _ in pairs], [mask == 1 for _, mask in pairs]
 
 
 def score(cs: ClipSurgery, images, masks, texts: list[str], index: int) -> dict:
@@ -54,11 +53,10 @@ def score(cs: ClipSurgery, images, masks, texts: list[str], index: int) -> dict:
     return {"auroc": float(np.mean(values)), "auroc_std": float(np.std(values)), "n_scored": len(values)}
 
 
-def evaluate(model_factory, images, masks, blocks: int) -> dict:
-    """All variants for one model; ``model_factory()`` returns a fresh (model, tokenizer)."""
+def evaluate(model, tokenizer, images, masks, blocks: int) -> dict:
+    """All variants for one model (the variants only change how ``ClipSurgery`` runs it)."""
     def cs(**kw):
-        model, tok = model_factory()
-        return ClipSurgery(model, tok, **{"n_surgery_blocks": blocks, **kw})
+        return ClipSurgery(model, tokenizer, **{"n_surgery_blocks": blocks, **kw})
     classes = list(SHAPE_CLASSES)
     return {
         "surgery": score(cs(), images, masks, [TARGET_SHAPE], 0),
@@ -89,22 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     trained = ClipSurgery.load("micro", weights=args.weights)
     blocks = trained.n_surgery_blocks if args.blocks is None else args.blocks
 
-    def trained_factory():
-        loaded = ClipSurgery.load("micro", weights=args.weights)
-        return loaded.model, loaded.tokenizer
-
     cfg = micro_metadata(args.weights).get("model_cfg", MICRO_CLIP_CFG)
+    torch.manual_seed(RANDOM_INIT_SEED)
+    random_init = build_micro_clip(cfg)
 
-    def random_factory():
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return build_micro_clip(cfg), micro_tokenizer(cfg)
-
-    results = {"micro_clip": evaluate(trained_factory, images, masks, blocks),
-               "random_init": evaluate(random_factory, images, masks, blocks)}
+    results = {"micro_clip": evaluate(trained.model, trained.tokenizer, images, masks, blocks),
+               "random_init": evaluate(random_init, micro_tokenizer(cfg), images, masks, blocks)}
     sweep = {}
     for k in range(len(trained.model.visual.transformer.resblocks) + 1):
-        model, tok = trained_factory()
-        sweep[str(k)] = score(ClipSurgery(model, tok, n_surgery_blocks=k), images, masks, [TARGET_SHAPE], 0)["auroc"]
+        cs = ClipSurgery(trained.model, trained.tokenizer, n_surgery_blocks=k)
+        sweep[str(k)] = score(cs, images, masks, [TARGET_SHAPE], 0)["auroc"]
 
     out = {
         "micro_clip_auroc": results["micro_clip"]["surgery"]["auroc"],

@@ -248,15 +248,14 @@ def test_shipped_micro_weights():
 def test_shipped_micro_clip_maps_find_the_star(tmp_path):
     """Behaviour, not a figure: on held-out synthetic_shapes pictures the trained micro CLIP's "star" map
     ranks star cells above the rest (mean AUROC well above chance) and above a random initialisation."""
-    from alignsam_ray.data import generate_task
+    from alignsam_ray.data import generate_task, open_dataset
+    from alignsam_ray.data.samples import load_pair
     from alignsam_ray.data.synthetic import TARGET_SHAPE
     from alignsam_ray.foundation.clip_surgery import map_auroc
-    from PIL import Image
 
     folder = generate_task("synthetic_shapes", str(tmp_path / "shapes"), n_train=0, n_test=12, seed=0, progress=False)
-    names = sorted(os.listdir(os.path.join(folder, "test", "images")))
-    images = [np.asarray(Image.open(os.path.join(folder, "test", "images", n)).convert("RGB")) for n in names]
-    masks = [np.asarray(Image.open(os.path.join(folder, "test", "masks", n))) > 127 for n in names]
+    pairs = [load_pair(s) for s in open_dataset(folder, n_train=None) if s.split == "test"]
+    images, masks = [image for image, _ in pairs], [mask == 1 for _, mask in pairs]
 
     def mean_auroc(cs: ClipSurgery) -> float:
         maps = cs.maps(images, [TARGET_SHAPE])[:, 0]
