@@ -10,7 +10,12 @@ original size (long side 300..800, aspect 0.5..2) and run through segment_anythi
                     highest predicted IoU (SAM's standard single-click protocol);
   three_point_miou: two positive points inside + one negative point outside, single-mask output.
 Points inside are drawn from the object eroded by 2 px when that leaves pixels.
-Prints a table and writes JSON with the keys above plus per-bucket details.
+Prints a table and writes JSON with the keys above plus diagnostics: both protocols per object-size
+bucket (``by_object_area``), and ``three_point_best_of_3_miou``, the same three points with multimask
+output scored by the best of the 3 masks against the ground truth (an oracle pick, not a protocol:
+it shows how much of the single-mask error is a whole-vs-part choice), and
+``resolution_ceiling_miou``, the ground truth itself area-pooled onto the 256x256 low-res mask frame
+and brought back by ``Sam.postprocess_masks`` (what a perfect low-res mask could score).
 """
 from __future__ import annotations
 
@@ -19,12 +24,15 @@ import json
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from segment_anything import SamPredictor
 
 from alignsam_ray.foundation import load_sam
 from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
 
 HELD_OUT_SEED = 2
+AREA_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 1.0)  # object area / image area
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,6 +48,28 @@ def erode(mask: np.ndarray, r: int = 2) -> np.ndarray:
     return out
 
 
+def low_res_round_trip(predictor: SamPredictor, mask: np.ndarray) -> np.ndarray:
+    """``mask`` (H, W) bool -> the 256x256 low-res frame (area pooled) -> back to (H, W) bool."""
+    frame = predictor.transform.apply_image(mask.astype(np.uint8) * 255)  # long side 1024
+    padded = torch.zeros(1, 1, predictor.model.image_encoder.img_size, predictor.model.image_encoder.img_size)
+    padded[0, 0, : frame.shape[0], : frame.shape[1]] = torch.from_numpy(frame).float() / 255
+    logits = F.adaptive_avg_pool2d(padded, 256) - 0.5
+    back = predictor.model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
+    return back[0, 0].numpy() > 0
+
+
+def _by_area(areas: np.ndarray, one: np.ndarray, three: np.ndarray) -> list[dict]:
+    """mIoU of both protocols per object-size bucket (``AREA_BUCKETS``)."""
+    out = []
+    for lo, hi in zip(AREA_BUCKETS[:-1], AREA_BUCKETS[1:]):
+        sel = (areas > lo) & (areas <= hi)
+        if sel.any():
+            out.append({"area": f"{lo:.0%}..{hi:.0%}", "n": int(sel.sum()),
+                        "one_point_miou": round(float(one[sel].mean()), 3),
+                        "three_point_miou": round(float(three[sel].mean()), 3)})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200)
@@ -47,7 +77,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     predictor = SamPredictor(load_sam("micro", args.checkpoint))
-    one, three = [], []
+    one, three, best3, areas, ceiling = [], [], [], [], []
     t0 = time.time()
     for i in range(args.n):
         rng = scene_rng(HELD_OUT_SEED, i)
@@ -65,19 +95,31 @@ def main():
         n = outside[rng.integers(0, len(outside), 1)][:, ::-1]
         masks, scores, _ = predictor.predict(point_coords=p[:1], point_labels=np.array([1]), multimask_output=True)
         one.append(iou(masks[scores.argmax()], gt))
-        masks, _, _ = predictor.predict(point_coords=np.concatenate([p, n]), point_labels=np.array([1, 1, 0]),
-                                        multimask_output=False)
+        points, labels3 = np.concatenate([p, n]), np.array([1, 1, 0])
+        masks, _, _ = predictor.predict(point_coords=points, point_labels=labels3, multimask_output=False)
         three.append(iou(masks[0], gt))
+        masks, _, _ = predictor.predict(point_coords=points, point_labels=labels3, multimask_output=True)
+        best3.append(max(iou(m, gt) for m in masks))
+        areas.append(float(gt.mean()))
+        ceiling.append(iou(low_res_round_trip(predictor, gt), gt))
     result = {
         "one_point_miou": float(np.mean(one)), "three_point_miou": float(np.mean(three)),
         "n_images": len(one), "held_out_seed": HELD_OUT_SEED, "seconds": round(time.time() - t0, 1),
         "one_point_iou_quartiles": np.percentile(one, [25, 50, 75]).round(3).tolist(),
         "three_point_iou_quartiles": np.percentile(three, [25, 50, 75]).round(3).tolist(),
+        "three_point_best_of_3_miou": float(np.mean(best3)),
+        "resolution_ceiling_miou": float(np.mean(ceiling)),
+        "by_object_area": _by_area(np.array(areas), np.array(one), np.array(three)),
     }
     print(f"{'protocol':<34}{'mIoU':>8}  (bar)")
     print(f"{'1 positive point (multimask best)':<34}{result['one_point_miou']:>8.3f}  (>= 0.70)")
     print(f"{'2 positive + 1 negative point':<34}{result['three_point_miou']:>8.3f}  (>= 0.80)")
     print(f"n = {len(one)} held-out scenes, {result['seconds']} s")
+    print(f"diagnostic: 2 + 1 points, best of the 3 multimask outputs (oracle pick) {result['three_point_best_of_3_miou']:.3f}")
+    print(f"diagnostic: ground truth through the 256x256 low-res frame and back {result['resolution_ceiling_miou']:.3f}")
+    print(f"{'object area':<16}{'n':>5}{'1-point':>9}{'3-point':>9}")
+    for b in result["by_object_area"]:
+        print(f"{b['area']:<16}{b['n']:>5}{b['one_point_miou']:>9.3f}{b['three_point_miou']:>9.3f}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

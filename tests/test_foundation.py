@@ -133,3 +133,22 @@ def test_decoder_file_roundtrip(tmp_path):
     b, _ = again.predict(emb, np.array([[10.0, 20.0]]), np.array([1]), (100, 200))
     torch.testing.assert_close(a, b)
     assert sum(p.numel() for p in again.parameters()) < sum(p.numel() for p in sam.parameters())
+
+
+def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
+    """`python scripts/eval_micro_sam.py --out FILE.json` (the quality-bar command) on a few scenes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "eval.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_micro_sam.py"
+    run = subprocess.run([sys.executable, str(script), "--n", "6", "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert 0 <= result["one_point_miou"] <= 1 and 0 <= result["three_point_miou"] <= 1
+    assert 0 <= result["three_point_best_of_3_miou"] <= 1 and result["resolution_ceiling_miou"] > 0.9
+    assert sum(b["n"] for b in result["by_object_area"]) == result["n_images"] > 0
+    assert "2 positive + 1 negative point" in run.stdout
