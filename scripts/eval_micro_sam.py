@@ -14,8 +14,8 @@ Prints a table and writes JSON with the keys above plus diagnostics: both protoc
 bucket (``by_object_area``), and ``three_point_best_of_3_miou``, the same three points with multimask
 output scored by the best of the 3 masks against the ground truth (an oracle pick, not a protocol:
 it shows how much of the single-mask error is a whole-vs-part choice), and
-``resolution_ceiling_miou``, the ground truth itself area-pooled onto the 256x256 low-res mask frame
-and brought back by ``Sam.postprocess_masks`` (what a perfect low-res mask could score).
+``resolution_ceiling_miou``, the ground truth itself put on the 256x256 low-res frame as stores hold
+it and brought back by ``Sam.postprocess_masks`` (what a perfect low-res mask could score).
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything import SamPredictor
 
 from alignsam_ray.foundation import load_sam
 from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
+from alignsam_ray.store.embed import lowres_mask
 
 HELD_OUT_SEED = 2
 AREA_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 1.0)  # object area / image area
@@ -49,11 +49,10 @@ def erode(mask: np.ndarray, r: int = 2) -> np.ndarray:
 
 
 def low_res_round_trip(predictor: SamPredictor, mask: np.ndarray) -> np.ndarray:
-    """``mask`` (H, W) bool -> the 256x256 low-res frame (area pooled) -> back to (H, W) bool."""
-    frame = predictor.transform.apply_image(mask.astype(np.uint8) * 255)  # long side 1024
-    padded = torch.zeros(1, 1, predictor.model.image_encoder.img_size, predictor.model.image_encoder.img_size)
-    padded[0, 0, : frame.shape[0], : frame.shape[1]] = torch.from_numpy(frame).float() / 255
-    logits = F.adaptive_avg_pool2d(padded, 256) - 0.5
+    """``mask`` (H, W) bool -> the 256x256 low-res ground truth as stores hold it (``lowres_mask``)
+    -> back to (H, W) bool through ``Sam.postprocess_masks``."""
+    low = lowres_mask(mask.astype(np.uint8), predictor.input_size)
+    logits = torch.from_numpy(low.astype(np.float32) - 0.5)[None, None]
     back = predictor.model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
     return back[0, 0].numpy() > 0
 

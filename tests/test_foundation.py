@@ -1,4 +1,9 @@
 """Frozen SAM backends: official-format checkpoints, type checks, encoder/decoder split, micro-SAM."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -137,11 +142,6 @@ def test_decoder_file_roundtrip(tmp_path):
 
 def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
     """`python scripts/eval_micro_sam.py --out FILE.json` (the quality-bar command) on a few scenes."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "eval.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "eval_micro_sam.py"
     run = subprocess.run([sys.executable, str(script), "--n", "6", "--out", str(out)], capture_output=True, text=True,
