@@ -1,16 +1,25 @@
 #!/usr/bin/env python
 """Train the embedded micro-SAM on the generic synthetic object mix (reproducible, CPU).
 
-    python scripts/train_micro_sam.py [--steps 3000] [--out alignsam_ray/weights/micro_sam.pt]
+    python scripts/train_micro_sam.py [--steps 3000] [--minutes 44] [--out alignsam_ray/weights/micro_sam.pt]
 
 SAM-style promptable training, class-agnostic: for each scene we pick objects and sample point
-prompts as SAM's training does (a first positive point uniformly inside the object with a
-multi-mask output and min-over-masks loss; then a random mix of up to 10 positive and 7 negative
-points -- an AlignSAM episode ends with T + 2 = 17 points -- optionally with the previous low-res
-logits as mask input, single-mask output). Loss: 20 x focal
-+ dice on the 256x256 low-res logits, plus MSE on the predicted IoU. The encoder sees the
-256x256 area-downsampled frame (what ``MicroImageEncoder`` does to the 1024 frame), so scenes
-are rendered directly at long side 256 to save time.
+prompts as SAM's training does. Stage A: a first positive point uniformly inside the object,
+multi-mask output, min-over-masks loss. Stage B (single-mask output, half the time with the
+previous low-res logits as mask input), per prompt set either
+  * interactive (share ``--interactive``): the stage-A point plus 1..``--max-error-points``
+    points drawn from the error region of the stage-A mask (positive where it missed the object,
+    negative where it took background) -- SAM's own way of sampling follow-up points, or
+  * uniform: up to 10 positive and 7 negative points anywhere on / off the object (an AlignSAM
+    episode ends with T + 2 = 17 points).
+Loss: 20 x focal + dice on the 256x256 low-res logits, plus MSE on the predicted IoU. The encoder
+sees the 256x256 area-downsampled frame (what ``MicroImageEncoder`` does to the 1024 frame), so
+scenes are rendered directly at long side 256 to save time.
+
+``--minutes`` makes the run fit a wall-time budget (the issue's: 45 minutes on 2 cores): the
+cosine learning-rate schedule then follows elapsed time and the loop stops when the budget is
+spent, so a slower machine does fewer steps instead of overrunning. The steps done are recorded
+in the JSON written next to the weights.
 """
 from __future__ import annotations
 
@@ -88,6 +97,26 @@ def sample_points(rng, lab, k, n_pos, n_neg, n_pad):
     return coords, labels
 
 
+def error_points(rng, lab, k, pred, first, n_err, n_pad):
+    """SAM's interactive sampling: the first point ``first`` = (coords (1, 2), labels (1,)) plus
+    ``n_err`` points drawn uniformly from the error region of ``pred`` (256x256 bool, the previous
+    prediction): positive where the object was missed, negative where background was taken.
+    Returns points (n_pad, 2) in the 1024 frame and labels (n_pad,) (-1 = padding)."""
+    gt = lab == k
+    valid = lab != 255
+    missed, extra = gt & ~pred, pred & ~gt & valid
+    err = np.argwhere(missed | extra)
+    if not len(err):  # a perfect first mask: add points inside the object
+        err = np.argwhere(gt)
+    yx = err[rng.integers(0, len(err), n_err)]
+    coords = np.zeros((n_pad, 2), np.float32)
+    labels = -np.ones(n_pad, np.int64)
+    coords[0], labels[0] = first[0][0], first[1][0]
+    coords[1 : 1 + n_err] = yx[:, ::-1] * SCALE + (SCALE - 1) / 2
+    labels[1 : 1 + n_err] = gt[yx[:, 0], yx[:, 1]].astype(np.int64)
+    return coords, labels
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3000)
@@ -97,6 +126,13 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-pos", type=int, default=10, help="stage B: at most this many positive points")
     ap.add_argument("--max-neg", type=int, default=7, help="stage B: at most this many negative points")
+    ap.add_argument("--interactive", type=float, default=0.0,
+                    help="stage B: share of prompt sets that keep the stage-A point and add points from "
+                         "the error region of the stage-A mask (SAM's interactive sampling)")
+    ap.add_argument("--max-error-points", type=int, default=3, help="stage B, interactive sets: 1..this many points")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-time budget: the cosine schedule follows elapsed time and training stops "
+                         "when the budget is spent (or at --steps, whichever comes first)")
     ap.add_argument("--stage-b-weight", type=float, default=1.0, help="weight of the multi-point loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -116,13 +152,19 @@ def main():
     std = sam.pixel_std.view(1, 3, 1, 1)
     opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-    )
+    # the loop's share of the wall-time budget (rendering the scenes has already used some)
+    loop_seconds = None if args.minutes is None else args.minutes * 60 - (time.time() - t0) - 30
     pe = sam.prompt_encoder
     history = []
     t_train = time.time()
     for step in range(args.steps):
+        progress = step / args.steps
+        if loop_seconds is not None:
+            progress = max(progress, (time.time() - t_train) / loop_seconds)
+            if progress >= 1:
+                break
+        for group in opt.param_groups:  # linear warm-up, then cosine decay over the steps or the time budget
+            group["lr"] = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         idx = rng.integers(0, args.scenes, args.batch)
         img = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float()
         lab = labels[idx]
@@ -156,8 +198,13 @@ def main():
         # up to T + 2 = 17 points), single mask, half the time with the previous low-res logits
         # as mask input
         n_pad = args.max_pos + args.max_neg
-        pb = [sample_points(rng, lab[b], k, int(rng.integers(1, args.max_pos + 1)), int(rng.integers(0, args.max_neg + 1)), n_pad)
-              for b, k in zip(rows, ks)]
+        chosen = low.detach()[torch.arange(n), iou_pred.detach().argmax(1)].numpy() > 0  # what a user would see
+        pb = []
+        for i, (b, k) in enumerate(zip(rows, ks)):
+            if args.interactive and rng.random() < args.interactive:
+                pb.append(error_points(rng, lab[b], k, chosen[i], pa[i], int(rng.integers(1, args.max_error_points + 1)), n_pad))
+            else:
+                pb.append(sample_points(rng, lab[b], k, int(rng.integers(1, args.max_pos + 1)), int(rng.integers(0, args.max_neg + 1)), n_pad))
         prev = None
         if rng.random() < 0.5:
             prev = low.detach()[torch.arange(n), best][:, None]
@@ -171,13 +218,12 @@ def main():
         loss_total.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
         opt.step()
-        sched.step()
         history.append((loss_total.item(), iou1, iou2))
         if step % 50 == 0 or step == args.steps - 1:
             h = np.array(history[-50:])
             el = time.time() - t_train
             print(
-                f"step {step:5d}/{args.steps}  loss {h[:, 0].mean():.3f}  1pt IoU {h[:, 1].mean():.3f}  "
+                f"step {step:5d}/{args.steps} lr {opt.param_groups[0]['lr']:.2e}  loss {h[:, 0].mean():.3f}  1pt IoU {h[:, 1].mean():.3f}  "
                 f"multi-pt IoU {h[:, 2].mean():.3f}  {el / (step + 1):.2f}s/step  elapsed {el / 60:.1f} min",
                 flush=True,
             )
@@ -185,8 +231,9 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save(sam.state_dict(), args.out)
     info = {
-        "steps": args.steps, "scenes": args.scenes, "batch": args.batch, "prompts": args.prompts,
-        "lr": args.lr, "stage_b_weight": args.stage_b_weight, "max_pos": args.max_pos, "max_neg": args.max_neg, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
+        "steps": len(history), "scenes": args.scenes, "batch": args.batch, "prompts": args.prompts,
+        "lr": args.lr, "stage_b_weight": args.stage_b_weight, "max_pos": args.max_pos, "max_neg": args.max_neg,
+        "interactive": args.interactive, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
         "train_minutes": round((time.time() - t0) / 60, 1),
         "final_train_1pt_iou": float(np.mean([h[1] for h in history[-100:]])),
         "final_train_multipt_iou": float(np.mean([h[2] for h in history[-100:]])),

@@ -152,3 +152,40 @@ def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
     assert 0 <= result["three_point_best_of_3_miou"] <= 1 and result["resolution_ceiling_miou"] > 0.9
     assert sum(b["n"] for b in result["by_object_area"]) == result["n_images"] > 0
     assert "2 positive + 1 negative point" in run.stdout
+
+
+def _train_script():
+    """scripts/train_micro_sam.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
+    spec = importlib.util.spec_from_file_location("train_micro_sam", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interactive_points_come_from_the_error_region():
+    """SAM's interactive sampling: added points are positive where the first mask missed the
+    object, negative where it took background, never in the padding; the first point is kept."""
+    train = _train_script()
+    lab = np.zeros((256, 256), np.uint8)
+    lab[:, 200:] = 255  # padding
+    lab[50:150, 50:150] = 1  # the object
+    pred = np.zeros((256, 256), bool)
+    pred[50:150, 50:100] = True  # found the left half ...
+    pred[160:200, 50:250] = True  # ... and took background (partly over the padding)
+    first = (np.array([[300.0, 300.0]], np.float32), np.array([1]))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        coords, labels = train.error_points(rng, lab, 1, pred, first, 3, 17)
+        assert (coords[0] == first[0][0]).all() and labels[0] == 1
+        assert (labels[1:4] >= 0).all() and (labels[4:] == -1).all()
+        yx = ((coords[1:4] - (train.SCALE - 1) / 2) / train.SCALE).round().astype(int)[:, ::-1]
+        for (y, x), label in zip(yx, labels[1:4]):
+            if label == 1:
+                assert lab[y, x] == 1 and not pred[y, x]  # a missed part of the object
+            else:
+                assert lab[y, x] == 0 and pred[y, x]  # background the mask took, not padding
+    perfect = lab == 1
+    coords, labels = train.error_points(rng, lab, 1, perfect, first, 2, 17)
+    assert (labels[1:3] == 1).all()  # nothing to correct: points go inside the object
