@@ -82,19 +82,23 @@ def mask_iou(logits, target):
     return inter / union.clamp(min=1)
 
 
+def padded_points(yx, point_labels, n_pad):
+    """Pixels ``yx`` (m, 2) of the 256 frame with labels (m,) -> points (n_pad, 2) in the 1024
+    frame and labels (n_pad,), -1 marking the padding."""
+    coords = np.zeros((n_pad, 2), np.float32)
+    labels = -np.ones(n_pad, np.int64)
+    coords[: len(yx)] = yx[:, ::-1] * SCALE + (SCALE - 1) / 2
+    labels[: len(yx)] = point_labels
+    return coords, labels
+
+
 def sample_points(rng, lab, k, n_pos, n_neg, n_pad):
     """Points (n_pad, 2) in the 1024 frame and labels (n_pad,) (-1 = padding)."""
     fg = np.argwhere(lab == k)
     bg = np.argwhere((lab != k) & (lab != 255))
     pos = fg[rng.integers(0, len(fg), n_pos)]
     neg = bg[rng.integers(0, len(bg), n_neg)] if len(bg) and n_neg else np.zeros((0, 2), int)
-    yx = np.concatenate([pos, neg])
-    coords = np.zeros((n_pad, 2), np.float32)
-    labels = -np.ones(n_pad, np.int64)
-    coords[: len(yx)] = yx[:, ::-1] * SCALE + (SCALE - 1) / 2
-    labels[: len(pos)] = 1
-    labels[len(pos) : len(yx)] = 0
-    return coords, labels
+    return padded_points(np.concatenate([pos, neg]), np.r_[np.ones(len(pos)), np.zeros(len(neg))], n_pad)
 
 
 def error_points(rng, lab, k, pred, first, n_err, n_pad):
@@ -103,18 +107,13 @@ def error_points(rng, lab, k, pred, first, n_err, n_pad):
     prediction): positive where the object was missed, negative where background was taken.
     Returns points (n_pad, 2) in the 1024 frame and labels (n_pad,) (-1 = padding)."""
     gt = lab == k
-    valid = lab != 255
-    missed, extra = gt & ~pred, pred & ~gt & valid
+    missed, extra = gt & ~pred, pred & ~gt & (lab != 255)
     err = np.argwhere(missed | extra)
     if not len(err):  # a perfect first mask: add points inside the object
         err = np.argwhere(gt)
     yx = err[rng.integers(0, len(err), n_err)]
-    coords = np.zeros((n_pad, 2), np.float32)
-    labels = -np.ones(n_pad, np.int64)
-    coords[0], labels[0] = first[0][0], first[1][0]
-    coords[1 : 1 + n_err] = yx[:, ::-1] * SCALE + (SCALE - 1) / 2
-    labels[1 : 1 + n_err] = gt[yx[:, 0], yx[:, 1]].astype(np.int64)
-    return coords, labels
+    coords, labels = padded_points(yx, gt[yx[:, 0], yx[:, 1]], n_pad - 1)
+    return np.concatenate([first[0][:1], coords]), np.concatenate([first[1][:1].astype(np.int64), labels])
 
 
 def main():
@@ -198,7 +197,8 @@ def main():
         # up to T + 2 = 17 points), single mask, half the time with the previous low-res logits
         # as mask input
         n_pad = args.max_pos + args.max_neg
-        chosen = low.detach()[torch.arange(n), iou_pred.detach().argmax(1)].numpy() > 0  # what a user would see
+        if args.interactive:  # the stage-A mask a user would see (highest predicted IoU)
+            chosen = low.detach()[torch.arange(n), iou_pred.detach().argmax(1)].numpy() > 0
         pb = []
         for i, (b, k) in enumerate(zip(rows, ks)):
             if args.interactive and rng.random() < args.interactive:

@@ -1,4 +1,5 @@
 """Frozen SAM backends: official-format checkpoints, type checks, encoder/decoder split, micro-SAM."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -156,7 +157,6 @@ def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
 
 def _train_script():
     """scripts/train_micro_sam.py as a module (it is a script, not part of the package)."""
-    import importlib.util
     path = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
     spec = importlib.util.spec_from_file_location("train_micro_sam", path)
     module = importlib.util.module_from_spec(spec)
