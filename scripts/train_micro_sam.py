@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignsam_ray.foundation.batched_decode import decode_per_image
+from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixels, masks_from_tokens
+from alignsam_ray.foundation.fused_ops import fuse_for_training
 from alignsam_ray.foundation.micro_sam import ENCODER_INPUT_SIZE, IMAGE_SIZE, build_sam_micro
 from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
 
@@ -58,28 +59,84 @@ def make_scenes(n: int, workers: int):
     return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
 
 
-def focal_loss(logits, target, alpha=0.25, gamma=2.0):
-    """Per-mask sigmoid focal loss, mean over pixels. logits/target: (..., H, W)."""
+def _mean(x, weight):
+    """Mean over the last (pixel) axis; with ``weight`` (pixels each sample stands for) a weighted mean."""
+    return x.mean(-1) if weight is None else (x * weight).sum(-1) / weight.sum(-1)
+
+
+def focal_loss(logits, target, alpha=0.25, gamma=2.0, weight=None):
+    """Per-mask sigmoid focal loss, mean over pixels. logits/target: (..., P) pixels (all 65536
+    of the low-res frame, or a sample of them with ``weight`` (..., P)).
+
+    ``alpha`` weights foreground pixels (background: 1 - alpha); ``alpha < 0`` weights both
+    alike. With alpha = 0.25 the loss is lowest when a pixel is called foreground only once its
+    foreground probability passes about 0.75, so masks come out smaller than the object while the
+    model is unsure."""
     p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    ce = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
     loss = ce * ((1 - p_t) ** gamma)
-    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss.flatten(-2).mean(-1)
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return _mean(loss, weight)
 
 
-def dice_loss(logits, target, eps=1.0):
-    p = torch.sigmoid(logits).flatten(-2)
-    t = target.flatten(-2)
-    return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
+def dice_loss(logits, target, eps=1.0, weight=None):
+    """Per-mask soft dice loss over pixels (..., P), optionally weighted as ``focal_loss``."""
+    p = torch.sigmoid(logits)
+    w = 1.0 if weight is None else weight
+    return 1 - (2 * (w * p * target).sum(-1) + eps) / ((w * p).sum(-1) + (w * target).sum(-1) + eps)
 
 
-def mask_iou(logits, target):
-    pred = (logits > 0).float().flatten(-2)
-    t = target.flatten(-2)
-    inter = (pred * t).sum(-1)
-    union = pred.sum(-1) + t.sum(-1) - inter
+def mask_iou(logits, target, weight=None):
+    """IoU of ``logits > 0`` with the target over pixels (..., P) (a sample: estimated with ``weight``)."""
+    pred = (logits > 0).float()
+    w = 1.0 if weight is None else weight
+    inter = (w * pred * target).sum(-1)
+    union = (w * pred).sum(-1) + (w * target).sum(-1) - inter
     return inter / union.clamp(min=1)
+
+
+def sample_loss_pixels(rng, gt, n):
+    """A point-sampled loss's pixels (Mask2Former's idea): for each mask ``gt`` (N, 256, 256) bool,
+    n/2 pixels drawn on the object and n/2 off it (padding counts as off, as in the full loss).
+    Returns pixels (N, n, 2) long (y, x), weight (N, 1, n): how many pixels of its stratum each
+    sample stands for (so weighted means estimate the full-frame ones), target (N, 1, n)."""
+    flat = gt.reshape(len(gt), -1)
+    idx = np.empty((len(gt), n), np.int64)
+    weight = np.empty((len(gt), n), np.float32)
+    for i, row in enumerate(flat):
+        fg, bg = np.flatnonzero(row), np.flatnonzero(~row)
+        n_fg = n if not len(bg) else (n // 2 if len(fg) else 0)
+        idx[i, :n_fg] = fg[rng.integers(0, len(fg), n_fg)] if n_fg else idx[i, :0]
+        idx[i, n_fg:] = bg[rng.integers(0, len(bg), n - n_fg)]
+        weight[i, :n_fg] = len(fg) / max(n_fg, 1)
+        weight[i, n_fg:] = len(bg) / max(n - n_fg, 1)
+    side = gt.shape[-1]
+    pixels = torch.from_numpy(np.stack([idx // side, idx % side], -1))
+    target = torch.from_numpy(np.take_along_axis(flat, idx, 1).astype(np.float32))
+    return pixels, torch.from_numpy(weight)[:, None], target[:, None]
+
+
+CELL_CENTRES = torch.from_numpy(np.stack(np.meshgrid(np.arange(64) * 4 + 1, np.arange(64) * 4 + 1, indexing="ij"), -1).reshape(1, -1, 2))
+
+
+def loss_pixel_logits(decoder, decoded, pixels):
+    """Logits (N, C, P) at the loss pixels; ``pixels`` None: every pixel of the 256x256 frame."""
+    if pixels is None:
+        return masks_from_tokens(decoder, decoded).flatten(2)
+    return logits_at_pixels(decoder, decoded, pixels)
+
+
+def seen_mask(decoder, decoded, output, pixels):
+    """The (N, 256, 256) bool mask of one output per row (``output`` (N,) long), no gradient.
+    Point-sampled training evaluates it once per 4x4 block (at the block's pixel (1, 1))."""
+    with torch.no_grad():
+        sel = decoded._replace(hyper_in=decoded.hyper_in[torch.arange(len(output)), output][:, None])
+        if pixels is None:
+            return masks_from_tokens(decoder, sel)[:, 0].numpy() > 0
+        coarse = logits_at_pixels(decoder, sel, CELL_CENTRES.expand(len(output), -1, -1))[:, 0].view(-1, 64, 64)
+        return (coarse > 0).numpy().repeat(4, 1).repeat(4, 2)
 
 
 def padded_points(yx, point_labels, n_pad):
@@ -128,15 +185,35 @@ def main():
     ap.add_argument("--interactive", type=float, default=0.0,
                     help="stage B: share of prompt sets that keep the stage-A point and add points from "
                          "the error region of the stage-A mask (SAM's interactive sampling)")
+    ap.add_argument("--few-points", type=float, default=0.0,
+                    help="stage B: share of the other (not interactive) prompt sets with only 1-3 positive and "
+                         "0-2 negative points (the eval's 2 + 1 regime, an episode's first steps)")
     ap.add_argument("--max-error-points", type=int, default=3, help="stage B, interactive sets: 1..this many points")
     ap.add_argument("--minutes", type=float, default=None,
                     help="wall-time budget: the cosine schedule follows elapsed time and training stops "
                          "when the budget is spent (or at --steps, whichever comes first)")
     ap.add_argument("--stage-b-weight", type=float, default=1.0, help="weight of the multi-point loss")
+    ap.add_argument("--point-loss", type=int, default=0,
+                    help="P > 0: compute the mask losses at P sampled low-res pixels per mask (half on the "
+                         "object, half off, weighted to estimate the full-frame loss) instead of all 65536; "
+                         "the decoder then draws only those pixels (far cheaper steps). 0: the full frame")
+    ap.add_argument("--focal-alpha", type=float, default=0.25,
+                    help="focal loss weight of foreground pixels (background 1 - alpha); < 0: both alike")
+    ap.add_argument("--stage-a-single-weight", type=float, default=0.0,
+                    help="stage A: weight of a loss on the single-mask output for the one point (it is "
+                         "computed in the same decoder pass; 0 = trained by stage B only)")
+    ap.add_argument("--mask-input-share", type=float, default=0.5,
+                    help="stage B: share of steps that feed the stage-A logits as mask input (SAM's "
+                         "training does; AlignSAM episodes and the eval decode points only)")
+    ap.add_argument("--fused-norm", type=int, default=0,
+                    help="1: compute segment_anything's LayerNorm2d with torch's fused layer_norm kernel (same "
+                         "parameters and result, faster steps); 0: as the shipped v5 weights were trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="alignsam_ray/weights/micro_sam.pt")
     args = ap.parse_args()
+    if args.point_loss and args.mask_input_share:
+        ap.error("--point-loss needs --mask-input-share 0 (a mask input needs the full stage-A logits)")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -146,6 +223,8 @@ def main():
     print(f"rendered {args.scenes} scenes in {time.time() - t0:.0f}s", flush=True)
 
     sam = build_sam_micro()
+    if args.fused_norm:  # same parameters and maths, faster steps (see foundation/fused_ops.py)
+        fuse_for_training(sam)
     sam.train()
     mean = sam.pixel_mean.view(1, 3, 1, 1)
     std = sam.pixel_std.view(1, 3, 1, 1)
@@ -154,7 +233,7 @@ def main():
     # the loop's share of the wall-time budget (rendering the scenes has already used some)
     loop_seconds = None if args.minutes is None else args.minutes * 60 - (time.time() - t0) - 30
     pe = sam.prompt_encoder
-    history = []
+    history, curve = [], []  # per step (loss, 1pt IoU, multi-pt IoU); every 50 steps the means
     t_train = time.time()
     for step in range(args.steps):
         progress = step / args.steps
@@ -181,37 +260,56 @@ def main():
                     ks.append(k)
         rows_t = torch.tensor(rows)
         src = emb[rows_t]
-        gt = torch.from_numpy(np.stack([lab[b] == k for b, k in zip(rows, ks)])).float()[:, None]  # (N,1,256,256)
+        gt_masks = np.stack([lab[b] == k for b, k in zip(rows, ks)])  # (N, 256, 256)
         n = len(rows)
+        # the loss's pixels: all of the low-res frame, or a weighted sample (--point-loss)
+        if args.point_loss:
+            pixels, weight, gt = sample_loss_pixels(rng, gt_masks, args.point_loss)  # (N,P,2), (N,1,P), (N,1,P)
+        else:
+            pixels, weight, gt = None, None, torch.from_numpy(gt_masks).float().flatten(1)[:, None]  # (N,1,65536)
+        dec = sam.mask_decoder
+
+        def mask_loss(logits):  # (N, C, P) -> (N, C)
+            return 20 * focal_loss(logits, gt, args.focal_alpha, weight=weight) + dice_loss(logits, gt, weight=weight)
+
         # stage A: one positive point, three masks, min-over-masks loss
         pa = [sample_points(rng, lab[b], k, 1, 0, 1) for b, k in zip(rows, ks)]
         sp, de = pe(points=(torch.from_numpy(np.stack([p[0] for p in pa])), torch.from_numpy(np.stack([p[1] for p in pa]))), boxes=None, masks=None)
-        low, iou_pred = decode_per_image(sam.mask_decoder, src, dense_pe, sp, de.expand(n, -1, -1, -1), True)
-        gt3 = gt.expand_as(low)
-        per_mask = 20 * focal_loss(low, gt3) + dice_loss(low, gt3)  # (N, 3)
+        # one pass computes all four outputs: 0 = single mask, 1..3 = multimask
+        tokens_a = decode_tokens(dec, src, dense_pe, sp, de.expand(n, -1, -1, -1))
+        logits4 = loss_pixel_logits(dec, tokens_a, pixels)  # (N, 4, P)
+        low, iou_pred = logits4[:, 1:], tokens_a.iou_pred[:, 1:]
+        per_mask = mask_loss(low)  # (N, 3)
         best = per_mask.argmin(1)
-        true_iou = mask_iou(low.detach(), gt3)
+        true_iou = mask_iou(low.detach(), gt, weight)
         loss_a = per_mask.gather(1, best[:, None]).mean() + F.mse_loss(iou_pred, true_iou)
+        if args.stage_a_single_weight:  # the single-mask output learns the whole object from one point too
+            single = logits4[:, :1]
+            loss_a = loss_a + args.stage_a_single_weight * (
+                mask_loss(single).mean() + F.mse_loss(tokens_a.iou_pred[:, :1], mask_iou(single.detach(), gt, weight)))
         iou1 = true_iou.gather(1, iou_pred.argmax(1, keepdim=True)).mean().item()
         # stage B: up to --max-pos positive and --max-neg negative points (AlignSAM episodes hold
-        # up to T + 2 = 17 points), single mask, half the time with the previous low-res logits
-        # as mask input
+        # up to T + 2 = 17 points), single mask, optionally with the previous low-res logits as
+        # mask input
         n_pad = args.max_pos + args.max_neg
         if args.interactive:  # the stage-A mask a user would see (highest predicted IoU)
-            chosen = low.detach()[torch.arange(n), iou_pred.detach().argmax(1)].numpy() > 0
+            chosen = seen_mask(dec, tokens_a, 1 + iou_pred.detach().argmax(1), pixels)
         pb = []
         for i, (b, k) in enumerate(zip(rows, ks)):
             if args.interactive and rng.random() < args.interactive:
                 pb.append(error_points(rng, lab[b], k, chosen[i], pa[i], int(rng.integers(1, args.max_error_points + 1)), n_pad))
+            elif args.few_points and rng.random() < args.few_points:
+                pb.append(sample_points(rng, lab[b], k, int(rng.integers(1, 4)), int(rng.integers(0, 3)), n_pad))
             else:
                 pb.append(sample_points(rng, lab[b], k, int(rng.integers(1, args.max_pos + 1)), int(rng.integers(0, args.max_neg + 1)), n_pad))
         prev = None
-        if rng.random() < 0.5:
-            prev = low.detach()[torch.arange(n), best][:, None]
+        if rng.random() < args.mask_input_share:  # full-frame loss only (checked at start)
+            prev = low.detach()[torch.arange(n), best].view(n, 1, 256, 256)
         sp, de = pe(points=(torch.from_numpy(np.stack([p[0] for p in pb])), torch.from_numpy(np.stack([p[1] for p in pb]))), boxes=None, masks=prev)
-        low_b, iou_b = decode_per_image(sam.mask_decoder, src, dense_pe, sp, de.expand(n, -1, -1, -1), False)
-        true_b = mask_iou(low_b.detach(), gt)
-        loss_b = (20 * focal_loss(low_b, gt) + dice_loss(low_b, gt)).mean() + F.mse_loss(iou_b, true_b)
+        tokens_b = decode_tokens(dec, src, dense_pe, sp, de.expand(n, -1, -1, -1), outputs=range(1))
+        low_b = loss_pixel_logits(dec, tokens_b, pixels)  # (N, 1, P)
+        true_b = mask_iou(low_b.detach(), gt, weight)
+        loss_b = mask_loss(low_b).mean() + F.mse_loss(tokens_b.iou_pred, true_b)
         iou2 = true_b.mean().item()
         loss_total = loss_a + args.stage_b_weight * loss_b
         opt.zero_grad(set_to_none=True)
@@ -222,6 +320,8 @@ def main():
         if step % 50 == 0 or step == args.steps - 1:
             h = np.array(history[-50:])
             el = time.time() - t_train
+            curve.append({"step": step, "minutes": round(el / 60, 2), "loss": round(float(h[:, 0].mean()), 4),
+                          "train_1pt_iou": round(float(h[:, 1].mean()), 4), "train_multipt_iou": round(float(h[:, 2].mean()), 4)})
             print(
                 f"step {step:5d}/{args.steps} lr {opt.param_groups[0]['lr']:.2e}  loss {h[:, 0].mean():.3f}  1pt IoU {h[:, 1].mean():.3f}  "
                 f"multi-pt IoU {h[:, 2].mean():.3f}  {el / (step + 1):.2f}s/step  elapsed {el / 60:.1f} min",
@@ -232,16 +332,19 @@ def main():
     torch.save(sam.state_dict(), args.out)
     info = {
         "steps": len(history), "scenes": args.scenes, "batch": args.batch, "prompts": args.prompts,
-        "lr": args.lr, "stage_b_weight": args.stage_b_weight, "max_pos": args.max_pos, "max_neg": args.max_neg,
-        "interactive": args.interactive, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
+        "lr": args.lr, "stage_b_weight": args.stage_b_weight, "stage_a_single_weight": args.stage_a_single_weight,
+        "focal_alpha": args.focal_alpha, "fused_norm": args.fused_norm, "point_loss": args.point_loss,
+        "mask_input_share": args.mask_input_share, "max_pos": args.max_pos, "max_neg": args.max_neg,
+        "interactive": args.interactive, "few_points": args.few_points, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
         "train_minutes": round((time.time() - t0) / 60, 1),
         "final_train_1pt_iou": float(np.mean([h[1] for h in history[-100:]])),
         "final_train_multipt_iou": float(np.mean([h[2] for h in history[-100:]])),
         "command": "python scripts/train_micro_sam.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "curve": curve,
     }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(info, f, indent=2)
-    print(json.dumps(info, indent=2))
+    print(json.dumps({k: v for k, v in info.items() if k != "curve"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -123,10 +123,17 @@ def test_decode_per_image_equals_mask_decoder_row_by_row():
                        boxes=None, masks=None)
     with torch.no_grad():
         low, iou = decode_per_image(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense, True)
+        low4, iou4 = decode_per_image(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense, None)
+        assert low4.shape == (3, 4, 256, 256) and iou4.shape == (3, 4)
         for r in range(3):
-            ref_low, ref_iou = sam.mask_decoder(emb[r : r + 1], pe.get_dense_pe(), sparse[r : r + 1], dense[r : r + 1], True)
+            args = (emb[r : r + 1], pe.get_dense_pe(), sparse[r : r + 1], dense[r : r + 1])
+            ref_low, ref_iou = sam.mask_decoder(*args, True)
             torch.testing.assert_close(low[r : r + 1], ref_low, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(iou[r : r + 1], ref_iou, atol=1e-5, rtol=1e-4)
+            # all four outputs in one pass: index 0 is the single-mask output, 1..3 the multimask ones
+            single_low, single_iou = sam.mask_decoder(*args, False)
+            torch.testing.assert_close(low4[r : r + 1], torch.cat([single_low, ref_low], 1), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(iou4[r : r + 1], torch.cat([single_iou, ref_iou], 1), atol=1e-5, rtol=1e-4)
 
 
 def test_decoder_file_roundtrip(tmp_path):
@@ -189,3 +196,113 @@ def test_interactive_points_come_from_the_error_region():
     perfect = lab == 1
     coords, labels = train.error_points(rng, lab, 1, perfect, first, 2, 17)
     assert (labels[1:3] == 1).all()  # nothing to correct: points go inside the object
+
+
+def test_train_script_end_to_end_writes_loadable_weights(tmp_path):
+    """`python scripts/train_micro_sam.py` with the shipped recipe's options on a tiny budget:
+    the weights load through the users' loader and the JSON records the recipe and its curve."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
+    out = tmp_path / "micro.pt"
+    recipe = ["--interactive", "0.5", "--mask-input-share", "0", "--point-loss", "512", "--fused-norm", "1"]
+    run = subprocess.run(
+        [sys.executable, str(script), "--steps", "3", "--scenes", "8", "--batch", "2", "--threads", "1", *recipe,
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    info = json.loads((tmp_path / "micro.json").read_text())
+    assert info["steps"] == 3 and info["point_loss"] == 512 and info["fused_norm"] == 1 and info["mask_input_share"] == 0
+    assert [c["step"] for c in info["curve"]] == [0, 2]
+    trained = load_sam("micro", str(out))
+    shipped = load_sam("micro")
+    assert trained.state_dict().keys() == shipped.state_dict().keys()
+    assert not torch.equal(trained.mask_decoder.mask_tokens.weight, shipped.mask_decoder.mask_tokens.weight)
+    # a mask input needs the full-frame stage-A logits: refused with the sampled loss
+    bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--point-loss", "512", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--mask-input-share 0" in bad.stderr
+
+
+def test_logits_at_pixels_equal_the_full_masks():
+    """The point-sampled decoder path draws exactly the full masks' values at the pixels asked for."""
+    from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixels, masks_from_tokens
+
+    torch.manual_seed(1)
+    sam = build_sam_micro()
+    for param in sam.mask_decoder.output_upscaling.parameters():  # non-trivial norm / biases
+        torch.nn.init.normal_(param, std=0.5)
+    pe = sam.prompt_encoder
+    emb = torch.randn(3, MICRO_SAM_EMBED_DIM, 64, 64)
+    sparse, dense = pe(points=(torch.rand(3, 3, 2) * 1024, torch.tensor([[1, 0, -1], [1, 1, 0], [1, -1, -1]])),
+                       boxes=None, masks=None)
+    pixels = torch.randint(0, 256, (3, 700, 2))
+    pixels[0, :4] = torch.tensor([[0, 0], [255, 255], [1, 2], [254, 3]])  # corners and odd/even sub-positions
+    with torch.no_grad():
+        for outputs in (None, range(1), range(1, 4)):
+            tokens = decode_tokens(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense.expand(3, -1, -1, -1), outputs)
+            full = masks_from_tokens(sam.mask_decoder, tokens)  # (3, C, 256, 256)
+            at = logits_at_pixels(sam.mask_decoder, tokens, pixels)  # (3, C, 700)
+            ref = full[torch.arange(3)[:, None, None], torch.arange(full.shape[1])[None, :, None],
+                       pixels[:, None, :, 0], pixels[:, None, :, 1]]
+            torch.testing.assert_close(at, ref, atol=1e-5, rtol=1e-5)
+        low, iou = decode_per_image(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense.expand(3, -1, -1, -1), False)
+        tokens = decode_tokens(sam.mask_decoder, emb, pe.get_dense_pe(), sparse, dense.expand(3, -1, -1, -1), range(1))
+        torch.testing.assert_close(low, masks_from_tokens(sam.mask_decoder, tokens))
+        torch.testing.assert_close(iou, tokens.iou_pred)
+
+
+def test_point_sampled_loss_estimates_the_full_frame_loss():
+    """sample_loss_pixels: half the samples on the object, weights that add up to the frame, and
+    weighted focal / dice / IoU that estimate the full-frame values."""
+    train = _train_script()
+    rng = np.random.default_rng(0)
+    gt = np.zeros((2, 256, 256), bool)
+    gt[0, 40:90, 30:200] = True  # 13% of the frame
+    gt[1, 10:18, 10:18] = True  # 64 pixels: sampled with replacement
+    logits = torch.randn(2, 1, 256, 256) * 3 + torch.from_numpy(gt[:, None]).float() * 2
+    full_t = torch.from_numpy(gt).float().flatten(1)[:, None]
+    full = [f(logits.flatten(2), full_t) for f in (train.focal_loss, train.dice_loss, train.mask_iou)]
+    estimates = []
+    for _ in range(30):
+        pixels, weight, target = train.sample_loss_pixels(rng, gt, 1024)
+        assert pixels.shape == (2, 1024, 2) and weight.shape == target.shape == (2, 1, 1024)
+        assert (target[:, 0, :512] == 1).all() and (target[:, 0, 512:] == 0).all()
+        assert torch.allclose(weight.sum(-1), torch.tensor(256.0 * 256))
+        assert gt[np.arange(2)[:, None], pixels[..., 0].numpy(), pixels[..., 1].numpy()][:, :512].all()
+        at = logits[torch.arange(2)[:, None], 0, pixels[..., 0], pixels[..., 1]][:, None]  # (2, 1, 1024)
+        estimates.append([f(at, target, weight=weight) for f in
+                          (lambda a, t, weight: train.focal_loss(a, t, weight=weight), train.dice_loss, train.mask_iou)])
+    for k in range(3):
+        mean = torch.stack([e[k] for e in estimates]).mean(0)
+        torch.testing.assert_close(mean, full[k], rtol=0.05, atol=0.01)
+
+
+def test_fused_layer_norms_keep_the_state_dict_and_the_outputs():
+    """fuse_for_training (training speed-up): same parameter names, same outputs and gradients."""
+    import copy
+
+    from segment_anything.modeling.common import LayerNorm2d
+
+    from alignsam_ray.foundation.fused_ops import FusedLayerNorm2d, fuse_for_training
+
+    torch.manual_seed(0)
+    sam = build_sam_micro()
+    for m in sam.modules():  # non-trivial affine parameters
+        if isinstance(m, LayerNorm2d):
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    fused = copy.deepcopy(sam)
+    n = fuse_for_training(fused)
+    assert n == sum(type(m) is LayerNorm2d for m in sam.modules()) >= 3
+    assert not any(type(m) is LayerNorm2d for m in fused.modules())
+    assert any(isinstance(m, FusedLayerNorm2d) for m in fused.mask_decoder.modules())
+    assert fused.state_dict().keys() == sam.state_dict().keys()
+    x = torch.randn(2, 3, 256, 256)
+    points = (torch.rand(2, 3, 2) * 1024, torch.tensor([[1, 0, -1], [1, 1, 0]]))
+    outs = []
+    for model in (sam, fused):
+        sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=None)
+        low, iou = decode_per_image(model.mask_decoder, model.image_encoder(x), model.prompt_encoder.get_dense_pe(),
+                                    sparse, dense.expand(2, -1, -1, -1), None)
+        (low.square().mean() + iou.sum()).backward()
+        outs.append((low, iou, model.image_encoder.neck[1].weight.grad, model.mask_decoder.output_upscaling[1].weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -2,13 +2,76 @@
 
 segment_anything's ``MaskDecoder.predict_masks`` decodes many prompt sets for ONE image: it
 ``repeat_interleave``s the image embedding over the prompt batch. Training the micro-SAM and
-stepping k environments at once need the other case: prompt set i belongs to image i. This
-function runs the decoder's own sub-modules (same weights, same maths) with per-row images.
+stepping k environments at once need the other case: prompt set i belongs to image i. These
+functions run the decoder's own sub-modules (same weights, same maths) with per-row images.
+
+    decode_per_image   full low-res masks (B, C, 256, 256), as ``MaskDecoder.forward``
+    decode_tokens      the two-way transformer's outputs, before any mask is drawn
+    masks_from_tokens  full low-res masks from those outputs
+    logits_at_pixels   mask logits at chosen low-res pixels only (training: a point-sampled loss)
+
+The decoder's output upscaling (two stride-2 transposed convolutions with a LayerNorm2d and GELUs
+in between) maps each cell of the 64x64 grid to its own 4x4 block of low-res pixels and nothing
+else, so one pixel's logit needs only its cell's feature: ``logits_at_pixels`` evaluates exactly
+the full mask's values at the pixels asked for, at a fraction of the cost.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
+
+
+class DecodedTokens(NamedTuple):
+    """What the two-way transformer hands to the mask head.
+
+    src: (B, h*w, E) updated image tokens, row-major over the (h, w) grid
+    hyper_in: (B, 4, E // 8) one vector per mask output (0: single mask, 1..3: multimask)
+    iou_pred: (B, 4) predicted IoU per mask output
+    grid: (h, w)
+    """
+    src: torch.Tensor
+    hyper_in: torch.Tensor
+    iou_pred: torch.Tensor
+    grid: tuple[int, int]
+
+
+def decode_tokens(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse_prompt_embeddings: torch.Tensor,
+    dense_prompt_embeddings: torch.Tensor,
+    outputs: range | None = None,
+) -> DecodedTokens:
+    """Run the transformer for row i of the prompts against row i of the embeddings.
+
+    image_embeddings: (B, E, h, w)   image_pe: (1, E, h, w)
+    sparse_prompt_embeddings: (B, n, E)   dense_prompt_embeddings: (B, E, h, w)
+    ``outputs``: which mask outputs to keep (default all four).
+    """
+    b = sparse_prompt_embeddings.shape[0]
+    if image_embeddings.shape[0] != b:
+        raise ValueError(f"need one image embedding per prompt set, got {image_embeddings.shape[0]} for {b}")
+    outputs = range(decoder.num_mask_tokens) if outputs is None else outputs
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)
+    src = image_embeddings + dense_prompt_embeddings
+    pos_src = image_pe.expand(b, -1, -1, -1)
+    h, w = src.shape[-2:]
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in outputs], dim=1)
+    iou_pred = decoder.iou_prediction_head(hs[:, 0, :])[:, outputs.start : outputs.stop]
+    return DecodedTokens(src, hyper_in, iou_pred, (h, w))
+
+
+def _outputs(decoder: MaskDecoder, multimask_output: bool | None) -> range:
+    if multimask_output is None:
+        return range(decoder.num_mask_tokens)
+    return range(1, decoder.num_mask_tokens) if multimask_output else range(1)
 
 
 def decode_per_image(
@@ -17,7 +80,7 @@ def decode_per_image(
     image_pe: torch.Tensor,
     sparse_prompt_embeddings: torch.Tensor,
     dense_prompt_embeddings: torch.Tensor,
-    multimask_output: bool,
+    multimask_output: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode row i of the prompts against row i of the embeddings.
 
@@ -25,24 +88,44 @@ def decode_per_image(
     sparse_prompt_embeddings: (B, n, E)   dense_prompt_embeddings: (B, E, h, w)
     Returns low-res mask logits (B, C, 4h, 4w) and predicted IoU (B, C); C = 3 if
     ``multimask_output`` else 1 — exactly what ``MaskDecoder.forward`` returns for B = 1.
+    ``multimask_output=None`` returns all C = 4 outputs the decoder computes in one pass
+    (index 0: the single-mask output, 1..3: the multimask outputs), for training both at once.
     """
-    b = sparse_prompt_embeddings.shape[0]
-    if image_embeddings.shape[0] != b:
-        raise ValueError(f"need one image embedding per prompt set, got {image_embeddings.shape[0]} for {b}")
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)
-    src = image_embeddings + dense_prompt_embeddings
-    pos_src = image_pe.expand(b, -1, -1, -1)
-    _, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-    )
+    d = decode_tokens(decoder, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                      _outputs(decoder, multimask_output))
+    return masks_from_tokens(decoder, d), d.iou_pred
+
+
+def masks_from_tokens(decoder: MaskDecoder, decoded: DecodedTokens) -> torch.Tensor:
+    """Full low-res mask logits (B, C, 4h, 4w) from the transformer's outputs."""
+    b, (h, w) = decoded.src.shape[0], decoded.grid
+    upscaled = decoder.output_upscaling(decoded.src.transpose(1, 2).reshape(b, -1, h, w))
     _, cu, hu, wu = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, cu, hu * wu)).view(b, -1, hu, wu)
-    iou_pred = decoder.iou_prediction_head(iou_token_out)
-    sl = slice(1, None) if multimask_output else slice(0, 1)
-    return masks[:, sl], iou_pred[:, sl]
+    return (decoded.hyper_in @ upscaled.view(b, cu, hu * wu)).view(b, -1, hu, wu)
+
+
+def logits_at_pixels(decoder: MaskDecoder, decoded: DecodedTokens, pixels: torch.Tensor) -> torch.Tensor:
+    """Mask logits at chosen pixels of the low-res (4h x 4w) frame, equal to ``decode_per_image``'s
+    masks there. pixels: (B, P, 2) long (y, x). Returns (B, C, P), C = the outputs decoded.
+
+    Needs SAM's output upscaling layout: ConvTranspose2d(k=2, s=2), LayerNorm2d, activation,
+    ConvTranspose2d(k=2, s=2), activation (each output pixel of a stride-2, kernel-2 transposed
+    convolution is ``bias + in[:, y // 2, x // 2] @ weight[:, :, y % 2, x % 2]``).
+    """
+    up1, norm, act1, up2, act2 = decoder.output_upscaling
+    b, p = pixels.shape[:2]
+    y, x = pixels[..., 0], pixels[..., 1]
+    cell = (y // 4) * decoded.grid[1] + (x // 4)  # (B, P) index into the h*w tokens
+    c = decoded.src.shape[-1]
+    feat = torch.gather(decoded.src, 1, cell[..., None].expand(-1, -1, c))  # (B, P, E)
+    # first transposed conv: all four sub-positions at once, then keep the pixel's own
+    c1 = up1.weight.shape[1]
+    h1 = (feat @ up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)).view(b, p, 4, c1)
+    sub1 = ((y // 2) % 2) * 2 + (x // 2) % 2
+    h1 = h1.gather(2, sub1[..., None, None].expand(-1, -1, 1, c1)).squeeze(2) + up1.bias
+    h1 = act1(F.layer_norm(h1, (c1,), norm.weight, norm.bias, norm.eps))
+    c2 = up2.weight.shape[1]
+    h2 = (h1 @ up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)).view(b, p, 4, c2)
+    sub2 = (y % 2) * 2 + x % 2
+    h2 = act2(h2.gather(2, sub2[..., None, None].expand(-1, -1, 1, c2)).squeeze(2) + up2.bias)  # (B, P, E // 8)
+    return decoded.hyper_in @ h2.transpose(1, 2)
