@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train the embedded micro-SAM on the generic synthetic object mix (reproducible, CPU).
 
-The shipped weights (v9, alignsam_ray/weights/micro_sam.json has the exact command):
+The shipped weights (v5): the defaults with ``--steps 2500 --scenes 6000 --batch 6 --prompts 2``
+(alignsam_ray/weights/micro_sam.json has the exact command). The v9 candidate (faster steps,
+better with 1-3 points, worse with many; README "SAM backends"):
 
     python scripts/train_micro_sam.py --steps 5000 --minutes 44 --scenes 6000 --batch 6 --prompts 2 \
         --interactive 0.5 --mask-input-share 0 --point-loss 4096 --fused-norm 1
@@ -222,7 +224,7 @@ def main():
                          "training does; AlignSAM episodes and the eval decode points only)")
     ap.add_argument("--fused-norm", type=int, default=0,
                     help="1: compute segment_anything's LayerNorm2d with torch's fused layer_norm kernel (same "
-                         "parameters and result, faster steps); 0: as the shipped v5 weights were trained")
+                         "parameters and result, faster steps); 0: as the v5 weights were trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="alignsam_ray/weights/micro_sam.pt")
