@@ -125,10 +125,11 @@ def sample_loss_pixels(rng, gt, n):
     for i, row in enumerate(flat):
         fg, bg = np.flatnonzero(row), np.flatnonzero(~row)
         n_fg = n if not len(bg) else (n // 2 if len(fg) else 0)
-        idx[i, :n_fg] = fg[rng.integers(0, len(fg), n_fg)] if n_fg else idx[i, :0]
-        idx[i, n_fg:] = bg[rng.integers(0, len(bg), n - n_fg)]
-        weight[i, :n_fg] = len(fg) / max(n_fg, 1)
-        weight[i, n_fg:] = len(bg) / max(n - n_fg, 1)
+        for part, pool in ((slice(0, n_fg), fg), (slice(n_fg, n), bg)):
+            k = part.stop - part.start
+            if k:
+                idx[i, part] = pool[rng.integers(0, len(pool), k)]
+                weight[i, part] = len(pool) / k
     side = gt.shape[-1]
     pixels = torch.from_numpy(np.stack([idx // side, idx % side], -1))
     target = torch.from_numpy(np.take_along_axis(flat, idx, 1).astype(np.float32))
@@ -145,15 +146,14 @@ def loss_pixel_logits(decoder, decoded, pixels):
     return logits_at_pixels(decoder, decoded, pixels)
 
 
-def seen_mask(decoder, decoded, output, pixels):
-    """The (N, 256, 256) bool mask of one output per row (``output`` (N,) long), no gradient.
-    Point-sampled training evaluates it once per 4x4 block (at the block's pixel (1, 1))."""
+def coarse_mask(decoder, decoded, output):
+    """The (N, 256, 256) bool mask of one output per row (``output`` (N,) long), no gradient,
+    evaluated once per 4x4 block (at the block's pixel (1, 1)): what point-sampled training uses
+    where it needs a whole mask (the interactive points' error region)."""
     with torch.no_grad():
         sel = decoded._replace(hyper_in=decoded.hyper_in[torch.arange(len(output)), output][:, None])
-        if pixels is None:
-            return masks_from_tokens(decoder, sel)[:, 0].numpy() > 0
         coarse = logits_at_pixels(decoder, sel, CELL_CENTRES.expand(len(output), -1, -1))[:, 0].view(-1, 64, 64)
-        return (coarse > 0).numpy().repeat(4, 1).repeat(4, 2)
+    return (coarse > 0).numpy().repeat(4, 1).repeat(4, 2)
 
 
 def padded_points(yx, point_labels, n_pad):
@@ -310,7 +310,11 @@ def main():
         # mask input
         n_pad = args.max_pos + args.max_neg
         if args.interactive:  # the stage-A mask a user would see (highest predicted IoU)
-            chosen = seen_mask(dec, tokens_a, 1 + iou_pred.detach().argmax(1), pixels)
+            shown = 1 + iou_pred.detach().argmax(1)  # index among the four outputs
+            if pixels is None:  # the full masks are already drawn
+                chosen = logits4.detach()[torch.arange(n), shown].view(n, 256, 256).numpy() > 0
+            else:
+                chosen = coarse_mask(dec, tokens_a, shown)
         pb = []
         for i, (b, k) in enumerate(zip(rows, ks)):
             if args.interactive and rng.random() < args.interactive:

@@ -28,23 +28,15 @@ class FusedLayerNorm2d(LayerNorm2d):
         return y.permute(0, 3, 1, 2)
 
 
-def _fused_copy(child: nn.Module) -> nn.Module | None:
-    if type(child) is LayerNorm2d:
-        new = FusedLayerNorm2d.__new__(FusedLayerNorm2d)
-    else:
-        return None
-    new.__dict__ = child.__dict__  # the same parameters, buffers and sub-modules
-    return new
-
-
 def fuse_for_training(model: nn.Module) -> int:
     """Replace every ``LayerNorm2d`` in ``model`` (in place) by a ``FusedLayerNorm2d`` holding
     the same parameters. Returns how many modules were replaced."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            new = _fused_copy(child)
-            if new is not None:
-                setattr(module, name, new)
+            if type(child) is LayerNorm2d:
+                fused = FusedLayerNorm2d.__new__(FusedLayerNorm2d)
+                fused.__dict__ = child.__dict__  # the very same parameters
+                setattr(module, name, fused)
                 replaced += 1
     return replaced
