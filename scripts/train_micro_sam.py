@@ -55,6 +55,7 @@ from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixe
 from alignsam_ray.foundation.fused_ops import fuse_for_training
 from alignsam_ray.foundation.micro_sam import ENCODER_INPUT_SIZE, IMAGE_SIZE, build_sam_micro
 from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
+from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, sample_cells
 
 TRAIN_SEED = 1  # object-mix stream for training; scripts/eval_micro_sam.py holds out seed 2
 SCALE = IMAGE_SIZE / ENCODER_INPUT_SIZE  # 256-frame pixel -> 1024-frame coordinate
@@ -143,6 +144,8 @@ def loss_pixel_logits(decoder, decoded, pixels):
     """Logits (N, C, P) at the loss pixels; ``pixels`` None: every pixel of the 256x256 frame."""
     if pixels is None:
         return masks_from_tokens(decoder, decoded).flatten(2)
+    if isinstance(pixels, str):  # "cells": the 16 pixels of each sampled cell (--token-sample)
+        return cell_block_logits(decoder, decoded).flatten(2)
     return logits_at_pixels(decoder, decoded, pixels)
 
 
@@ -185,7 +188,30 @@ def error_points(rng, lab, k, pred, first, n_err, n_pad):
     err = np.argwhere(missed | extra)
     if not len(err):  # a perfect first mask: add points inside the object
         err = np.argwhere(gt)
-    yx = err[rng.integers(0, len(err), n_err)]
+    return _after_first(first, err[rng.integers(0, len(err), n_err)], gt, n_pad)
+
+
+def error_points_in_cells(rng, lab, k, cells, pred_blocks, log_weight, first, n_err, n_pad):
+    """``error_points`` when the previous prediction is known on sampled cells only
+    (``--token-sample``): cells (K,) of the 64x64 grid, pred_blocks (K, 16) bool (their 4x4
+    blocks, ``cell_blocks`` order), log_weight (K,). Error pixels are drawn with probability
+    proportional to their cell's weight, so they follow the full error region's distribution."""
+    gt = lab == k
+    yx = np.stack([(cells[:, None] // 64) * 4 + np.arange(16) // 4, (cells[:, None] % 64) * 4 + np.arange(16) % 4], -1)  # (K, 16, 2)
+    g, valid = gt[yx[..., 0], yx[..., 1]], lab[yx[..., 0], yx[..., 1]] != 255
+    err = (pred_blocks != g) & (valid | g)
+    if not err.any():  # a perfect first mask on these cells: add points inside the object
+        err = g
+    if not err.any():
+        err = np.ones_like(g)
+    p = (err * np.exp(log_weight)[:, None]).ravel()
+    pick = rng.choice(p.size, n_err, p=p / p.sum())
+    return _after_first(first, yx.reshape(-1, 2)[pick], gt, n_pad)
+
+
+def _after_first(first, yx, gt, n_pad):
+    """The first point ``first`` = (coords (1, 2), labels (1,)) then pixels ``yx`` (m, 2) of the 256
+    frame labelled by ``gt``: points (n_pad, 2) in the 1024 frame and labels (n_pad,)."""
     coords, labels = padded_points(yx, gt[yx[:, 0], yx[:, 1]], n_pad - 1)
     return np.concatenate([first[0][:1], coords]), np.concatenate([first[1][:1].astype(np.int64), labels])
 
@@ -214,6 +240,11 @@ def main():
                     help="P > 0: compute the mask losses at P sampled low-res pixels per mask (half on the "
                          "object, half off, weighted to estimate the full-frame loss) instead of all 65536; "
                          "the decoder then draws only those pixels (far cheaper steps). 0: the full frame")
+    ap.add_argument("--token-sample", type=int, default=0,
+                    help="K > 0: the decoder runs on K sampled cells of the 64x64 grid per prompt set (stratified: "
+                         "object, background, boundary; its token-to-image attention weighted to estimate the full "
+                         "pool, foundation/sampled_decode.py) and the mask losses are taken on their 16 low-res "
+                         "pixels each, weighted to estimate the full-frame loss. 0: all 4096 cells")
     ap.add_argument("--focal-alpha", type=float, default=0.25,
                     help="focal loss weight of foreground pixels (background 1 - alpha); < 0: both alike")
     ap.add_argument("--stage-a-single-weight", type=float, default=0.0,
@@ -225,12 +256,17 @@ def main():
     ap.add_argument("--fused-norm", type=int, default=0,
                     help="1: compute segment_anything's LayerNorm2d with torch's fused layer_norm kernel (same "
                          "parameters and result, faster steps); 0: as the v5 weights were trained")
+    ap.add_argument("--min-object-area", type=float, default=0.0,
+                    help="prompt only objects whose visible part covers at least this share of the image "
+                         "(scripts/eval_micro_sam.py asks for >= 0.005; 0: any visible sliver, as v5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="alignsam_ray/weights/micro_sam.pt")
     args = ap.parse_args()
-    if args.point_loss and args.mask_input_share:
-        ap.error("--point-loss needs --mask-input-share 0 (a mask input needs the full stage-A logits)")
+    if (args.point_loss or args.token_sample) and args.mask_input_share:
+        ap.error("--point-loss and --token-sample need --mask-input-share 0 (a mask input needs the full stage-A logits)")
+    if args.point_loss and args.token_sample:
+        ap.error("--token-sample takes its own loss pixels: use it without --point-loss")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -270,7 +306,9 @@ def main():
         # pick objects: P prompt sets per scene, all decoded in one batched call
         rows, ks = [], []
         for b in range(args.batch):
-            present = [k for k in np.unique(lab[b]) if k not in (0, 255)]
+            ids, counts = np.unique(lab[b], return_counts=True)
+            valid = counts[ids != 255].sum()
+            present = [k for k, c in zip(ids, counts) if k not in (0, 255) and c >= args.min_object_area * valid]
             if present:
                 for k in rng.choice(present, args.prompts):
                     rows.append(b)
@@ -280,11 +318,23 @@ def main():
         gt_masks = np.stack([lab[b] == k for b, k in zip(rows, ks)])  # (N, 256, 256)
         n = len(rows)
         # the loss's pixels: all of the low-res frame, or a weighted sample (--point-loss)
-        if args.point_loss:
+        cells = None
+        if args.token_sample:  # K cells per prompt set; the loss on their 16 pixels each
+            cells, log_w = sample_cells(rng, gt_masks, args.token_sample)  # (N, K), (N, K)
+            pixels = "cells"
+            weight = torch.from_numpy(np.repeat(np.exp(log_w), 16, 1))[:, None]  # (N, 1, K*16)
+            gt = torch.from_numpy(cell_blocks(gt_masks, cells).reshape(n, 1, -1).astype(np.float32))
+            cells_t, log_w_t = torch.from_numpy(cells), torch.from_numpy(log_w)
+        elif args.point_loss:
             pixels, weight, gt = sample_loss_pixels(rng, gt_masks, args.point_loss)  # (N,P,2), (N,1,P), (N,1,P)
         else:
             pixels, weight, gt = None, None, torch.from_numpy(gt_masks).float().flatten(1)[:, None]  # (N,1,65536)
         dec = sam.mask_decoder
+
+        def decode(sparse, dense, outputs=None):  # the transformer on all cells, or on the sampled ones
+            if cells is None:
+                return decode_tokens(dec, src, dense_pe, sparse, dense, outputs)
+            return decode_cell_sample(dec, src, dense_pe, sparse, dense, cells_t, log_w_t, outputs)
 
         def mask_loss(logits):  # (N, C, P) -> (N, C)
             return 20 * focal_loss(logits, gt, args.focal_alpha, weight=weight) + dice_loss(logits, gt, weight=weight)
@@ -293,7 +343,7 @@ def main():
         pa = [sample_points(rng, lab[b], k, 1, 0, 1) for b, k in zip(rows, ks)]
         sp, de = pe(points=(torch.from_numpy(np.stack([p[0] for p in pa])), torch.from_numpy(np.stack([p[1] for p in pa]))), boxes=None, masks=None)
         # one pass computes all four outputs: 0 = single mask, 1..3 = multimask
-        tokens_a = decode_tokens(dec, src, dense_pe, sp, de.expand(n, -1, -1, -1))
+        tokens_a = decode(sp, de.expand(n, -1, -1, -1))
         logits4 = loss_pixel_logits(dec, tokens_a, pixels)  # (N, 4, P)
         low, iou_pred = logits4[:, 1:], tokens_a.iou_pred[:, 1:]
         per_mask = mask_loss(low)  # (N, 3)
@@ -311,14 +361,20 @@ def main():
         n_pad = args.max_pos + args.max_neg
         if args.interactive:  # the stage-A mask a user would see (highest predicted IoU)
             shown = 1 + iou_pred.detach().argmax(1)  # index among the four outputs
-            if pixels is None:  # the full masks are already drawn
+            if cells is not None:  # known on the sampled cells: (N, K, 16)
+                chosen = logits4.detach()[torch.arange(n), shown].view(n, -1, 16).numpy() > 0
+            elif pixels is None:  # the full masks are already drawn
                 chosen = logits4.detach()[torch.arange(n), shown].view(n, 256, 256).numpy() > 0
             else:
                 chosen = coarse_mask(dec, tokens_a, shown)
         pb = []
         for i, (b, k) in enumerate(zip(rows, ks)):
             if args.interactive and rng.random() < args.interactive:
-                pb.append(error_points(rng, lab[b], k, chosen[i], pa[i], int(rng.integers(1, args.max_error_points + 1)), n_pad))
+                n_err = int(rng.integers(1, args.max_error_points + 1))
+                if cells is not None:
+                    pb.append(error_points_in_cells(rng, lab[b], k, cells[i], chosen[i], log_w[i], pa[i], n_err, n_pad))
+                else:
+                    pb.append(error_points(rng, lab[b], k, chosen[i], pa[i], n_err, n_pad))
             elif args.few_points and rng.random() < args.few_points:
                 pb.append(sample_points(rng, lab[b], k, int(rng.integers(1, 4)), int(rng.integers(0, 3)), n_pad))
             else:
@@ -327,7 +383,7 @@ def main():
         if rng.random() < args.mask_input_share:  # full-frame loss only (checked at start)
             prev = low.detach()[torch.arange(n), best].view(n, 1, 256, 256)
         sp, de = pe(points=(torch.from_numpy(np.stack([p[0] for p in pb])), torch.from_numpy(np.stack([p[1] for p in pb]))), boxes=None, masks=prev)
-        tokens_b = decode_tokens(dec, src, dense_pe, sp, de.expand(n, -1, -1, -1), outputs=range(1))
+        tokens_b = decode(sp, de.expand(n, -1, -1, -1), outputs=range(1))
         low_b = loss_pixel_logits(dec, tokens_b, pixels)  # (N, 1, P)
         true_b = mask_iou(low_b.detach(), gt, weight)
         loss_b = mask_loss(low_b).mean() + F.mse_loss(tokens_b.iou_pred, true_b)
@@ -354,9 +410,9 @@ def main():
     info = {
         "steps": len(history), "scenes": args.scenes, "batch": args.batch, "prompts": args.prompts,
         "lr": args.lr, "stage_b_weight": args.stage_b_weight, "stage_a_single_weight": args.stage_a_single_weight,
-        "focal_alpha": args.focal_alpha, "fused_norm": args.fused_norm, "point_loss": args.point_loss,
+        "focal_alpha": args.focal_alpha, "token_sample": args.token_sample, "fused_norm": args.fused_norm, "point_loss": args.point_loss,
         "mask_input_share": args.mask_input_share, "max_pos": args.max_pos, "max_neg": args.max_neg,
-        "interactive": args.interactive, "few_points": args.few_points, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
+        "interactive": args.interactive, "min_object_area": args.min_object_area, "few_points": args.few_points, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
         "train_minutes": round((time.time() - t0) / 60, 1),
         "final_train_1pt_iou": float(np.mean([h[1] for h in history[-100:]])),
         "final_train_multipt_iou": float(np.mean([h[2] for h in history[-100:]])),

@@ -306,3 +306,105 @@ def test_fused_layer_norms_keep_the_state_dict_and_the_outputs():
         outs.append((low, iou, model.image_encoder.neck[1].weight.grad, model.mask_decoder.output_upscaling[1].weight.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _prompted(sam, n, seed=0):
+    """Random image embeddings (n, E, 64, 64) and prompt embeddings for n prompt sets."""
+    torch.manual_seed(seed)
+    pe = sam.prompt_encoder
+    emb = torch.randn(n, MICRO_SAM_EMBED_DIM, 64, 64)
+    labels = torch.tensor([[1, 1, 0, -1]] * n)
+    sparse, dense = pe(points=(torch.rand(n, 4, 2) * 1024, labels), boxes=None, masks=None)
+    return emb, pe.get_dense_pe(), sparse, dense.expand(n, -1, -1, -1)
+
+
+def test_decoding_every_cell_with_unit_weights_is_the_full_decoder():
+    """decode_cell_sample with all 4096 cells (in shuffled order) and weight 1 computes exactly
+    decode_tokens; cell_block_logits are the full masks' values at each cell's 16 pixels."""
+    from alignsam_ray.foundation.batched_decode import decode_tokens, masks_from_tokens
+    from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample
+
+    sam = build_sam_micro()
+    for param in sam.mask_decoder.output_upscaling.parameters():  # non-trivial norm / biases
+        torch.nn.init.normal_(param, std=0.5)
+    args = _prompted(sam, 2)
+    cells = torch.stack([torch.randperm(4096) for _ in range(2)])
+    with torch.no_grad():
+        for outputs in (None, range(1)):
+            full = decode_tokens(sam.mask_decoder, *args, outputs)
+            part = decode_cell_sample(sam.mask_decoder, *args, cells, torch.zeros(2, 4096), outputs)
+            torch.testing.assert_close(part.iou_pred, full.iou_pred, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(part.hyper_in, full.hyper_in, atol=1e-5, rtol=1e-5)
+            masks = masks_from_tokens(sam.mask_decoder, full).numpy()  # (2, C, 256, 256)
+            ref = np.stack([cell_blocks(masks[:, c], cells.numpy()) for c in range(masks.shape[1])], 1)
+            np.testing.assert_allclose(cell_block_logits(sam.mask_decoder, part).numpy(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cell_sample_strata_weights_and_estimate():
+    """sample_cells: k distinct cells per mask, a third each from the boundary, the object and the
+    background where they are large enough, weights adding up to the grid; a half-grid sample
+    decoded with those weights stays close to the full decoder (shipped weights, a real scene)."""
+    from alignsam_ray.foundation.batched_decode import decode_tokens, masks_from_tokens
+    from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, sample_cells
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((3, 256, 256), bool)
+    gt[0, 42:150, 30:201] = True  # boundary cells run through blocks
+    gt[1, 8:16, 8:16] = True  # 4 object cells: all taken
+    for i, k in ((0, 300), (1, 300), (2, 90)):
+        cells, log_w = sample_cells(rng, gt[i: i + 1], k)
+        assert cells.shape == (1, k) and len(np.unique(cells)) == k
+        np.testing.assert_allclose(np.exp(log_w).sum(), 4096, rtol=1e-4)
+    share = gt[0].reshape(64, 4, 64, 4).mean((1, 3)).ravel()
+    cells, _ = sample_cells(rng, gt[:1], 300)
+    s = share[cells[0]]
+    assert ((s > 0) & (s < 1)).sum() == 100 and (s == 1).sum() == 100 and (s == 0).sum() == 100
+    cells, log_w = sample_cells(rng, gt[1:2], 300)
+    assert (gt[1].reshape(64, 4, 64, 4).any((1, 3)).ravel()[cells[0]]).sum() == 4 and np.isclose(log_w[0, :4], 0).all()
+    # the weighted estimate on a real scene
+    train = _train_script()
+    sam = load_sam("micro")
+    rng_scene = np.random.default_rng(3)
+    img, lab = train._render(5)
+    x = ((torch.from_numpy(img).permute(2, 0, 1)[None].float() - sam.pixel_mean) / sam.pixel_std)
+    coords, labels = train.sample_points(rng_scene, lab, 1, 2, 1, 3)
+    with torch.no_grad():
+        emb = sam.image_encoder(x)
+        sparse, dense = sam.prompt_encoder(points=(torch.from_numpy(coords)[None], torch.from_numpy(labels)[None]), boxes=None, masks=None)
+        args = (emb, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+        full = masks_from_tokens(sam.mask_decoder, decode_tokens(sam.mask_decoder, *args, range(1))).numpy()[:, 0]
+        cells, log_w = sample_cells(rng, lab[None] == 1, 2048)
+        part = decode_cell_sample(sam.mask_decoder, *args, torch.from_numpy(cells), torch.from_numpy(log_w), range(1))
+        est = cell_block_logits(sam.mask_decoder, part).numpy()[:, 0]
+    agree = ((est > 0) == (cell_blocks(full, cells) > 0)).mean()
+    assert agree > 0.99, agree
+
+
+def test_interactive_points_from_sampled_cells_come_from_the_error_region():
+    """error_points_in_cells (--token-sample): added points lie in sampled cells, positive where the
+    first mask missed the object, negative where it took background, never in the padding."""
+    from alignsam_ray.foundation.sampled_decode import cell_blocks, sample_cells
+
+    train = _train_script()
+    lab = np.zeros((256, 256), np.uint8)
+    lab[:, 200:] = 255
+    lab[50:150, 50:150] = 1
+    pred = np.zeros((256, 256), bool)
+    pred[50:150, 50:100] = True
+    pred[160:200, 50:250] = True
+    first = (np.array([[300.0, 300.0]], np.float32), np.array([1]))
+    rng = np.random.default_rng(0)
+    cells, log_w = sample_cells(rng, (lab == 1)[None], 600)
+    in_sample = np.zeros(4096, bool)
+    in_sample[cells[0]] = True
+    blocks = cell_blocks(pred[None], cells)[0]
+    seen = set()
+    for _ in range(30):
+        coords, labels = train.error_points_in_cells(rng, lab, 1, cells[0], blocks, log_w[0], first, 3, 17)
+        assert (coords[0] == first[0][0]).all() and (labels[4:] == -1).all()
+        yx = ((coords[1:4] - (train.SCALE - 1) / 2) / train.SCALE).round().astype(int)[:, ::-1]
+        for (y, x), label in zip(yx, labels[1:4]):
+            assert in_sample[(y // 4) * 64 + x // 4]
+            assert (lab[y, x] == 1 and not pred[y, x]) if label == 1 else (lab[y, x] == 0 and pred[y, x])
+            seen.add(int(label))
+    assert seen == {0, 1}
