@@ -13,7 +13,8 @@ Points inside are drawn from the object eroded by 2 px when that leaves pixels.
 Prints a table and writes JSON with the keys above plus diagnostics: both protocols per object-size
 bucket (``by_object_area``), and ``three_point_best_of_3_miou``, the same three points with multimask
 output scored by the best of the 3 masks against the ground truth (an oracle pick, not a protocol:
-it shows how much of the single-mask error is a whole-vs-part choice), and
+it shows how much of the single-mask error is a whole-vs-part choice), ``two_positive_miou``, the two
+positive points alone (single mask: what the negative point adds or costs), and
 ``resolution_ceiling_miou``, the ground truth itself put on the 256x256 low-res frame as stores hold
 it and brought back by ``Sam.postprocess_masks`` (what a perfect low-res mask could score).
 """
@@ -76,7 +77,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     predictor = SamPredictor(load_sam("micro", args.checkpoint))
-    one, three, best3, areas, ceiling = [], [], [], [], []
+    one, three, best3, two, areas, ceiling = [], [], [], [], [], []
     t0 = time.time()
     for i in range(args.n):
         rng = scene_rng(HELD_OUT_SEED, i)
@@ -99,6 +100,8 @@ def main():
         three.append(iou(masks[0], gt))
         masks, _, _ = predictor.predict(point_coords=points, point_labels=labels3, multimask_output=True)
         best3.append(max(iou(m, gt) for m in masks))
+        masks, _, _ = predictor.predict(point_coords=p, point_labels=np.array([1, 1]), multimask_output=False)
+        two.append(iou(masks[0], gt))
         areas.append(float(gt.mean()))
         ceiling.append(iou(low_res_round_trip(predictor, gt), gt))
     result = {
@@ -107,6 +110,7 @@ def main():
         "one_point_iou_quartiles": np.percentile(one, [25, 50, 75]).round(3).tolist(),
         "three_point_iou_quartiles": np.percentile(three, [25, 50, 75]).round(3).tolist(),
         "three_point_best_of_3_miou": float(np.mean(best3)),
+        "two_positive_miou": float(np.mean(two)),
         "resolution_ceiling_miou": float(np.mean(ceiling)),
         "by_object_area": _by_area(np.array(areas), np.array(one), np.array(three)),
     }
@@ -115,6 +119,7 @@ def main():
     print(f"{'2 positive + 1 negative point':<34}{result['three_point_miou']:>8.3f}  (>= 0.80)")
     print(f"n = {len(one)} held-out scenes, {result['seconds']} s")
     print(f"diagnostic: 2 + 1 points, best of the 3 multimask outputs (oracle pick) {result['three_point_best_of_3_miou']:.3f}")
+    print(f"diagnostic: the 2 positive points alone (single mask) {result['two_positive_miou']:.3f}")
     print(f"diagnostic: ground truth through the 256x256 low-res frame and back {result['resolution_ceiling_miou']:.3f}")
     print(f"{'object area':<16}{'n':>5}{'1-point':>9}{'3-point':>9}")
     for b in result["by_object_area"]:

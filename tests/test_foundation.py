@@ -158,6 +158,7 @@ def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
     result = json.loads(out.read_text())
     assert 0 <= result["one_point_miou"] <= 1 and 0 <= result["three_point_miou"] <= 1
     assert 0 <= result["three_point_best_of_3_miou"] <= 1 and result["resolution_ceiling_miou"] > 0.9
+    assert 0 <= result["two_positive_miou"] <= 1
     assert sum(b["n"] for b in result["by_object_area"]) == result["n_images"] > 0
     assert "2 positive + 1 negative point" in run.stdout
 
@@ -203,13 +204,14 @@ def test_train_script_end_to_end_writes_loadable_weights(tmp_path):
     the weights load through the users' loader and the JSON records the recipe and its curve."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
     out = tmp_path / "micro.pt"
-    recipe = ["--interactive", "0.5", "--mask-input-share", "0", "--point-loss", "512", "--fused-norm", "1"]
+    recipe = ["--interactive", "0.3", "--few-points", "0.3", "--mask-input-share", "0", "--token-sample", "256",
+              "--fused-norm", "1", "--min-object-area", "0.005"]
     run = subprocess.run(
         [sys.executable, str(script), "--steps", "3", "--scenes", "8", "--batch", "2", "--threads", "1", *recipe,
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     info = json.loads((tmp_path / "micro.json").read_text())
-    assert info["steps"] == 3 and info["point_loss"] == 512 and info["fused_norm"] == 1 and info["mask_input_share"] == 0
+    assert info["steps"] == 3 and info["token_sample"] == 256 and info["fused_norm"] == 1 and info["mask_input_share"] == 0
     assert [c["step"] for c in info["curve"]] == [0, 2]
     trained = load_sam("micro", str(out))
     shipped = load_sam("micro")
@@ -219,6 +221,9 @@ def test_train_script_end_to_end_writes_loadable_weights(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--point-loss", "512", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--mask-input-share 0" in bad.stderr
+    bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--point-loss", "512", "--token-sample", "256",
+                          "--mask-input-share", "0", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "without --point-loss" in bad.stderr
 
 
 def test_logits_at_pixels_equal_the_full_masks():
