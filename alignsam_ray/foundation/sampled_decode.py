@@ -28,7 +28,7 @@ import torch
 from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention
 
-from .batched_decode import DecodedTokens
+from .batched_decode import DecodedTokens, decoded_from, prompt_tokens, upscaled_blocks
 
 BLOCK = 4  # low-res pixels per cell side (256 / 64)
 
@@ -114,9 +114,7 @@ def decode_cell_sample(
     """
     t = decoder.transformer
     b = sparse_prompt_embeddings.shape[0]
-    outputs = range(decoder.num_mask_tokens) if outputs is None else outputs
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)
+    tokens = prompt_tokens(decoder, sparse_prompt_embeddings)
     e = image_embeddings.shape[1]
     index = cells[..., None].expand(-1, -1, e)
     keys = torch.gather((image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2), 1, index)  # (B, K, E)
@@ -133,25 +131,13 @@ def decode_cell_sample(
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(keys + layer.cross_attn_image_to_token(q=keys + key_pe, k=queries + query_pe, v=queries))
     queries = t.norm_final_attn(queries + _attend(t.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys, log_weight))
-    mask_tokens_out = queries[:, 1: (1 + decoder.num_mask_tokens), :]
-    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in outputs], dim=1)
-    iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, outputs.start: outputs.stop]
-    return DecodedTokens(keys, hyper_in, iou_pred, tuple(image_embeddings.shape[-2:]))
+    return decoded_from(decoder, queries, keys, tuple(image_embeddings.shape[-2:]), outputs)
 
 
 def cell_block_logits(decoder: MaskDecoder, decoded: DecodedTokens) -> torch.Tensor:
     """Logits (B, C, K, 16) of the 16 low-res pixels of each sampled cell (``decoded.src`` (B, K, E)),
-    in ``cell_blocks`` order: the values the decoder's full masks have there.
-
-    Same layout argument as ``batched_decode.logits_at_pixels``: each stride-2, kernel-2 transposed
-    convolution maps one input pixel to its own 2x2 outputs, ``bias + in @ weight[:, :, dy, dx]``.
-    """
-    up1, norm, act1, up2, act2 = decoder.output_upscaling
-    b, k, e = decoded.src.shape
-    c1, c2 = up1.weight.shape[1], up2.weight.shape[1]
-    h1 = (decoded.src @ up1.weight.permute(0, 2, 3, 1).reshape(e, 4 * c1)).view(b, k, 4, c1) + up1.bias  # sub (a, b)
-    h1 = act1(torch.nn.functional.layer_norm(h1, (c1,), norm.weight, norm.bias, norm.eps))
-    h2 = act2((h1 @ up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)).view(b, k, 2, 2, 2, 2, c2) + up2.bias)
-    # h2[..., a_y, a_x, c_y, c_x, :] is pixel (2 a_y + c_y, 2 a_x + c_x) of the cell's 4x4 block
-    h2 = h2.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, k * 16, c2)  # (B, K*16, C2), block row-major
-    return (decoded.hyper_in @ h2.transpose(1, 2)).view(b, -1, k, 16)
+    in ``cell_blocks`` order: the values the decoder's full masks have there
+    (``batched_decode.upscaled_blocks``)."""
+    b, k = decoded.src.shape[:2]
+    blocks = upscaled_blocks(decoder, decoded.src).reshape(b, k * 16, -1)  # (B, K*16, E // 8)
+    return (decoded.hyper_in @ blocks.transpose(1, 2)).view(b, -1, k, 16)
