@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Train the embedded micro-SAM on the generic synthetic object mix (reproducible, CPU).
 
-The shipped weights (v11; alignsam_ray/weights/micro_sam.json has the exact command and curve):
+The shipped weights (v13; alignsam_ray/weights/micro_sam.json has the exact command and curve):
 
-    python scripts/train_micro_sam.py --steps 8000 --minutes 44 --scenes 8000 --batch 6 --prompts 2 \
-        --mask-input-share 0 --token-sample 1024 --fused-norm 1 --interactive 0.3 --few-points 0.3 \
+    python scripts/train_micro_sam.py --steps 8000 --minutes 44 --scenes 8000 --batch 6 --prompts 3 \
+        --mask-input-share 0 --token-sample 512 --fused-norm 1 --interactive 0.3 --few-points 0.3 \
         --min-object-area 0.005
+
+(v11, shipped before it: the same with ``--prompts 2 --token-sample 1024``.)
 
 The earlier v5 weights: the defaults with ``--steps 2500 --scenes 6000 --batch 6 --prompts 2``
 (README "SAM backends" has every attempt's command and figures).
