@@ -149,13 +149,6 @@ def sample_loss_pixels(rng, gt, n):
 CELL_CENTRES = torch.from_numpy(np.stack(np.meshgrid(np.arange(64) * 4 + 1, np.arange(64) * 4 + 1, indexing="ij"), -1).reshape(1, -1, 2))
 
 
-def loss_pixel_logits(decoder, decoded, pixels):
-    """Logits (N, C, P) at the loss pixels; ``pixels`` None: every pixel of the 256x256 frame."""
-    if pixels is None:
-        return masks_from_tokens(decoder, decoded).flatten(2)
-    return logits_at_pixels(decoder, decoded, pixels)
-
-
 def coarse_mask(decoder, decoded, output):
     """The (N, 256, 256) bool mask of one output per row (``output`` (N,) long), no gradient,
     evaluated once per 4x4 block (at the block's pixel (1, 1)): what point-sampled training uses
@@ -343,10 +336,12 @@ def main():
                 return decode_tokens(dec, src, dense_pe, sparse, dense, outputs)
             return decode_cell_sample(dec, src, dense_pe, sparse, dense, cells_t, log_w_t, outputs)
 
-        def loss_logits(tokens):  # (N, C, P): at the loss's pixels (the sampled cells' 16 pixels each)
-            if cells is None:
-                return loss_pixel_logits(dec, tokens, pixels)
-            return cell_block_logits(dec, tokens).flatten(2)
+        def loss_logits(tokens):  # (N, C, P) at the loss's pixels: the sampled cells' 16 each, the sampled
+            if cells is not None:  # pixels (--point-loss), or every pixel of the 256x256 frame
+                return cell_block_logits(dec, tokens).flatten(2)
+            if pixels is None:
+                return masks_from_tokens(dec, tokens).flatten(2)
+            return logits_at_pixels(dec, tokens, pixels)
 
         def mask_loss(logits):  # (N, C, P) -> (N, C)
             return 20 * focal_loss(logits, gt, args.focal_alpha, weight=weight) + dice_loss(logits, gt, weight=weight)
