@@ -64,7 +64,7 @@ from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixe
 from alignsam_ray.foundation.fused_ops import fuse_for_training
 from alignsam_ray.foundation.micro_sam import ENCODER_INPUT_SIZE, IMAGE_SIZE, build_sam_micro
 from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
-from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, sample_cells
+from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, padding_bias, sample_cells
 
 TRAIN_SEED = 1  # object-mix stream for training; scripts/eval_micro_sam.py holds out seed 2
 SCALE = IMAGE_SIZE / ENCODER_INPUT_SIZE  # 256-frame pixel -> 1024-frame coordinate
@@ -245,6 +245,10 @@ def main():
                          "object, background, boundary; its token-to-image attention weighted to estimate the full "
                          "pool, foundation/sampled_decode.py) and the mask losses are taken on their 16 low-res "
                          "pixels each, weighted to estimate the full-frame loss. 0: all 4096 cells")
+    ap.add_argument("--exact-points", type=int, default=0,
+                    help="1 (with --token-sample): stage-B prompt sets, padded to a common length of --max-pos + "
+                         "--max-neg points, decode exactly as their own points alone (padding_bias), as SamPredictor "
+                         "and the episodes decode them; 0: the padding tokens weigh in (v13 and earlier)")
     ap.add_argument("--focal-alpha", type=float, default=0.25,
                     help="focal loss weight of foreground pixels (background 1 - alpha); < 0: both alike")
     ap.add_argument("--stage-a-single-weight", type=float, default=0.0,
@@ -267,6 +271,8 @@ def main():
         ap.error("--point-loss and --token-sample need --mask-input-share 0 (a mask input needs the full stage-A logits)")
     if args.point_loss and args.token_sample:
         ap.error("--token-sample takes its own loss pixels: use it without --point-loss")
+    if args.exact_points and not args.token_sample:
+        ap.error("--exact-points works on the sampled-cell decoder: use it with --token-sample")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -331,10 +337,10 @@ def main():
             pixels, weight, gt = None, None, torch.from_numpy(gt_masks).float().flatten(1)[:, None]  # (N,1,65536)
         dec = sam.mask_decoder
 
-        def decode(sparse, dense, outputs=None):  # the transformer on all cells, or on the sampled ones
+        def decode(sparse, dense, outputs=None, point_bias=None):  # the transformer on all cells, or on the sampled ones
             if cells is None:
                 return decode_tokens(dec, src, dense_pe, sparse, dense, outputs)
-            return decode_cell_sample(dec, src, dense_pe, sparse, dense, cells_t, log_w_t, outputs)
+            return decode_cell_sample(dec, src, dense_pe, sparse, dense, cells_t, log_w_t, outputs, point_bias)
 
         def loss_logits(tokens):  # (N, C, P) at the loss's pixels: the sampled cells' 16 each, the sampled
             if cells is not None:  # pixels (--point-loss), or every pixel of the 256x256 frame
@@ -389,8 +395,12 @@ def main():
         prev = None
         if rng.random() < args.mask_input_share:  # full-frame loss only (checked at start)
             prev = low.detach()[torch.arange(n), best].view(n, 1, 256, 256)
-        sp, de = pe(points=(torch.from_numpy(np.stack([p[0] for p in pb])), torch.from_numpy(np.stack([p[1] for p in pb]))), boxes=None, masks=prev)
-        tokens_b = decode(sp, de.expand(n, -1, -1, -1), outputs=range(1))
+        labels_b = torch.from_numpy(np.stack([p[1] for p in pb]))  # (N, n_pad), -1 = padding
+        sp, de = pe(points=(torch.from_numpy(np.stack([p[0] for p in pb])), labels_b), boxes=None, masks=prev)
+        bias_b = None
+        if args.exact_points:  # the prompt encoder appended one more pad (no box), as SamPredictor's does
+            bias_b = padding_bias(torch.cat([labels_b, -torch.ones(n, 1, dtype=labels_b.dtype)], 1))
+        tokens_b = decode(sp, de.expand(n, -1, -1, -1), outputs=range(1), point_bias=bias_b)
         low_b = loss_logits(tokens_b)  # (N, 1, P)
         true_b = mask_iou(low_b.detach(), gt, weight)
         loss_b = mask_loss(low_b).mean() + F.mse_loss(tokens_b.iou_pred, true_b)
@@ -417,7 +427,7 @@ def main():
     info = {
         "steps": len(history), "scenes": args.scenes, "batch": args.batch, "prompts": args.prompts,
         "lr": args.lr, "stage_b_weight": args.stage_b_weight, "stage_a_single_weight": args.stage_a_single_weight,
-        "focal_alpha": args.focal_alpha, "token_sample": args.token_sample, "fused_norm": args.fused_norm, "point_loss": args.point_loss,
+        "focal_alpha": args.focal_alpha, "exact_points": args.exact_points, "token_sample": args.token_sample, "fused_norm": args.fused_norm, "point_loss": args.point_loss,
         "mask_input_share": args.mask_input_share, "max_pos": args.max_pos, "max_neg": args.max_neg,
         "interactive": args.interactive, "min_object_area": args.min_object_area, "few_points": args.few_points, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
         "train_minutes": round((time.time() - t0) / 60, 1),

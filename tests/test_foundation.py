@@ -345,6 +345,39 @@ def test_decoding_every_cell_with_unit_weights_is_the_full_decoder():
             np.testing.assert_allclose(cell_block_logits(sam.mask_decoder, part).numpy(), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_padding_bias_decodes_padded_rows_as_their_own_points():
+    """Rows of m points padded with "not a point" to a common length decode, with padding_bias,
+    exactly as the m points alone (SAM's one appended pad, as SamPredictor decodes them); without
+    the bias they do not (the train/inference mismatch ``--exact-points`` removes)."""
+    from alignsam_ray.foundation.sampled_decode import decode_cell_sample, padding_bias
+
+    sam = build_sam_micro()
+    for param in sam.mask_decoder.parameters():  # a non-trivial decoder
+        torch.nn.init.normal_(param, std=0.3)
+    pe, dec = sam.prompt_encoder, sam.mask_decoder
+    torch.manual_seed(1)
+    emb = torch.randn(3, MICRO_SAM_EMBED_DIM, 64, 64)
+    coords = torch.rand(3, 17, 2) * 1024
+    counts = [1, 3, 17]
+    labels = torch.full((3, 17), -1)
+    for i, m in enumerate(counts):
+        labels[i, :m] = torch.randint(0, 2, (m,))
+    cells, log_w = torch.stack([torch.randperm(4096)[:700] for _ in range(3)]), torch.randn(3, 700) * 0.1
+    with torch.no_grad():
+        sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+        bias = padding_bias(torch.cat([labels, -torch.ones(3, 1, dtype=labels.dtype)], 1))
+        padded = decode_cell_sample(dec, emb, pe.get_dense_pe(), sparse, dense.expand(3, -1, -1, -1), cells, log_w, None, bias)
+        plain = decode_cell_sample(dec, emb, pe.get_dense_pe(), sparse, dense.expand(3, -1, -1, -1), cells, log_w)
+        for i, m in enumerate(counts):
+            sp, de = pe(points=(coords[i:i + 1, :m], labels[i:i + 1, :m]), boxes=None, masks=None)
+            own = decode_cell_sample(dec, emb[i:i + 1], pe.get_dense_pe(), sp, de, cells[i:i + 1], log_w[i:i + 1])
+            torch.testing.assert_close(padded.iou_pred[i:i + 1], own.iou_pred, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(padded.hyper_in[i:i + 1], own.hyper_in, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(padded.src[i:i + 1], own.src, atol=1e-5, rtol=1e-5)
+            if m < 17:  # more than one pad token: without the bias the row decodes differently
+                assert (plain.hyper_in[i:i + 1] - own.hyper_in).abs().max() > 1e-3
+
+
 def test_cell_sample_strata_weights_and_estimate():
     """sample_cells: k distinct cells per mask, a third each from the boundary, the object and the
     background where they are large enough, weights adding up to the grid; a half-grid sample

@@ -16,6 +16,7 @@ h*w / K. Parameters are the decoder's own; nothing changes in the model or its c
 
     sample_cells        (N, 256, 256) bool masks -> cells (N, K), log weights (N, K)
     decode_cell_sample  transformer outputs on those cells (a ``DecodedTokens`` with src (N, K, E))
+    padding_bias        makes rows padded to a common point count decode as their own points alone
     cell_block_logits   logits (N, C, K, 16) of the 16 low-res pixels of each sampled cell
     cell_blocks         any (N, 4h, 4w) array -> its values (N, K, 16) at those pixels
 """
@@ -104,12 +105,16 @@ def decode_cell_sample(
     cells: torch.Tensor,
     log_weight: torch.Tensor,
     outputs: range | None = None,
+    point_bias: torch.Tensor | None = None,
 ) -> DecodedTokens:
     """``batched_decode.decode_tokens`` on the sampled cells only (row i of the prompts against
     row i of the embeddings).
 
     image_embeddings: (B, E, h, w)   image_pe: (1, E, h, w)   sparse: (B, n, E)
     dense_prompt_embeddings: (B, E, h, w)   cells, log_weight: (B, K) (``sample_cells``)
+    point_bias: (B, n) or None, added to the attention logits wherever the prompt tokens are the
+    keys (token self-attention, image -> token); ``padding_bias`` makes a row padded with extra
+    "not a point" tokens decode exactly as its points alone would (as ``SamPredictor`` decodes them).
     Returns ``DecodedTokens`` whose ``src`` is (B, K, E): the sampled cells' updated tokens.
     """
     t = decoder.transformer
@@ -119,19 +124,36 @@ def decode_cell_sample(
     index = cells[..., None].expand(-1, -1, e)
     keys = torch.gather((image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2), 1, index)  # (B, K, E)
     key_pe = torch.gather(image_pe.flatten(2).transpose(1, 2).expand(b, -1, -1), 1, index)
+    token_bias = None  # the output tokens (IoU, masks) come first and are never biased
+    if point_bias is not None:
+        token_bias = torch.cat([point_bias.new_zeros(b, tokens.shape[1] - point_bias.shape[1]), point_bias], 1)
     queries, query_pe = tokens, tokens
-    for layer in t.layers:  # TwoWayAttentionBlock.forward, with the key bias on token -> image
+    for layer in t.layers:  # TwoWayAttentionBlock.forward, with the key biases
         if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
+            queries = _attend(layer.self_attn, queries, queries, queries, token_bias)
         else:
             q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = queries + _attend(layer.self_attn, q, q, queries, token_bias)
         queries = layer.norm1(queries)
         queries = layer.norm2(queries + _attend(layer.cross_attn_token_to_image, queries + query_pe, keys + key_pe, keys, log_weight))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(keys + layer.cross_attn_image_to_token(q=keys + key_pe, k=queries + query_pe, v=queries))
+        keys = layer.norm4(keys + _attend(layer.cross_attn_image_to_token, keys + key_pe, queries + query_pe, queries, token_bias))
     queries = t.norm_final_attn(queries + _attend(t.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys, log_weight))
     return decoded_from(decoder, queries, keys, tuple(image_embeddings.shape[-2:]), outputs)
+
+
+def padding_bias(labels: torch.Tensor) -> torch.Tensor:
+    """Point labels (B, n) as the prompt encoder saw them (-1 = "not a point", including the one
+    pad it appends when there is no box) -> bias (B, n) for ``decode_cell_sample``'s ``point_bias``.
+
+    All "not a point" tokens of a row are the same embedding, so they stay equal through every
+    layer; k equal keys with bias -log(k) each weigh exactly what one of them weighs alone. A row
+    of m points padded to n then decodes exactly as the m points plus SAM's single pad token,
+    which is what ``SamPredictor`` and the episodes hand the decoder. (Without it, training rows
+    padded to a common length see more "not a point" weight than they ever get at inference.)"""
+    pad = labels == -1
+    count = pad.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(pad, -torch.log(count.float()), torch.zeros((), dtype=torch.float32))
 
 
 def cell_block_logits(decoder: MaskDecoder, decoded: DecodedTokens) -> torch.Tensor:
