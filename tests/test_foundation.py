@@ -205,13 +205,13 @@ def test_train_script_end_to_end_writes_loadable_weights(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
     out = tmp_path / "micro.pt"
     recipe = ["--interactive", "0.3", "--few-points", "0.3", "--mask-input-share", "0", "--token-sample", "256",
-              "--fused-norm", "1", "--min-object-area", "0.005"]
+              "--fused-norm", "1", "--min-object-area", "0.005", "--exact-points", "1"]
     run = subprocess.run(
         [sys.executable, str(script), "--steps", "3", "--scenes", "8", "--batch", "2", "--threads", "1", *recipe,
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     info = json.loads((tmp_path / "micro.json").read_text())
-    assert info["steps"] == 3 and info["token_sample"] == 256 and info["fused_norm"] == 1 and info["mask_input_share"] == 0
+    assert info["steps"] == 3 and info["exact_points"] == 1 and info["token_sample"] == 256 and info["fused_norm"] == 1 and info["mask_input_share"] == 0
     assert [c["step"] for c in info["curve"]] == [0, 2]
     trained = load_sam("micro", str(out))
     shipped = load_sam("micro")
@@ -224,6 +224,9 @@ def test_train_script_end_to_end_writes_loadable_weights(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--point-loss", "512", "--token-sample", "256",
                           "--mask-input-share", "0", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "without --point-loss" in bad.stderr
+    bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--exact-points", "1", "--mask-input-share", "0",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "use it with --token-sample" in bad.stderr
 
 
 def test_logits_at_pixels_equal_the_full_masks():
