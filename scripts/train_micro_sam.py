@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Train the embedded micro-SAM on the generic synthetic object mix (reproducible, CPU).
 
-The shipped weights (v13; alignsam_ray/weights/micro_sam.json has the exact command and curve):
+The shipped weights (v17; alignsam_ray/weights/micro_sam.json has the exact command and curve):
 
     python scripts/train_micro_sam.py --steps 8000 --minutes 44 --scenes 8000 --batch 6 --prompts 3 \
         --mask-input-share 0 --token-sample 512 --fused-norm 1 --interactive 0.3 --few-points 0.3 \
-        --min-object-area 0.005
+        --min-object-area 0.005 --exact-points 1
 
-(v11, shipped before it: the same with ``--prompts 2 --token-sample 1024``.)
+(v13, shipped before it: the same without ``--exact-points``; v11: v13 with ``--prompts 2
+--token-sample 1024``.)
 
 The earlier v5 weights: the defaults with ``--steps 2500 --scenes 6000 --batch 6 --prompts 2``
 (README "SAM backends" has every attempt's command and figures).
@@ -22,6 +23,9 @@ the steps with the previous low-res logits as mask input), per prompt set either
   * few (share ``--few-points`` of the rest): 1-3 positive and 0-2 negative points, or
   * uniform: up to 10 positive and 7 negative points anywhere on / off the object (an AlignSAM
     episode ends with T + 2 = 17 points).
+Stage B's prompt sets are padded to 17 points (label -1) to decode in one call; with
+``--exact-points 1`` each still decodes exactly as its own points alone (``padding_bias``), as
+``SamPredictor`` and the episodes decode them.
 Loss: 20 x focal + dice on the 256x256 low-res logits, plus MSE on the predicted IoU. The encoder
 sees the 256x256 area-downsampled frame (what ``MicroImageEncoder`` does to the 1024 frame), so
 scenes are rendered directly at long side 256 to save time.
