@@ -58,6 +58,26 @@ def low_res_round_trip(predictor: SamPredictor, mask: np.ndarray) -> np.ndarray:
     return back[0, 0].numpy() > 0
 
 
+def held_out_prompts(n: int):
+    """The held-out scenes and their points, in order: for each of the first ``n`` scenes of stream
+    ``HELD_OUT_SEED`` that has an object of >= 0.5% of the image, yields image (H, W, 3) uint8,
+    the chosen object's mask gt (H, W) bool, two positive points (2, 2) inside it (eroded by 2 px
+    when that leaves pixels) and one negative point (1, 2) outside it, as (x, y) pixels."""
+    for i in range(n):
+        rng = scene_rng(HELD_OUT_SEED, i)
+        h, w = random_size(rng, int(rng.integers(300, 801)))
+        image, labels = render_scene(rng, h, w)
+        ks = [k for k in range(1, labels.max() + 1) if (labels == k).mean() >= 0.005]
+        if not ks:
+            continue
+        gt = labels == rng.choice(ks)
+        inner = erode(gt)
+        inside = np.argwhere(inner if inner.any() else gt)
+        outside = np.argwhere(~gt)
+        yield (image, gt, inside[rng.integers(0, len(inside), 2)][:, ::-1],
+               outside[rng.integers(0, len(outside), 1)][:, ::-1])
+
+
 def _by_area(areas: np.ndarray, one: np.ndarray, three: np.ndarray) -> list[dict]:
     """mIoU of both protocols per object-size bucket (``AREA_BUCKETS``)."""
     out = []
@@ -79,20 +99,8 @@ def main():
     predictor = SamPredictor(load_sam("micro", args.checkpoint))
     one, three, best3, two, areas, ceiling = [], [], [], [], [], []
     t0 = time.time()
-    for i in range(args.n):
-        rng = scene_rng(HELD_OUT_SEED, i)
-        h, w = random_size(rng, int(rng.integers(300, 801)))
-        image, labels = render_scene(rng, h, w)
-        ks = [k for k in range(1, labels.max() + 1) if (labels == k).mean() >= 0.005]
-        if not ks:
-            continue
-        gt = labels == rng.choice(ks)
-        inner = erode(gt)
-        inside = np.argwhere(inner if inner.any() else gt)
-        outside = np.argwhere(~gt)
+    for image, gt, p, n in held_out_prompts(args.n):
         predictor.set_image(image)
-        p = inside[rng.integers(0, len(inside), 2)][:, ::-1]
-        n = outside[rng.integers(0, len(outside), 1)][:, ::-1]
         masks, scores, _ = predictor.predict(point_coords=p[:1], point_labels=np.array([1]), multimask_output=True)
         one.append(iou(masks[scores.argmax()], gt))
         points, labels3 = np.concatenate([p, n]), np.array([1, 1, 0])

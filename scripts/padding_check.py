@@ -22,10 +22,9 @@ import numpy as np
 from segment_anything import SamPredictor
 
 from alignsam_ray.foundation import load_sam
-from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval_micro_sam import HELD_OUT_SEED, erode, iou  # noqa: E402
+from eval_micro_sam import held_out_prompts, iou  # noqa: E402
 
 PADDED_LENGTHS = (5, 17)
 
@@ -40,20 +39,8 @@ def check(checkpoint: str | None, n: int) -> dict:
     predictor = SamPredictor(load_sam("micro", checkpoint))
     scores = {"three_point": [], **{f"three_point_pad{k}": [] for k in PADDED_LENGTHS},
               "two_positive": [], "two_positive_pad17": []}
-    for i in range(n):
-        rng = scene_rng(HELD_OUT_SEED, i)
-        h, w = random_size(rng, int(rng.integers(300, 801)))
-        image, labels = render_scene(rng, h, w)
-        ks = [k for k in range(1, labels.max() + 1) if (labels == k).mean() >= 0.005]
-        if not ks:
-            continue
-        gt = labels == rng.choice(ks)
-        inner = erode(gt)
-        inside = np.argwhere(inner if inner.any() else gt)
-        outside = np.argwhere(~gt)
+    for image, gt, p, q in held_out_prompts(n):
         predictor.set_image(image)
-        p = inside[rng.integers(0, len(inside), 2)][:, ::-1]
-        q = outside[rng.integers(0, len(outside), 1)][:, ::-1]
         points, point_labels = np.concatenate([p, q]).astype(np.float64), np.array([1, 1, 0])
 
         def score(pts, lab):
