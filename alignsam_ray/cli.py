@@ -72,7 +72,8 @@ def cmd_train(args) -> int:
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="paper protocol + ablations on a test split -> metrics.json, report.md, figures",
                        description="Evaluate a trained agent: alignsam, random_actions, all_positive, single_step, "
-                       "gt_labels and a T sweep; metrics mIoU, F_beta, E_phi, MAE, BER.")
+                       "srm_topk, gt_labels and a T sweep; metrics mIoU, IoU (dataset), F_beta, E_phi, MAE, BER, "
+                       "with 95%% bootstrap intervals and paired differences to alignsam.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest checkpoint)")
     p.add_argument("--store", help="embedding store to evaluate on (default: the run's store)")
     p.add_argument("--out", required=True, help="output folder")
@@ -214,16 +215,19 @@ def cmd_demo(args) -> int:
 
 
 def _demo_report(out: str, summary: dict, seconds: float, t_embed: float) -> None:
-    names = ("alignsam", "random_actions", "all_positive", "single_step", "gt_labels")
+    from .evaluate import LABELS, _cell, _fmt, verdict
+
     lines = ["# alignsam demo", "", f"Synthetic data + micro-SAM; {seconds:.0f} s in all ({t_embed:.0f} s synthesis + "
-             "embedding). Per-task reports: eval/<task>/report.md.", "",
-             "| task | method | mIoU | F_beta | E_phi | MAE | BER | hit rate | label acc. |",
+             "embedding). Brackets: 95% bootstrap intervals over test images. Per-task reports: eval/<task>/report.md.", "",
+             "| task | method | mIoU | alignsam - method, mIoU [95% CI] | F_beta | E_phi | MAE | BER % | hit rate |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, m in summary.items():
-        for name in names:
-            s = m["methods"][name]
-            lines.append(f"| {task} | {name} | {s['miou']:.3f} | {s['fbeta']:.3f} | {s['emeasure']:.3f} | "
-                         f"{s['mae']:.3f} | {s['ber']:.3f} | {s['hit_rate']:.3f} | {s['label_accuracy']:.3f} |")
+        for name, s in m["methods"].items():
+            d = m["paired"].get(name)
+            diff = f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] " \
+                   f"({verdict(d['miou'], 'miou')})" if d else ""
+            lines.append(f"| {task} | {LABELS.get(name, name)} | {_cell(s, 'miou')} | {diff} | {s['fbeta']:.3f} | "
+                         f"{s['emeasure']:.3f} | {s['mae']:.3f} | {s['ber']:.2f} | {s['hit_rate']:.3f} |")
         sweep = " ".join(f"T={t}: {v['miou']:.3f}" for t, v in m["t_sweep"].items())
         lines.append(f"| {task} | mIoU by T | {sweep} | | | | | | |")
     text = "\n".join(lines) + "\n"

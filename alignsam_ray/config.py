@@ -21,11 +21,12 @@ DEFAULTS: dict = {
         "resize": 800,       # ... of the image resized to 800x800 -> a 10x10 grid
         "horizon": 15,       # T, steps per episode (paper 15)
         "obs_res": 16,       # R: state pooled to R x R (see README: memory vs learning)
+        "state": "probability",  # s_t = E_I(x) (.) M_{t-1}, M = SAM's probability map (paper Eq. 11) | binary
     },
     "srm": {
         "branch": "implicit",  # implicit (blur, glass, saliency) | explicit (shadow, classes)
         "q": None,             # SRM updates per PPO update; None -> paper (1 implicit, 5 explicit)
-        "lr": 1.0e-3,
+        "lr": 1.0e-4,          # paper: Adam 1e-4 for all experiments
         "batch_size": 64,
         "text_map": None,      # store map column for the explicit branch (CLIP Surgery maps)
     },
@@ -34,7 +35,7 @@ DEFAULTS: dict = {
         "clip_param": 0.2,     # paper
         "num_epochs": 20,      # paper: K = 20
         "lr": 1.0e-4,          # paper: Adam 1e-4
-        "lambda_": 0.95,       # GAE (paper silent; RLlib's default 1.0 is plain MC)
+        "lambda_": 1.0,        # paper Eq. 6: the discounted return (GAE with lambda = 1)
         "entropy_coeff": 0.01,
         "vf_loss_coeff": 0.5,
         "vf_clip_param": 20.0,  # returns reach +-T; RLlib's 10 would clip the value loss
@@ -43,7 +44,7 @@ DEFAULTS: dict = {
         "minibatch_size": 150,
         "grad_clip": 1.0,
     },
-    "model": {"width": 64},
+    "model": {"width": 64, "time_input": True},  # time_input: the critic sees t / T
     "resources": {
         "num_env_runners": 1,
         "num_envs_per_env_runner": 4,   # k episodes per EnvRunner, one batched decoder call per step (scripts/bench.py)
@@ -55,7 +56,8 @@ DEFAULTS: dict = {
         "iterations": 30,
         "checkpoint_every": 10,
         "seed": 0,
-    },
+        "val_images": 0,     # k > 0: the train split's last k images are held out as a validation split
+    },                       # (episodes never see them; `alignsam tune` selects trials on them)
 }
 
 
@@ -134,7 +136,7 @@ def env_config(cfg: dict, **extra) -> dict:
     e = cfg["env"]
     out = {
         "store": cfg["store"], "grid": e["grid"], "patch_size": e["patch_size"], "resize": e["resize"],
-        "horizon": e["horizon"], "obs_res": e["obs_res"], "srm_branch": cfg["srm"]["branch"],
+        "horizon": e["horizon"], "obs_res": e["obs_res"], "state": e["state"], "srm_branch": cfg["srm"]["branch"],
         "text_map": cfg["srm"]["text_map"],
     }
     out.update(extra)

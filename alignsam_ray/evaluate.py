@@ -1,4 +1,5 @@
-"""Evaluation with the paper's protocol, its ablations, metrics and a report (no Ray cluster needed).
+"""Evaluation with the paper's protocol, its ablations, metrics with 95% confidence intervals and a report
+(no Ray cluster needed).
 
     alignsam evaluate --checkpoint RUN_OR_CHECKPOINT --store STORE --out DIR [--split test]
 
@@ -7,17 +8,24 @@ Protocol: each test image starts from the SRM's highest- (positive) and lowest-s
 each is labelled by the SRM and SAM's decoder re-runs on all points. Metrics are computed on the
 final mask upscaled to the image's full resolution (``metrics.py`` states each definition).
 
-Methods (rows of the paper's Table 2):
+Methods (rows of the paper's Table 2, plus two references):
     alignsam        the trained policy + SRM labels, T steps (T from the run config, paper 15)
-    random_actions  w/o RL: uniformly random free patches, SRM labels
-    all_positive    w/o SRM: the policy, every picked point labelled positive
+    random_actions  w/o RL: uniformly random free patches, SRM start and labels
+    all_positive    w/o SRM: no SRM anywhere. Start: one positive point at the image centre (no
+                    negative point); the policy picks T patches, every point labelled positive
     single_step     w/o multi-step: T = 1
-    gt_labels       oracle labels from the ground truth (an upper bound for the SRM)
-T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20}.
+    srm_topk        non-RL reference: SRM start; at each step the free patch whose current SRM
+                    probability is highest, SRM labels (the T best SRM cells, in order)
+    gt_labels       oracle labels: the policy's points labelled from the ground truth (not an upper
+                    bound: a correct label can still give SAM a worse mask than the SRM's)
+T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20} (those <= the grid's size).
 
-Outputs in DIR: metrics.json ({"task", "n_images", "methods": {NAME: {miou, fbeta, emeasure, mae,
-ber, hit_rate}}, "t_sweep": {T: {...}}, ...}), report.md, figures/<image>.png (prompts and masks
-at steps 1, 5, 10 and 15).
+Statistics: per method and metric a 95% bootstrap interval over test images (``ci95``), and for
+every other method the paired difference alignsam - method with its 95% interval (``paired``).
+
+Outputs in DIR: metrics.json ({"task", "n_images", "methods": {NAME: {metric: value, "ci95":
+{metric: [lo, hi]}}}, "paired": {NAME: {metric: {"diff", "ci95"}}}, "t_sweep": {T: {...}}, ...}),
+report.md, figures/<image>.png (prompts, masks and the ground-truth outline at steps 1, 5, 10, 15).
 """
 from __future__ import annotations
 
@@ -32,22 +40,26 @@ import torch
 from .agent.rl_module import AlignSamActorCritic
 from .agent.srm import SRM, load_srm
 from .config import ConfigError, load_config
+from .env.alignsam_env import holdout_split
 from .env.episodes import PromptEpisodes
 from .env.grid import PatchGrid
 from .foundation.decoder import SamPromptDecoder
-from .metrics import METRIC_DEFINITIONS, MetricAccumulator, primary_metrics
+from .metrics import (METRIC_DEFINITIONS, MetricAccumulator, confidence_intervals, paired_difference,
+                      primary_metrics)
 from .store.loader import EmbeddingStore
 
-METHODS = {  # name -> (action rule, label rule, horizon: None = the run's T)
-    "alignsam": ("policy", "srm", None),
-    "random_actions": ("random", "srm", None),
-    "all_positive": ("policy", "positive", None),
-    "single_step": ("policy", "srm", 1),
-    "gt_labels": ("policy", "gt", None),
+METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
+    "alignsam": ("policy", "srm", "srm", None),
+    "random_actions": ("random", "srm", "srm", None),
+    "all_positive": ("policy", "centre", "positive", None),
+    "single_step": ("policy", "srm", "srm", 1),
+    "srm_topk": ("srm_topk", "srm", "srm", None),
+    "gt_labels": ("policy", "srm", "gt", None),
 }
 T_SWEEP = (1, 5, 10, 15, 20)
 FIGURE_STEPS = (1, 5, 10, 15)
-METRIC_KEYS = ("miou", "fbeta", "emeasure", "mae", "ber")
+METRIC_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image")
+LOWER_IS_BETTER = ("mae", "ber", "ber_per_image")
 
 
 @dataclass
@@ -97,8 +109,13 @@ class Rollout:
 
 
 def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: str, horizon: int,
-            record: tuple, batch: int = 16, seed: int = 0) -> Rollout:
-    """Run ``horizon`` steps on every image of ``data`` (``batch`` images per decoder call)."""
+            record: tuple, batch: int = 16, seed: int = 0, init: str = "srm") -> Rollout:
+    """Run ``horizon`` steps on every image of ``data`` (``batch`` images per decoder call).
+
+    actions: "policy" (greedy), "random" (uniform over free patches) or "srm_topk" (the free patch
+    with the highest current SRM probability); init: "srm" or "centre"; labels: "srm", "gt" or
+    "positive". A rollout that uses the SRM for none of them runs without any SRM.
+    """
     rng = np.random.default_rng(seed)
     n = len(data["ids"])
     logits = {t: [] for t in record}
@@ -106,19 +123,23 @@ def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, l
     hits = np.zeros((n, horizon), bool)
     label_ok = np.zeros((n, horizon), bool)
     e = agent.cfg["env"]
-    text_map = agent.cfg["srm"]["text_map"] if agent.srm.branch == "explicit" else None
+    uses_srm = actions == "srm_topk" or init == "srm" or labels == "srm"
+    srm = agent.srm if uses_srm else None
+    text_map = agent.cfg["srm"]["text_map"] if agent.srm.branch == "explicit" and uses_srm else None
     for start in range(0, n, batch):
         images = np.arange(start, min(n, start + batch))
-        ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e["obs_res"], "srm", labels,
-                            agent.srm, text_map, seed)
+        ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e["obs_res"], init, labels,
+                            srm, text_map, seed, state=e.get("state", "probability"))
         ep.reset(np.arange(len(images)), images)
         if 0 in record:
             logits[0] += list(ep.logits.copy())
-            points[0] += [(ep.coords[s, :2].copy(), ep.labels[s, :2].copy()) for s in range(len(images))]
+            points[0] += [ep.points(s) for s in range(len(images))]
         for t in range(1, horizon + 1):
             mask = ep.action_mask()
             if actions == "policy":
                 a = agent.greedy(ep.obs, mask)
+            elif actions == "srm_topk":
+                a = np.where(mask > 0, ep.srm_scores(), -np.inf).argmax(1)
             else:
                 a = np.array([rng.choice(np.flatnonzero(m)) for m in mask])
             r = ep.step(a)
@@ -126,17 +147,31 @@ def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, l
             label_ok[images, t - 1] = r.label == r.hit  # void points count as background here
             if t in record:
                 logits[t] += list(ep.logits.copy())
-                points[t] += [(ep.coords[s, : 2 + t].copy(), ep.labels[s, : 2 + t].copy()) for s in range(len(images))]
+                points[t] += [ep.points(s) for s in range(len(images))]
     return Rollout(logits, points, hits, label_ok)
 
 
-def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> dict:
-    """Metrics of low-res logits against full-resolution ground truth (void excluded)."""
+def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> MetricAccumulator:
+    """Per-image metrics of low-res logits against full-resolution ground truth (void excluded)."""
     acc = MetricAccumulator()
     for lo, i, hw in zip(logits, ids, sizes):
         pred = decoder.upscale(torch.from_numpy(lo)[None], (int(hw[0]), int(hw[1])))[0].numpy() > 0
         acc.add(pred, gt_full[i])
-    return acc.summary()
+    return acc
+
+
+def _method_row(acc: MetricAccumulator, roll: Rollout, t: int, ci: bool = True) -> dict:
+    row = {**acc.summary(), **roll.stats(t)}
+    if ci:
+        row["ci95"] = confidence_intervals(acc)
+    return row
+
+
+def check_store(agent: Agent, st: EmbeddingStore, store: str) -> None:
+    """Refuse a store made with another SAM than the agent's run (a silent wrong result otherwise)."""
+    if st.embed_dim != agent.srm.embed_dim:
+        raise ConfigError(f"store {store!r} holds {st.embed_dim}-d embeddings but the checkpoint was trained on "
+                          f"{agent.srm.embed_dim}-d ones (another SAM type); evaluate on a store of the same SAM")
 
 
 def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: int = 16, n_figures: int = 4,
@@ -144,9 +179,7 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     t0 = time.time()
     agent = Agent.load(checkpoint)
     st = EmbeddingStore(store)
-    if st.embed_dim != agent.srm.embed_dim:
-        raise ConfigError(f"store {store!r} holds {st.embed_dim}-d embeddings but the checkpoint was trained on "
-                          f"{agent.srm.embed_dim}-d ones (another SAM type); evaluate on a store of the same SAM")
+    check_store(agent, st, store)
     data = st.arrays(split)
     gt_full = st.gt_full(split)
     decoder = st.decoder()
@@ -158,64 +191,117 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         if progress:
             print(f"[evaluate] {msg}", flush=True)
 
-    results, sweep = {}, {}
-    horizon = max(T_SWEEP + (T,))
+    accs, results, sweep = {}, {}, {}
+    t_sweep = tuple(t for t in T_SWEEP if t <= agent.grid.n)
+    horizon = max(t_sweep + (T,))
     log(f"{len(ids)} {split} images, T = {T}; alignsam rollout to T = {horizon}")
-    main = rollout(agent, data, decoder, "policy", "srm", horizon, tuple(sorted(set(T_SWEEP + FIGURE_STEPS + (T, 0)))),
-                   batch, seed)
-    for t in T_SWEEP:
-        sweep[str(t)] = {**score(main.logits[t], ids, sizes, gt_full, decoder), **main.stats(t)}
-    results["alignsam"] = {**score(main.logits[T], ids, sizes, gt_full, decoder), **main.stats(T)}
-    results["single_step"] = {**score(main.logits[1], ids, sizes, gt_full, decoder), **main.stats(1)}
-    for name, (actions, labels, h) in METHODS.items():
+    main = rollout(agent, data, decoder, "policy", "srm", horizon,
+                   tuple(sorted(set(t_sweep + FIGURE_STEPS + (T, 0)) & set(range(horizon + 1)))), batch, seed)
+    for t in t_sweep:
+        sweep[str(t)] = _method_row(score(main.logits[t], ids, sizes, gt_full, decoder), main, t)
+    for name, t in (("alignsam", T), ("single_step", 1)):
+        accs[name] = score(main.logits[t], ids, sizes, gt_full, decoder)
+        results[name] = _method_row(accs[name], main, t)
+    for name, (actions, init, labels, h) in METHODS.items():
         if name in results:
             continue
         log(f"method {name}")
         h = h or T
-        r = rollout(agent, data, decoder, actions, labels, h, (h,), batch, seed)
-        results[name] = {**score(r.logits[h], ids, sizes, gt_full, decoder), **r.stats(h)}
+        r = rollout(agent, data, decoder, actions, labels, h, (h,), batch, seed, init=init)
+        accs[name] = score(r.logits[h], ids, sizes, gt_full, decoder)
+        results[name] = _method_row(accs[name], r, h)
+    results = {name: results[name] for name in METHODS}
+    paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in METHODS if name != "alignsam"}
     metrics = {
         "task": agent.cfg["task"], "n_images": int(len(ids)), "split": split, "horizon": T,
-        "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "methods": results, "t_sweep": sweep,
-        "initial_prompts": score(main.logits[0], ids, sizes, gt_full, decoder),
+        "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "methods": results, "paired": paired,
+        "t_sweep": sweep, "initial_prompts": score(main.logits[0], ids, sizes, gt_full, decoder).summary(),
         "seconds": round(time.time() - t0, 1),
     }
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(metrics))
-    figs = write_figures(st, split, main, ids, decoder, os.path.join(out, "figures"), n_figures)
+    figs = write_figures(st, split, main, ids, decoder, gt_full, os.path.join(out, "figures"), n_figures)
     log(f"wrote {out}/metrics.json, report.md and {figs} figure(s) in {metrics['seconds']:.0f}s")
     return metrics
 
 
-def _row(name: str, m: dict) -> str:
-    return f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in METRIC_KEYS + ("hit_rate", "label_accuracy")) + " |"
+def validation_metrics(agent: Agent, store: str, k: int, batch: int = 16, seed: int = 0) -> dict:
+    """alignsam (the paper's protocol) on the last ``k`` images of the store's train split, the
+    validation images a run with ``train.val_images = k`` never trains on -> {"val_miou", ...}."""
+    st = EmbeddingStore(store, verify=False)
+    data = st.arrays("train")
+    _, val = holdout_split(len(data["ids"]), k)
+    data = {key: v[val] for key, v in data.items()}
+    gt_full = st.gt_full("train")
+    decoder = st.decoder()
+    T = int(agent.cfg["env"]["horizon"])
+    r = rollout(agent, data, decoder, "policy", "srm", T, (T,), batch, seed)
+    summary = score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder).summary()
+    return {f"val_{m}": summary[m] for m in METRIC_KEYS}
+
+
+NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "emeasure": "E_phi", "mae": "MAE",
+         "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
+LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
+          "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
+          "gt_labels": "gt_labels (oracle labels)"}
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
+
+
+def _cell(m: dict, k: str) -> str:
+    v = m.get(k, float("nan"))
+    ci = (m.get("ci95") or {}).get(k)
+    return _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def verdict(diff: dict, metric: str) -> str:
+    """Words for a paired difference alignsam - other: only a CI that excludes 0 says better/worse."""
+    lo, hi = diff["ci95"]
+    if lo <= 0 <= hi or lo != lo:
+        return "no clear difference"
+    better = (lo > 0) != (metric in LOWER_IS_BETTER)
+    return "alignsam better" if better else "alignsam worse"
 
 
 def report_markdown(metrics: dict) -> str:
-    head = "| | mIoU | F_beta | E_phi | MAE | BER | hit rate | label acc. |\n|---|---|---|---|---|---|---|---|"
-    prim = ", ".join(primary_metrics(metrics["task"]))
+    keys = METRIC_KEYS + ("hit_rate", "label_accuracy")
+    head = "| | " + " | ".join(NAMES[k] for k in keys) + " |\n|" + "---|" * (len(keys) + 1)
+    prim = primary_metrics(metrics["task"])
     lines = [
         f"# AlignSAM evaluation: {metrics['task']}", "",
         f"{metrics['n_images']} {metrics['split']} images, T = {metrics['horizon']}, checkpoint "
-        f"`{metrics['checkpoint']}`, store `{metrics['store']}`. The paper reports {prim} for this task.", "",
+        f"`{metrics['checkpoint']}`, store `{metrics['store']}`. The paper reports "
+        f"{', '.join(NAMES[k] for k in prim)} for this task. Brackets: 95% bootstrap interval over images.", "",
         "## Methods and ablations (cf. paper Table 2)", "", head,
     ]
-    lines += [_row(name, m) for name, m in metrics["methods"].items()]
-    lines += ["", "`random_actions` = w/o RL, `all_positive` = w/o SRM, `single_step` = w/o multi-step (T = 1), "
-              "`gt_labels` = oracle point labels (upper bound). hit rate = share of picked points on foreground; "
-              "label acc. = share of picked points whose label (SRM, oracle or all-positive) matches the ground truth.", "",
-              "## Number of steps T (cf. paper Table 5)", "", head.replace("| |", "| T |", 1)]
-    lines += [_row(t, m) for t, m in metrics["t_sweep"].items()]
+    lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
+              for name, m in metrics["methods"].items()]
+    lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
+              "(SRM, oracle or all-positive) matches the ground truth.", "",
+              "## Paired differences: alignsam - method (95% bootstrap interval over the same images)", ""]
+    shown = tuple(dict.fromkeys(("miou",) + tuple(prim)))
+    lines += ["| method | " + " | ".join(f"{NAMES[k]} diff [95% CI] | " for k in shown).rstrip(" |") + " |",
+              "|---|" + "---|---|" * len(shown)]
+    for name, d in metrics["paired"].items():
+        cells = [f"{_fmt(d[k]['diff'])} [{_fmt(d[k]['ci95'][0])}, {_fmt(d[k]['ci95'][1])}] | {verdict(d[k], k)}"
+                 for k in shown]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Number of steps T (cf. paper Table 5)", "", head.replace("| |", "| T |", 1)]
+    lines += [f"| {t} | " + " | ".join(_cell(m, k) for k in keys) + " |" for t, m in metrics["t_sweep"].items()]
     init = metrics["initial_prompts"]
     lines += ["", f"Initial SRM prompts only (T = 0): mIoU {init['miou']:.3f}.", "", "## Metric definitions", ""]
     lines += [f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, folder: str, n: int) -> int:
-    """Per image: the prompts and the mask after steps 1, 5, 10 and 15 (green + = positive, red x = negative)."""
+def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, gt_full: dict, folder: str, n: int) -> int:
+    """Per image: the prompts, the mask (blue) and the ground-truth outline (yellow) after steps 1, 5,
+    10 and 15 (green + = positive, red x = negative)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +310,7 @@ def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, f
 
     os.makedirs(folder, exist_ok=True)
     paths = dict(zip(st.table(split)["id"].to_pylist(), st.table(split)["image_path"].to_pylist()))
+    steps = [t for t in FIGURE_STEPS if t in main.logits]
     written = 0
     for k in range(min(n, len(ids))):
         path = paths.get(ids[k])
@@ -232,19 +319,22 @@ def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, f
         image = np.asarray(Image.open(path).convert("RGB"))
         h, w = image.shape[:2]
         scale = max(h, w) / 1024
-        fig, axes = plt.subplots(1, len(FIGURE_STEPS), figsize=(4 * len(FIGURE_STEPS), 4 * h / w + 0.4))
-        for ax, t in zip(axes, FIGURE_STEPS):
+        gt = gt_full[ids[k]] == 1
+        fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 4 * h / w + 0.4), squeeze=False)
+        for ax, t in zip(axes[0], steps):
             mask = decoder.upscale(torch.from_numpy(main.logits[t][k])[None], (h, w))[0].numpy() > 0
             overlay = image.astype(np.float32).copy()
             overlay[mask] = 0.5 * overlay[mask] + 0.5 * np.array([30, 144, 255])
             ax.imshow(overlay.astype(np.uint8))
+            if gt.any() and not gt.all():
+                ax.contour(gt, levels=[0.5], colors="yellow", linewidths=1.2)
             coords, labels = main.points[t][k]
             xy = coords * scale
             ax.scatter(xy[labels == 1, 0], xy[labels == 1, 1], c="lime", marker="+", s=80, linewidths=2)
             ax.scatter(xy[labels == 0, 0], xy[labels == 0, 1], c="red", marker="x", s=60, linewidths=2)
             ax.set_title(f"step {t}")
             ax.axis("off")
-        fig.suptitle(str(ids[k]))
+        fig.suptitle(f"{ids[k]}  (blue: mask, yellow: ground truth)")
         fig.tight_layout()
         fig.savefig(os.path.join(folder, str(ids[k]).replace("/", "_") + ".png"), dpi=72)
         plt.close(fig)

@@ -20,22 +20,44 @@ Quirks of that library that decided which of its outputs are used:
     the 256-point curve is not the binary score because it includes threshold 0 (all foreground).
   * E-measure is normalised by N - 1, as in the MATLAB reference, so a perfect mask scores N / (N - 1),
     slightly above 1 (16/15 on a 4x4 image; 1 + 1e-5 on a 320x320 image).
+
+Aggregation over a test set (``MetricAccumulator.summary()``):
+  * per-image means: miou, fbeta, emeasure, mae, ber_per_image;
+  * dataset-level, from pixel counts summed over all images: iou_dataset (PASCAL VOC accumulated IoU) and
+    ber (SBU reference code). BER is in PERCENT everywhere in this module, per image and per data set.
+Per image the accumulator keeps tp, fp, fn, tn (non-void pixel counts) next to the per-image metrics, so
+``confidence_intervals`` and ``paired_difference`` recompute every summary metric, dataset-level ones from
+summed counts, on bootstrap resamples of the images (``scipy.stats.bootstrap``, BCa).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import py_sod_metrics as sod
+from scipy import stats
 
 VOID = 255
 BETA2 = 0.3  # beta^2 of F_beta, the salient-object convention
-IMAGE_KEYS = ("iou", "fbeta", "emeasure", "mae", "ber")
+IMAGE_KEYS = ("iou", "fbeta", "emeasure", "mae", "ber")  # per-image metrics (ber in percent)
+COUNT_KEYS = ("tp", "fp", "fn", "tn")  # per-image counts of non-void pixels
+SUMMARY_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image")
 
 METRIC_DEFINITIONS: dict[str, str] = {
-    "miou": "mean over images of the foreground IoU TP/(TP+FP+FN), void pixels excluded; 1 when mask and ground truth are both empty",
-    "fbeta": "mean over images of F_beta = (1+b2)PR/(b2 P + R) with beta^2 = 0.3 of the binary mask (pysodmetrics), void excluded; 1 when both are empty",
-    "emeasure": "mean over images of the enhanced-alignment measure E_phi (Fan et al., IJCAI 2018) of the binary mask (pysodmetrics, sum over pixels / (N-1)), void excluded",
+    "miou": "mean over images of the per-image foreground IoU TP/(TP+FP+FN), void pixels excluded; 1 when mask and "
+            "ground truth are both empty. Reported as mIoU for blur and glass: the AlignSAM paper does not say "
+            "whether its mIoU is per-image or accumulated, we use the per-image mean",
+    "iou_dataset": "PASCAL VOC accumulated foreground IoU: sum over images of TP / sum over images of (TP+FP+FN), "
+                   "void (255) pixels excluded; 1 if the union is empty on every image",
+    "fbeta": "mean over images of F_beta = (1+b2)PR/(b2 P + R) with beta^2 = 0.3 (salient-object convention) of the "
+             "binary mask (pysodmetrics), void excluded; 1 when both are empty",
+    "emeasure": "mean over images of the enhanced-alignment measure E_phi (Fan et al., IJCAI 2018) of the binary mask "
+                "(pysodmetrics, sum over pixels / (N-1)), void excluded",
     "mae": "mean over images of the mean absolute error |mask - gt| over non-void pixels, mask in {0,1} (pysodmetrics)",
-    "ber": "mean over images of the balanced error rate 1 - (TP/N_pos + TN/N_neg)/2, void excluded; only the defined term when a class is absent",
+    "ber": "balanced error rate in PERCENT over the whole test set, as the SBU shadow reference code: "
+           "100 * (1 - (sum TP / sum N_pos + sum TN / sum N_neg) / 2), counts summed over all images, void excluded",
+    "ber_per_image": "mean over images of the per-image balanced error rate in percent, "
+                     "100 * (1 - (TP/N_pos + TN/N_neg)/2), void excluded; only the defined term when a class is absent",
 }
 
 PRIMARY_METRICS = {
@@ -43,7 +65,7 @@ PRIMARY_METRICS = {
     "shadow": ("miou", "ber"),
     "glass": ("miou", "fbeta"),
     "saliency": ("emeasure", "mae"),
-    "voc": ("miou",),
+    "voc": ("iou_dataset",),
 }
 _SYNTHETIC = {"synthetic_blur": "blur", "synthetic_shadow": "shadow", "synthetic_glass": "glass",
               "synthetic_saliency": "saliency", "synthetic_shapes": "voc"}
@@ -70,15 +92,20 @@ def _valid_pixels(pred, gt) -> tuple[np.ndarray, np.ndarray]:
     return pred[valid].astype(bool), gt[valid] == 1
 
 
+def _ber_percent(tp, fp, fn, tn):
+    """100 * (1 - (TP/N_pos + TN/N_neg) / 2), only the defined rate when a class is absent; arrays broadcast."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 100 * (1 - np.nanmean(np.stack([tp / (tp + fn), tn / (tn + fp)]), axis=0))
+
+
 def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     """Metrics of one binary mask against its ground truth, void pixels excluded; all higher-is-better
-    except ``mae`` and ``ber``. Returns {"iou", "fbeta", "emeasure", "mae", "ber"} as floats."""
+    except ``mae`` and ``ber``. Returns {"iou", "fbeta", "emeasure", "mae", "ber"} as floats (ber in percent)
+    and the non-void pixel counts {"tp", "fp", "fn", "tn"} as ints."""
     p, g = _valid_pixels(pred, gt)
     tp, fp, fn = np.count_nonzero(p & g), np.count_nonzero(p & ~g), np.count_nonzero(~p & g)
     tn = p.size - tp - fp - fn
     iou = tp / (tp + fp + fn) if tp + fp + fn else 1.0
-    rates = ([tp / (tp + fn)] if tp + fn else []) + ([tn / (tn + fp)] if tn + fp else [])
-    ber = 1.0 - float(np.mean(rates))
 
     pf, gb = p.astype(np.float64)[None], g[None]  # (1, N): the pysodmetrics metrics used are count-based
     fm = sod.FmeasureV2({"f": sod.FmeasureHandler(with_dynamic=False, with_adaptive=False, with_binary=True, beta=BETA2)})
@@ -89,11 +116,25 @@ def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     mae = sod.MAE()
     mae.step(pf, gb, normalize=False)
     return {"iou": float(iou), "fbeta": float(fbeta), "emeasure": float(em.get_results()["em"]["curve"][0]),
-            "mae": float(mae.get_results()["mae"]), "ber": ber}
+            "mae": float(mae.get_results()["mae"]), "ber": float(_ber_percent(tp, fp, fn, tn)),
+            "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn)}
+
+
+def _summaries(w: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Summary metrics of weighted image sets. w: (B, n) image weights (1 = once, bootstrap resample counts);
+    table: (n, 9) per-image columns IMAGE_KEYS + COUNT_KEYS. -> (7, B), rows in SUMMARY_KEYS order."""
+    s = w @ table  # (B, 9) weighted sums
+    mean = s[:, :5] / w.sum(1, keepdims=True)
+    tp, fp, fn, tn = s[:, 5:].T
+    union = tp + fp + fn
+    iou_dataset = np.where(union > 0, tp / np.maximum(union, 1), 1.0)
+    miou, fbeta, emeasure, mae, ber_per_image = mean.T
+    return np.stack([miou, iou_dataset, fbeta, emeasure, mae, _ber_percent(tp, fp, fn, tn), ber_per_image])
 
 
 class MetricAccumulator:
-    """Collects per-image metrics; ``summary()`` averages them over images (mIoU = mean per-image IoU)."""
+    """Collects per-image metrics and counts (``per_image``: one ``image_metrics`` dict per image, in order);
+    ``summary()`` aggregates them over the images."""
 
     def __init__(self):
         self.per_image: list[dict] = []
@@ -108,10 +149,66 @@ class MetricAccumulator:
             return
         self.per_image.append(image_metrics(pred, gt))
 
+    def table(self) -> np.ndarray:
+        """(n_images, 9) float64: per-image IMAGE_KEYS then COUNT_KEYS columns."""
+        keys = IMAGE_KEYS + COUNT_KEYS
+        return np.array([[m[k] for k in keys] for m in self.per_image], np.float64).reshape(-1, len(keys))
+
     def summary(self) -> dict:
-        """{"miou", "fbeta", "emeasure", "mae", "ber"}: means over images (NaN if none), plus "n_images"."""
+        """{"miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image"} as floats (see
+        METRIC_DEFINITIONS; NaN if no image), plus "n_images"."""
         n = len(self.per_image)
-        out = {("miou" if k == "iou" else k): float(np.mean([m[k] for m in self.per_image])) if n else float("nan")
-               for k in IMAGE_KEYS}
-        out["n_images"] = n
-        return out
+        vals = _summaries(np.ones((1, n)), self.table())[:, 0] if n else np.full(len(SUMMARY_KEYS), np.nan)
+        return {**{k: float(v) for k, v in zip(SUMMARY_KEYS, vals)}, "n_images": n}
+
+
+def _bootstrap(stat, n: int, point: np.ndarray, n_boot: int, seed: int, level: float) -> np.ndarray:
+    """BCa bootstrap CI over n images of ``stat(w) -> (k, B)`` (w: (B, n) resample counts) -> (k, 2) [lo, hi].
+    The images are resampled via their indices, so one resample serves every metric (and both methods of a
+    paired comparison). Where BCa is undefined (e.g. a constant bootstrap distribution) the percentile CI is
+    used; for n < 2 the CI is [point, point] (NaN for n = 0)."""
+    if n < 2:
+        return np.stack([point, point], 1)
+
+    def on_indices(idx, axis=-1):  # idx: (..., m) image indices -> (k, ...)
+        idx = np.asarray(idx, np.int64)
+        flat = idx.reshape(-1, idx.shape[-1])
+        w = np.bincount((flat + n * np.arange(len(flat))[:, None]).ravel(), minlength=len(flat) * n)
+        return stat(w.reshape(len(flat), n).astype(np.float64)).reshape(-1, *idx.shape[:-1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.bootstrap((np.arange(n),), on_indices, n_resamples=n_boot, vectorized=True, axis=-1,
+                              confidence_level=level, method="BCa", rng=np.random.default_rng(seed))
+    ci = np.stack([res.confidence_interval.low, res.confidence_interval.high], 1)
+    pct = np.percentile(res.bootstrap_distribution, [50 * (1 - level), 50 * (1 + level)], axis=1).T
+    return np.where(np.isnan(ci), pct, ci)
+
+
+def confidence_intervals(acc: MetricAccumulator, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """{metric: [lo, hi]} for every SUMMARY_KEYS metric: bootstrap over the test images (resampled with
+    replacement; iou_dataset and ber recomputed from the summed counts of each resample). Deterministic in seed;
+    [value, value] when n_images < 2 (NaN when empty)."""
+    table, n = acc.table(), len(acc.per_image)
+    point = np.array([acc.summary()[k] for k in SUMMARY_KEYS])
+    ci = _bootstrap(lambda w: _summaries(w, table), n, point, n_boot, seed, level)
+    return {k: [float(lo), float(hi)] for k, (lo, hi) in zip(SUMMARY_KEYS, ci)}
+
+
+def paired_difference(acc_a: MetricAccumulator, acc_b: MetricAccumulator, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """{metric: {"diff": summary_a[m] - summary_b[m], "ci95": [lo, hi]}} for every SUMMARY_KEYS metric; both
+    accumulators must hold the same images in the same order (paired bootstrap: one resample of image indices
+    applied to both). ``ci95`` is at ``level`` (0.95 by default). Raises ValueError on a different number of images
+    or different ground truth (per-image N_pos, N_neg). CI as in ``confidence_intervals`` for n_images < 2."""
+    ta, tb = acc_a.table(), acc_b.table()
+    if len(ta) != len(tb):
+        raise ValueError(f"paired_difference needs the same images: {len(ta)} vs {len(tb)} images")
+    pos_neg = lambda t: np.stack([t[:, 5] + t[:, 7], t[:, 6] + t[:, 8]])  # N_pos = TP + FN, N_neg = FP + TN
+    if not np.array_equal(pos_neg(ta), pos_neg(tb)):
+        raise ValueError("paired_difference needs the same images in the same order: ground-truth counts differ")
+    sa, sb = acc_a.summary(), acc_b.summary()
+    diff = np.array([sa[k] - sb[k] for k in SUMMARY_KEYS])
+    ci = _bootstrap(lambda w: _summaries(w, ta) - _summaries(w, tb), len(ta), diff, n_boot, seed, level)
+    return {k: {"diff": float(d), "ci95": [float(lo), float(hi)]} for k, d, (lo, hi) in zip(SUMMARY_KEYS, diff, ci)}

@@ -76,6 +76,7 @@ class AlignSAMPredictor:
         e = self.cfg["env"]
         self.grid = PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
         self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])
+        self.state = e.get("state", "binary")  # bundles from before the probability state were binary
 
     def _load_clip(self, clip_weights: str | None) -> None:
         from .foundation.clip_surgery import ClipSurgery
@@ -112,7 +113,7 @@ class AlignSAMPredictor:
         if self.clip is not None:  # as `alignsam embed` made them: on the resized image, SAM's padding
             data[f"map_{self.text_map}"] = self.clip.maps(resized, [self.text])[:, 0]
         ep = PromptEpisodes(data, self.decoder, self.grid, len(images), T, self.obs_res, "srm", "srm", self.srm,
-                            self.text_map)
+                            self.text_map, state=self.state)
         ep.reset(np.arange(len(images)), np.arange(len(images)))
         for _ in range(T):
             logits = self.policy(torch.from_numpy(ep.obs.astype(np.float32)), torch.from_numpy(ep.action_mask()))

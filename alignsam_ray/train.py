@@ -29,7 +29,7 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.tune.registry import register_env
 
-from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm
+from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm, srm_holder
 from .agent.rl_module import AlignSamActorCritic
 from .agent.srm import SrmTrainer
 from .config import env_config, save_config
@@ -61,6 +61,10 @@ def num_gpus(cfg: dict) -> float:
     return (1 if torch.cuda.is_available() else 0) if g == "auto" else float(g)
 
 
+def srm_actor_name(cfg: dict) -> str:
+    return f"alignsam-srm:{cfg['run_dir']}"
+
+
 def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
     """The RLlib PPOConfig of a run config (paper hyperparameters set explicitly)."""
     register_env(ENV_NAME, make_env)
@@ -70,7 +74,8 @@ def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
         PPOConfig()
         .environment(ENV_NAME, env_config=env_config(cfg, store_actor=store_actor, split="train", init="gt",
                                                      labels="srm", collect_srm_samples=True,
-                                                     seed=cfg["train"]["seed"]))
+                                                     holdout=cfg["train"]["val_images"],
+                                                     srm_actor=srm_actor_name(cfg), seed=cfg["train"]["seed"]))
         .env_runners(num_env_runners=r["num_env_runners"], num_envs_per_env_runner=r["num_envs_per_env_runner"],
                      num_cpus_per_env_runner=r["num_cpus_per_env_runner"], sample_timeout_s=r["sample_timeout_s"],
                      gym_env_vectorize_mode="vector_entry_point")
@@ -82,7 +87,8 @@ def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
                   grad_clip=p["grad_clip"])
         .rl_module(rl_module_spec=RLModuleSpec(
             module_class=AlignSamActorCritic,
-            model_config={"grid": [grid.rows, grid.cols], "width": cfg["model"]["width"]}))
+            model_config={"grid": [grid.rows, grid.cols], "width": cfg["model"]["width"],
+                          "time_input": cfg["model"]["time_input"]}))
         .callbacks(AlignSamMetrics)
         .fault_tolerance(restart_failed_env_runners=True)
         .debugging(seed=cfg["train"]["seed"], log_level="WARN")
@@ -129,9 +135,11 @@ class Trainer:
         store = EmbeddingStore(cfg["store"], verify=False)
         init_ray()
         self.store_actor = publish_store(cfg["store"], "train")
-        self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
         s = cfg["srm"]
         self.srm = SrmTrainer(store.embed_dim, s["branch"], s["lr"], s["q"], s["batch_size"], cfg["train"]["seed"])
+        self.srm_holder = srm_holder(srm_actor_name(cfg))  # envs built later (restarts) read the SRM here
+        ray.get(self.srm_holder.set.remote(self.srm.state()))
+        self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
         self.iteration = 0
         self.env_steps = 0
         if resume:
@@ -141,6 +149,7 @@ class Trainer:
     # ------------------------------------------------------------------ SRM <-> EnvRunners
     def push_srm(self) -> None:
         state = self.srm.state()
+        ray.get(self.srm_holder.set.remote(state))  # first: a runner restarted from now on reads it
         self.algo.env_runner_group.foreach_env_runner(lambda r: set_runner_srm(r, state), local_env_runner=True)
 
     def pull_srm_samples(self) -> list:
@@ -248,8 +257,18 @@ class Trainer:
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         print(f"[train] resumed from {ckpt} (iteration {self.iteration})", flush=True)
 
+    def validate(self) -> dict:
+        """The paper's evaluation protocol (alignsam only) on the held-out validation images."""
+        from .evaluate import Agent, validation_metrics
+
+        module = self.algo.get_module()
+        module.eval()
+        agent = Agent(module, self.srm.srm, self.cfg, checkpoint=f"{self.run_dir} (iteration {self.iteration})")
+        return validation_metrics(agent, self.cfg["store"], self.cfg["train"]["val_images"])
+
     def stop(self) -> None:
         self.algo.stop()
+        ray.kill(self.srm_holder)
 
 
 def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:

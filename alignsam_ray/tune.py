@@ -17,7 +17,9 @@ A sweep file (YAML):
       env.horizon: {grid: [10, 15]}
       env.grid: {grid: [8, 10, 16]}              # the patch grid: 8x8, 10x10, 16x16 actions
     num_samples: 1                  # repeats of the grid (random search: draws)
-    metric: final_iou               # reported each iteration: final_iou, hit_rate, episode_return
+    val_images: 10                  # the last k training images of each store: the validation split
+    metric: val_miou                # selection metric, on the validation split: val_miou, val_iou_dataset,
+                                    #   val_fbeta or val_emeasure
     scheduler: none                 # or asha (early stopping; asha: {grace_period, reduction_factor})
     max_concurrent: null            # trials at once (default: as many as the cluster fits)
 
@@ -25,6 +27,12 @@ Each trial is one `alignsam train` run (PPO + SRM, the same ``Trainer``) in its 
 with its own checkpoints; ``--resume`` continues an interrupted sweep with ``Tuner.restore`` and
 every unfinished trial resumes from its last checkpoint. At the end: ``best_per_task.md`` / ``.csv``
 (the best trial of each task by the last value of ``metric``), ``trials.csv`` and ``sweep.png``.
+
+Model selection: trials train on the store's training images minus the last ``val_images`` of them;
+after every iteration the trial is evaluated with the paper's protocol (SRM start, greedy policy, SRM
+labels, T steps) on those held-out images, and the best trial is the one with the highest last
+``metric`` there. Never on training episodes, never on the test split: that stays untouched for
+`alignsam evaluate` of the chosen configuration.
 """
 from __future__ import annotations
 
@@ -38,11 +46,11 @@ from .config import ConfigError, load_config
 
 SWEEP_DEFAULTS = {"name": "sweep", "storage": "tune_results", "tasks": None, "store_root": None,
                   "overrides": {}, "search": {},
-                  "num_samples": 1, "metric": "final_iou", "scheduler": "none",
+                  "num_samples": 1, "val_images": 10, "metric": "val_miou", "scheduler": "none",
                   "asha": {"grace_period": 5, "reduction_factor": 3}, "max_concurrent": None}
-METRICS = ("final_iou", "hit_rate", "episode_return")
-RESULT_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_iou", "label_accuracy",
-               "env_steps_per_s", "iter_s")
+METRICS = ("val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure")  # higher is better, validation split
+RESULT_KEYS = ("iteration", "env_steps", "val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure",
+               "episode_return", "hit_rate", "final_iou", "label_accuracy", "env_steps_per_s", "iter_s")
 
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
@@ -63,7 +71,11 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
     if not sweep["tasks"]:
         raise ConfigError(f"{path}: 'tasks' must list at least one base run config (tune_configs/<task>.yaml)")
     if sweep["metric"] not in METRICS:
-        raise ConfigError(f"{path}: metric must be one of {METRICS}, got {sweep['metric']!r}")
+        raise ConfigError(f"{path}: metric must be one of {METRICS} (measured on the validation split), "
+                          f"got {sweep['metric']!r}")
+    if not isinstance(sweep["val_images"], int) or sweep["val_images"] < 1:
+        raise ConfigError(f"{path}: val_images must be a whole number >= 1 (the held-out validation images), "
+                          f"got {sweep['val_images']!r}")
     if sweep["scheduler"] not in ("none", "asha"):
         raise ConfigError(f"{path}: scheduler must be 'none' or 'asha', got {sweep['scheduler']!r}")
     base = os.path.dirname(os.path.abspath(path))
@@ -71,6 +83,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
     for p in sweep["tasks"]:
         full = p if os.path.isabs(p) or os.path.isfile(p) else os.path.join(base, os.path.basename(p))
         task_overrides = dict(_nested(sweep["overrides"]))
+        task_overrides.setdefault("train", {})["val_images"] = sweep["val_images"]
         if sweep["store_root"]:
             with open(full) as f:
                 name = (yaml.safe_load(f) or {}).get("task") or os.path.splitext(os.path.basename(full))[0]
@@ -149,6 +162,7 @@ def _trainable(params: dict, task_configs: dict) -> None:
             row = trainer.train_iteration()
             if trainer.iteration % every == 0 or trainer.iteration == total:
                 trainer.save()
+            row.update(trainer.validate())  # the selection metric: paper protocol on held-out images
             tune.report({k: row[k] for k in RESULT_KEYS} | {"task": params["task"]})
     finally:
         trainer.stop()
@@ -256,8 +270,9 @@ def write_summary(results, sweep: dict, path: str) -> dict:
         w = csv.DictWriter(f, cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    shown = searched + ["iteration", "final_iou", "hit_rate", "episode_return"]
-    md = [f"# Sweep {sweep['name']}: best trial per task (by last {metric})", "",
+    shown = searched + ["iteration", metric, "final_iou", "hit_rate"]
+    md = [f"# Sweep {sweep['name']}: best trial per task (by last {metric}, on {sweep['val_images']} held-out "
+          "training images; final_iou and hit_rate are from training episodes)", "",
           "| " + " | ".join(shown) + " | trial |", "|" + "---|" * (len(shown) + 1)]
     for t in rows:
         md.append("| " + " | ".join(_fmt(t.get(k)) for k in shown) + f" | {t['trial']} |")

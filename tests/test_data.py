@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from alignsam_ray.data import (
     SYNTHETIC_TASKS, TASK_TEXT, DataError, Sample, check_sample, generate_all, generate_task, load_image,
@@ -99,16 +99,48 @@ def test_image_modes_become_rgb_and_01_masks_are_labels(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ named layouts
-def test_cuhk_inverts_by_default(tmp_path):
-    root = tmp_path / "CUHK"
-    _pairs(root / "image", root / "gt", ["motion0001", "out_of_focus0002"])  # gt white = blurred (left half)
+def _cuhk(root, stems=("motion0001", "out_of_focus0002")):
+    """A CUHK-style folder: noise images blurred inside a box; gt white = that blurred box (as the release)."""
+    blurred = np.zeros((H, W), bool)
+    blurred[4:18, 6:26] = True
+    for i, stem in enumerate(stems):
+        sharp = _img(i)
+        soft = np.asarray(Image.fromarray(sharp).filter(ImageFilter.GaussianBlur(3)))
+        _save(root / "image" / f"{stem}.jpg", np.where(blurred[..., None], soft, sharp))
+        _save(root / "gt" / f"{stem}.png", blurred.astype(np.uint8) * 255)
+    return root, blurred
+
+
+def test_cuhk_foreground_is_the_blurred_region(tmp_path):
+    root, blurred = _cuhk(tmp_path / "CUHK")
     samples = open_dataset(str(root), n_train=1)
     assert [s.split for s in samples] == ["test", "train"]
-    s = samples[0]
-    assert (s.task, s.text, s.invert) == ("blur", "defocus background", True)
-    mask = load_mask(s)
-    assert mask[:, : W // 2].max() == 0 and mask[:, W // 2 :].min() == 1  # sharp (black in gt) = foreground
-    assert not open_dataset(str(root), n_train=1, invert=False)[0].invert
+    for s in samples:  # the paper: "defocus background", gt white (blurred) = foreground
+        assert (s.task, s.text, s.invert) == ("blur", "defocus background", False)
+        np.testing.assert_array_equal(load_mask(s), blurred.astype(np.uint8))
+    assert open_dataset("cuhk:" + str(root), n_train=1) == samples
+    assert open_dataset(str(root), n_train=1, invert=False) == samples
+    inverted = open_dataset("cuhk:" + str(root), n_train=1, invert=True)  # the other convention: sharp = fg
+    assert [s.invert for s in inverted] == [True, True]
+    for s in inverted:
+        np.testing.assert_array_equal(load_mask(s), (~blurred).astype(np.uint8))
+        image, mask = load_pair(s)
+        assert image.shape[:2] == mask.shape == (H, W)
+
+
+def test_blur_in_the_generic_layout_follows_dataset_json(tmp_path):
+    root = tmp_path / "blur_generic"
+    _, blurred = _cuhk(root)
+    os.rename(root / "image", root / "images")
+    os.rename(root / "gt", root / "masks")
+    (root / "dataset.json").write_text(json.dumps({"task": "blur"}))
+    s = open_dataset(str(root), n_train=None)[0]
+    assert (s.task, s.text, s.invert) == ("blur", "defocus background", False)
+    np.testing.assert_array_equal(load_mask(s), blurred.astype(np.uint8))
+    (root / "dataset.json").write_text(json.dumps({"task": "blur", "invert": True}))
+    s = open_dataset(str(root), n_train=None)[0]
+    assert s.invert and (load_mask(s) == (~blurred).astype(np.uint8)).all()
+    assert not open_dataset(str(root), n_train=None, invert=False)[0].invert  # the argument wins
 
 
 def test_sbu_release_split_folders(tmp_path):
@@ -324,7 +356,8 @@ def test_synthetic_sizes_and_foreground(synth):
             image, mask = load_pair(s)
             shapes.append(image.shape[:2])
             frac = mask.mean()
-            assert 0.05 <= frac <= 0.5, (s.id, task, frac)
+            lo, hi = (0.5, 0.95) if task == "synthetic_blur" else (0.05, 0.5)  # blur: fg = the blurred rest
+            assert lo <= frac <= hi, (s.id, task, frac)
             assert set(np.unique(mask).tolist()) == {0, 1}
     assert len(set(shapes)) > 10 and any(h != w for h, w in shapes)
     for h, w in shapes:
@@ -341,7 +374,7 @@ def test_synthetic_cues_follow_the_task(synth):
         image, mask = load_pair(s)
         energy = _laplacian_energy(image.astype(np.float32).mean(axis=2))
         inner = mask[1:-1, 1:-1].astype(bool)
-        assert energy[inner].mean() > 2 * energy[~inner].mean(), s.id  # the foreground is the sharp part
+        assert energy[inner].mean() < 0.5 * energy[~inner].mean(), s.id  # the foreground is the blurred part
     for s in open_dataset(synth["synthetic_shadow"], n_train=None):
         image, mask = load_pair(s)
         grey = image.astype(np.float32).mean(axis=2)
@@ -367,6 +400,33 @@ def test_synthetic_is_idempotent_and_regenerates_on_change(tmp_path):
         generate_task("synthetic_blur", str(tmp_path / "mine"), progress=False)
     with pytest.raises(DataError, match="unknown synthetic task"):
         generate_task("synthetic_fog", str(tmp_path / "fog"), progress=False)
+
+
+def test_synthetic_blur_from_an_older_generator_is_regenerated(tmp_path):
+    """Version 1 wrote the in-focus regions as foreground; its folders must not be reused."""
+    from alignsam_ray.data.synthetic import GENERATOR_VERSION
+
+    assert GENERATOR_VERSION >= 2 and TASK_TEXT["synthetic_blur"] == TASK_TEXT["blur"] == "defocus background"
+    out = str(tmp_path / "blur")
+    generate_task("synthetic_blur", out, n_train=1, n_test=1, progress=False)
+    fresh = _files(out)
+    meta_path = os.path.join(out, "dataset.json")
+    meta = json.load(open(meta_path))
+    assert meta["generator"]["version"] == GENERATOR_VERSION and meta["text"] == "defocus background"
+    assert not meta["invert"]
+    for split in ("train", "test"):  # make it look like a version-1 folder: masks = the sharp part
+        path = os.path.join(out, split, "masks", "0000.png")
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    meta["generator"]["version"] = 1
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    generate_task("synthetic_blur", out, n_train=1, n_test=1, progress=False)
+    assert _files(out) == fresh
+    for s in open_dataset(out, n_train=None):
+        image, mask = load_pair(s)
+        energy = _laplacian_energy(image.astype(np.float32).mean(axis=2))
+        inner = mask[1:-1, 1:-1].astype(bool)
+        assert energy[inner].mean() < energy[~inner].mean(), s.id
 
 
 def test_duplicate_stems_and_voc_listing_errors(tmp_path, capsys):

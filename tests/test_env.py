@@ -32,9 +32,10 @@ def test_grid_centres_non_square_image():
     assert (g.cell_of(u, v) == np.arange(100)).all()
 
 
-def _episodes(decoder, labels="gt", horizon=4, slots=1, sizes=((300, 600), (500, 250))):
+def _episodes(decoder, labels="gt", horizon=4, slots=1, sizes=((300, 600), (500, 250)), **kw):
     data = toy_data(sizes)
-    return PromptEpisodes(data, decoder, PatchGrid(10, 10), slots, horizon, 8, "gt", labels, SRM(64), seed=0)
+    return PromptEpisodes(data, decoder, PatchGrid(10, 10), slots, horizon, 8, kw.pop("init", "gt"), labels,
+                          kw.pop("srm", SRM(64)), seed=0, **kw)
 
 
 def test_reward_hit_label_and_void(micro_decoder):
@@ -93,19 +94,92 @@ def test_batched_slots_equal_single_slots(micro_decoder):
 def test_observation_is_masked_embedding(micro_decoder):
     ep = _episodes(micro_decoder)
     ep.reset([0], [0])
-    ep.mask[0] = False
+    ep.prob[0] = 0
     ep._observe(np.array([0]))
-    assert not ep.obs[0].any()  # empty previous mask -> zero state
-    ep.mask[0] = True
+    assert not ep.obs[0].any()  # empty previous map -> zero state
+    ep.prob[0] = 1
     ep._observe(np.array([0]))
     assert ep.obs.dtype == np.float16 and ep.obs[0].any()
+
+
+def _expected_obs(ep, m256: np.ndarray) -> np.ndarray:
+    """E_I(x) (.) M by hand: M (256, 256) averaged to the 64 grid, image area cropped, pooled to R."""
+    import torch
+    import torch.nn.functional as F
+
+    emb = torch.from_numpy(ep.data["embeddings"][0].astype(np.float32))
+    m64 = F.avg_pool2d(torch.from_numpy(m256.astype(np.float32))[None], 4)
+    h, w = ep._cells64[0]
+    return F.adaptive_avg_pool2d((emb * m64)[:, :h, :w], ep.R).numpy()
+
+
+def test_state_is_sams_probability_map_by_default(micro_decoder):
+    """Paper Sec. 3.3 / Eq. 11: s_t = E_I(x) (.) sigmoid(SAM's low-res logits); the binary option
+    multiplies by the thresholded mask. They differ (the probability map keeps features outside the mask)."""
+    import torch
+
+    prob, binary = _episodes(micro_decoder), _episodes(micro_decoder, state="binary")
+    for ep in (prob, binary):
+        ep.reset([0], [0])
+        ep.step([54])
+    np.testing.assert_array_equal(prob.logits, binary.logits)  # same prompts, same SAM output
+    p = torch.sigmoid(torch.from_numpy(prob.logits[0])).numpy()
+    assert 0.01 < p.mean() < 0.99 and ((p > 0.02) & (p < 0.98)).any()  # a real probability map
+    np.testing.assert_allclose(prob.obs[0].astype(np.float32), _expected_obs(prob, p), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(binary.obs[0].astype(np.float32), _expected_obs(binary, binary.logits[0] > 0),
+                               rtol=2e-3, atol=2e-3)
+    assert np.abs(prob.obs[0].astype(np.float32) - binary.obs[0].astype(np.float32)).max() > 1e-2
+    with pytest.raises(ValueError, match="state must be one of"):
+        _episodes(micro_decoder, state="soft")
+
+
+def test_centre_start_without_srm(micro_decoder):
+    """w/o SRM: one positive point at the image centre, no negative point, no SRM at all."""
+    ep = _episodes(micro_decoder, labels="positive", init="centre", srm=None, horizon=3)
+    ep.reset([0], [0])  # a 300 x 600 image: centre (300, 150) -> SAM frame (512, 256)
+    coords, labels = ep.points(0)
+    np.testing.assert_allclose(coords, [[512, 256]])
+    assert labels.tolist() == [1]
+    ep.step([55])
+    coords, labels = ep.points(0)
+    assert len(coords) == 2 and labels.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="needs an SRM"):
+        _episodes(micro_decoder, labels="srm", init="centre", srm=None)
+
+
+def test_srm_scores_and_step_fraction(micro_decoder):
+    ep = _episodes(micro_decoder, horizon=4)
+    ep.reset([0], [0])
+    ep.srm_prob[0] = 0
+    r, c = ep._centre_cells[37]
+    ep.srm_prob[0, r, c] = 0.9  # the SRM likes patch 37 (row 3, col 7) best
+    scores = ep.srm_scores()
+    assert scores.shape == (1, 100) and scores[0, 37] == np.float32(0.9)
+    same_cell = (ep._centre_cells == (r, c)).all(1)  # R = 8 < 10 patches: patches can share a cell
+    assert (scores[0] == np.float32(0.9)).tolist() == same_cell.tolist()
+    assert ep.step_fraction().tolist() == [[0.0]]
+    ep.step([37])
+    assert ep.step_fraction().tolist() == [[0.25]]
+
+
+def test_holdout_pool_keeps_validation_images_out_of_training(micro_decoder):
+    from alignsam_ray.env.alignsam_env import holdout_split
+
+    train, val = holdout_split(10, 3)
+    assert train.tolist() == list(range(7)) and val.tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="holdout"):
+        holdout_split(5, 5)
+    ep = _episodes(micro_decoder, slots=4, sizes=((300, 600), (500, 250), (400, 400)), pool=[0, 2])
+    for _ in range(10):
+        ep.reset(np.arange(4))
+        assert set(ep.image.tolist()) <= {0, 2}
 
 
 def test_gym_env_passes_checker_and_reads_store(blur_store):
     env = AlignSamEnv({"store": blur_store, "horizon": 5, "obs_res": 8, "seed": 0})
     check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=1)
-    assert obs["obs"].shape == (64, 8, 8) and obs["action_mask"].shape == (100,)
+    assert obs["obs"].shape == (64, 8, 8) and obs["action_mask"].shape == (100,) and obs["step"].tolist() == [0.0]
     total, done = 0, False
     while not done:
         action = int(np.flatnonzero(obs["action_mask"])[0])
@@ -113,6 +187,7 @@ def test_gym_env_passes_checker_and_reads_store(blur_store):
         assert reward in (-1.0, 0.0, 1.0) and not truncated
         total += 1
     assert total == 5 and info["step"] == 5 and {"iou", "hit", "label"} <= set(info)
+    assert obs["step"].tolist() == [1.0]  # t / T: the critic knows the episode is over
 
 
 def test_vector_env_autoresets_next_step(blur_store):
@@ -160,3 +235,27 @@ def test_explicit_branch_reads_the_text_map(micro_decoder):
     assert s_c is not None and s_c.shape == s_t.shape == (64, 8, 8) and target.shape == (8, 8)
     assert np.abs(s_c[:, :, 6:]).max() == 0  # M_c = 0 on the right: nothing there
     assert ep.pop_srm_samples() == []
+
+
+def test_new_env_loads_the_runs_latest_srm(blur_store):
+    """An env built after the trainer published SRM weights (e.g. in an EnvRunner that RLlib restarted)
+    labels with those weights, not with a fresh random SRM."""
+    import ray
+    import torch
+
+    from alignsam_ray.agent.callbacks import srm_holder
+
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        torch.manual_seed(123)
+        trained = SRM(64)
+        state = {k: v.numpy() for k, v in trained.state_dict().items()}
+        holder = srm_holder("alignsam-srm:test")
+        ray.get(holder.set.remote(state))
+        env = AlignSamEnv({"store": blur_store, "obs_res": 8, "srm_actor": "alignsam-srm:test"})
+        for k, v in env.episodes.srm.state_dict().items():
+            np.testing.assert_array_equal(v.numpy(), state[k])
+        fresh = AlignSamEnv({"store": blur_store, "obs_res": 8})  # no holder: a random SRM, different weights
+        assert any(not np.array_equal(v.numpy(), state[k]) for k, v in fresh.episodes.srm.state_dict().items())
+    finally:
+        ray.shutdown()

@@ -1,8 +1,12 @@
-"""Hand-computed checks of alignsam_ray.metrics on 4x4 masks."""
+"""Hand-computed checks of alignsam_ray.metrics on 4x4 masks, and of its bootstrap statistics.
+
+BER is in percent (it was a fraction before the SBU dataset-level convention was adopted), so the
+per-image BER expectations below carry a factor 100."""
 import numpy as np
 import pytest
 
-from alignsam_ray.metrics import METRIC_DEFINITIONS, MetricAccumulator, image_metrics, primary_metrics
+from alignsam_ray.metrics import (METRIC_DEFINITIONS, SUMMARY_KEYS, MetricAccumulator, confidence_intervals,
+                                  image_metrics, paired_difference, primary_metrics)
 
 # gt: top two rows foreground (8 px). pred: rows 0-2, cols 0-1 (6 px).
 # TP = 4 (rows 0-1, cols 0-1), FP = 2 (row 2, cols 0-1), FN = 4, TN = 6.
@@ -26,7 +30,8 @@ def test_hand_computed_values():
     m = image_metrics(PRED, GT)
     assert m["iou"] == pytest.approx(4 / 10)
     assert m["fbeta"] == pytest.approx(13 / 21)  # P = 2/3, R = 1/2: 1.3 * (1/3) / (0.2 + 0.5)
-    assert m["ber"] == pytest.approx(1 - 0.5 * (4 / 8 + 6 / 8))
+    assert m["ber"] == pytest.approx(100 * (1 - 0.5 * (4 / 8 + 6 / 8)))  # 37.5 %
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (4, 2, 4, 6)
     assert m["mae"] == pytest.approx(6 / 16)
     assert m["emeasure"] == pytest.approx(emeasure_reference(PRED, GT))
     assert 0 < m["emeasure"] < 1
@@ -42,7 +47,8 @@ def test_void_pixels_are_excluded():
     m = image_metrics(PRED, gt)
     assert m["iou"] == pytest.approx(4 / 8)
     assert m["fbeta"] == pytest.approx(1.3 * 0.5 / (0.3 + 0.5))  # P = 1, R = 1/2
-    assert m["ber"] == pytest.approx(1 - 0.5 * (4 / 8 + 6 / 6))
+    assert m["ber"] == pytest.approx(100 * (1 - 0.5 * (4 / 8 + 6 / 6)))  # 25 %
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (4, 0, 4, 6)  # counts of the 14 non-void pixels
     assert m["mae"] == pytest.approx(4 / 14)  # not 4/16: void pixels are not counted as correct negatives
     valid = gt != 255
     assert m["emeasure"] == pytest.approx(emeasure_reference(PRED[valid], gt[valid] == 1))
@@ -69,13 +75,13 @@ def test_one_side_empty():
     empty = np.zeros((4, 4), bool)
     m = image_metrics(empty, GT)  # all 8 positives missed; a constant map scores 0.25 per pixel in E_phi
     assert (m["iou"], m["fbeta"], m["mae"]) == (0, 0, pytest.approx(0.5))
-    assert m["ber"] == pytest.approx(0.5)
+    assert m["ber"] == pytest.approx(50)
     assert m["emeasure"] == pytest.approx(0.25 * 16 / 15)
 
     gt0 = np.zeros((4, 4), np.uint8)
-    m = image_metrics(PRED, gt0)  # no positives: BER uses only TN/N_neg = 10/16
+    m = image_metrics(PRED, gt0)  # no positives: BER uses only TN/N_neg = 10/16, in percent
     assert (m["iou"], m["fbeta"]) == (0, 0)
-    assert m["ber"] == pytest.approx(6 / 16)
+    assert m["ber"] == pytest.approx(100 * 6 / 16)
     assert m["emeasure"] == pytest.approx(10 / 15)
 
 
@@ -95,13 +101,151 @@ def test_accumulator_means():
     acc.add(PRED, GT)
     acc.add([GT.astype(bool)], [GT])
     s = acc.summary()
-    assert set(s) == {"miou", "fbeta", "emeasure", "mae", "ber", "n_images"}
+    assert set(s) == {"miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image", "n_images"}
     assert s["n_images"] == 2 and len(acc.per_image) == 2
     assert s["miou"] == pytest.approx((0.4 + 1) / 2)
+    assert s["iou_dataset"] == pytest.approx((4 + 8) / (10 + 8))
     assert s["mae"] == pytest.approx(6 / 32)
-    assert s["ber"] == pytest.approx(0.375 / 2)
-    assert set(METRIC_DEFINITIONS) == set(s) - {"n_images"}
-    assert np.isnan(MetricAccumulator().summary()["miou"])
+    # both images have 8 positives and 8 negatives, so here the two BER conventions agree:
+    assert s["ber_per_image"] == pytest.approx((37.5 + 0) / 2)
+    assert s["ber"] == pytest.approx(100 * (1 - 0.5 * (12 / 16 + 14 / 16)))  # 18.75
+    assert set(METRIC_DEFINITIONS) == set(s) - {"n_images"} == set(SUMMARY_KEYS)
+    assert all(np.isnan(v) for k, v in MetricAccumulator().summary().items() if k != "n_images")
+
+
+# One positive pixel at (0, 0), predicted empty: TP 0, FP 0, FN 1, TN 15; IoU 0, BER 100 * (1 - (0/1 + 15/15)/2) = 50.
+GT1 = np.zeros((4, 4), np.uint8)
+GT1[0, 0] = 1
+EMPTY = np.zeros((4, 4), bool)
+
+
+def test_dataset_level_ber_and_iou_differ_from_per_image_means():
+    acc = MetricAccumulator()
+    acc.add([PRED, EMPTY], [GT, GT1])
+    s = acc.summary()
+    # per image: BER 37.5 and 50 -> mean 43.75; IoU 4/10 and 0/1 -> mean 0.2
+    assert s["ber_per_image"] == pytest.approx(43.75)
+    assert s["miou"] == pytest.approx(0.2)
+    # summed: TP 4, FN 4+1 (N_pos 9), TN 6+15, FP 2 (N_neg 23): BER = 100 (1 - (4/9 + 21/23)/2) = 32.13 %
+    assert s["ber"] == pytest.approx(100 * (1 - 0.5 * (4 / 9 + 21 / 23)))
+    assert s["ber"] == pytest.approx(32.1256, abs=1e-4)
+    # VOC: sum TP / sum union = 4 / (10 + 1)
+    assert s["iou_dataset"] == pytest.approx(4 / 11)
+
+
+def test_dataset_level_metrics_exclude_void():
+    gt = GT.copy()
+    gt[2, :2] = 255  # hides the 2 false positives: TP 4, FP 0, FN 4, TN 6
+    acc = MetricAccumulator()
+    acc.add([PRED, EMPTY], [gt, GT1])
+    s = acc.summary()
+    assert s["iou_dataset"] == pytest.approx(4 / (8 + 1))
+    # N_pos 8 + 1, TN = N_neg = 6 + 15: 100 (1 - (4/9 + 1)/2) = 27.78 %
+    assert s["ber"] == pytest.approx(100 * (1 - 0.5 * (4 / 9 + 21 / 21)))
+    assert s["ber_per_image"] == pytest.approx((25 + 50) / 2)
+
+
+def _rows_gt(rows: int) -> np.ndarray:
+    """8x8 ground truth with the first ``rows`` rows foreground."""
+    gt = np.zeros((8, 8), np.uint8)
+    gt[:rows] = 1
+    return gt
+
+
+def _missing(gt: np.ndarray, k: int) -> np.ndarray:
+    """The ground-truth mask with its first k foreground pixels (row-major) dropped: k false negatives."""
+    p = gt.astype(bool).ravel()
+    p[np.flatnonzero(p)[:k]] = False
+    return p.reshape(gt.shape)
+
+
+def _random_acc(n: int, seed: int) -> MetricAccumulator:
+    rng = np.random.default_rng(seed)
+    acc = MetricAccumulator()
+    for _ in range(n):
+        gt = (rng.random((8, 8)) < rng.uniform(0.1, 0.6)).astype(np.uint8)
+        acc.add(gt.astype(bool) ^ (rng.random((8, 8)) < rng.uniform(0, 0.4)), gt)
+    return acc
+
+
+def test_confidence_intervals_contain_point_and_are_deterministic():
+    acc = _random_acc(30, 0)
+    s, ci = acc.summary(), confidence_intervals(acc, n_boot=500, seed=1)
+    assert set(ci) == set(SUMMARY_KEYS)
+    for k, (lo, hi) in ci.items():
+        assert lo < s[k] < hi, k
+    assert confidence_intervals(acc, n_boot=500, seed=1) == ci
+    assert confidence_intervals(acc, n_boot=500, seed=2) != ci
+
+
+def test_confidence_intervals_collapse_for_identical_images():
+    acc = MetricAccumulator()
+    acc.add([PRED] * 6, [GT] * 6)
+    s, ci = acc.summary(), confidence_intervals(acc, n_boot=200)
+    for k, (lo, hi) in ci.items():
+        assert lo == pytest.approx(s[k], rel=1e-12) and hi == pytest.approx(s[k], rel=1e-12), k
+
+
+def test_confidence_intervals_fewer_than_two_images():
+    acc = MetricAccumulator()
+    assert all(np.isnan(v).all() for v in confidence_intervals(acc).values())
+    acc.add(PRED, GT)
+    s = acc.summary()
+    assert confidence_intervals(acc) == {k: [s[k], s[k]] for k in SUMMARY_KEYS}
+    assert paired_difference(acc, acc)["ber"] == {"diff": 0.0, "ci95": [0.0, 0.0]}
+
+
+def test_paired_difference_with_itself_is_exactly_zero():
+    acc = _random_acc(20, 3)
+    d = paired_difference(acc, acc, n_boot=300)
+    assert set(d) == set(SUMMARY_KEYS)
+    assert all(v == {"diff": 0.0, "ci95": [0.0, 0.0]} for v in d.values())
+
+
+def test_paired_difference_detects_a_consistent_small_gain():
+    # per image: B misses 2 more foreground pixels than A, on images whose difficulty varies widely
+    rng = np.random.default_rng(0)
+    a, b = MetricAccumulator(), MetricAccumulator()
+    for _ in range(40):
+        gt = _rows_gt(int(rng.integers(2, 7)))
+        k = int(rng.integers(0, gt.sum() - 2))
+        a.add(_missing(gt, k), gt)
+        b.add(_missing(gt, k + 2), gt)
+    d = paired_difference(a, b, n_boot=500)
+    for k in ("miou", "iou_dataset", "fbeta"):
+        assert d[k]["diff"] > 0 and d[k]["ci95"][0] > 0, k
+    for k in ("mae", "ber", "ber_per_image"):
+        assert d[k]["diff"] < 0 and d[k]["ci95"][1] < 0, k
+    # the unpaired intervals of the two methods overlap: only pairing resolves the gain
+    ca, cb = confidence_intervals(a, n_boot=500), confidence_intervals(b, n_boot=500)
+    assert ca["miou"][0] < cb["miou"][1]
+
+
+def test_paired_difference_straddles_zero_for_mixed_wins():
+    # image pairs with the same gt: A misses 1 pixel and B 6 on one, the other way round on the other
+    rng = np.random.default_rng(1)
+    a, b = MetricAccumulator(), MetricAccumulator()
+    for _ in range(15):
+        gt = _rows_gt(int(rng.integers(2, 7)))
+        for ka, kb in ((1, 6), (6, 1)):
+            a.add(_missing(gt, ka), gt)
+            b.add(_missing(gt, kb), gt)
+    d = paired_difference(a, b, n_boot=500)
+    for k in ("miou", "iou_dataset", "fbeta", "mae", "ber", "ber_per_image"):
+        assert d[k]["diff"] == pytest.approx(0, abs=1e-9), k
+        lo, hi = d[k]["ci95"]
+        assert lo < 0 < hi, k
+
+
+def test_paired_difference_needs_the_same_images():
+    a, b = MetricAccumulator(), MetricAccumulator()
+    a.add([PRED, EMPTY], [GT, GT1])
+    b.add([PRED], [GT])
+    with pytest.raises(ValueError):
+        paired_difference(a, b)
+    b.add(EMPTY, GT)  # same length, different ground truth
+    with pytest.raises(ValueError):
+        paired_difference(a, b)
 
 
 def test_primary_metrics():
@@ -109,5 +253,5 @@ def test_primary_metrics():
     assert primary_metrics("synthetic_shadow") == ("miou", "ber")
     assert primary_metrics("synthetic_glass") == ("miou", "fbeta")
     assert primary_metrics("synthetic_saliency") == ("emeasure", "mae")
-    assert primary_metrics("synthetic_shapes") == ("miou",)
+    assert primary_metrics("synthetic_shapes") == primary_metrics("voc") == ("iou_dataset",)
     assert primary_metrics("something_else") == ("miou",)

@@ -72,18 +72,38 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     assert cli_main(["evaluate", "--checkpoint", str(run), "--store", blur_store, "--out", str(out), "--figures", "2"]) == 0
     m = json.load(open(out / "metrics.json"))
     assert m["n_images"] == 6 and m["horizon"] == 3
-    assert set(m["methods"]) == {"alignsam", "random_actions", "all_positive", "single_step", "gt_labels"}
+    methods = {"alignsam", "random_actions", "all_positive", "single_step", "srm_topk", "gt_labels"}
+    assert set(m["methods"]) == methods and set(m["paired"]) == methods - {"alignsam"}
     assert set(m["t_sweep"]) == {"1", "5", "10", "15", "20"}
     for scores in list(m["methods"].values()) + list(m["t_sweep"].values()):
-        for key in ("miou", "fbeta", "emeasure", "mae", "ber", "hit_rate", "label_accuracy"):
+        for key in ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "hit_rate", "label_accuracy"):
             assert 0.0 <= scores[key] <= 1.0 + 1e-3  # E_phi divides by N - 1, as the MATLAB reference
+        for key in ("ber", "ber_per_image"):
+            assert 0.0 <= scores[key] <= 100.0  # percent
+        for key, (lo, hi) in scores["ci95"].items():  # 95% bootstrap interval around each value
+            assert lo <= scores[key] + 1e-9 and scores[key] <= hi + 1e-9, key
+    for name, diffs in m["paired"].items():  # paired differences alignsam - method, same images
+        d = diffs["miou"]
+        assert d["diff"] == pytest.approx(m["methods"]["alignsam"]["miou"] - m["methods"][name]["miou"])
+        assert d["ci95"][0] <= d["diff"] + 1e-9 <= d["ci95"][1] + 2e-9
     assert m["methods"]["gt_labels"]["label_accuracy"] == 1.0  # oracle labels always match the ground truth
     positive = m["methods"]["all_positive"]
     assert positive["label_accuracy"] == pytest.approx(positive["hit_rate"])  # all labels 1: right exactly on hits
     assert m["methods"]["single_step"]["miou"] == m["t_sweep"]["1"]["miou"]
     report = (out / "report.md").read_text()
-    assert "| alignsam |" in report and "Table 5" in report
+    assert "| alignsam |" in report and "Table 5" in report and "Paired differences" in report
+    assert "oracle labels" in report and "upper bound" not in report
     assert len(os.listdir(out / "figures")) == 2
+
+    # 4) w/o SRM means no SRM anywhere: a centre start, every point positive, the SRM never runs
+    from alignsam_ray.evaluate import Agent, rollout
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    agent = Agent.load(str(run))
+    agent.srm.forward = lambda *a, **k: pytest.fail("the SRM ran in the w/o-SRM rollout")
+    st = EmbeddingStore(blur_store)
+    r = rollout(agent, st.arrays("test"), st.decoder(), "policy", "positive", 3, (3,), init="centre")
+    assert all(len(labels) == 4 and (labels == 1).all() for _, labels in r.points[3])
 
 
 def _yaml(tmp_path, store, run) -> str:

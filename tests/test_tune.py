@@ -34,6 +34,10 @@ def test_sweep_file_errors(tmp_path, blur_store):
         load_sweep(_sweep(tmp_path, blur_store, search={"ppo.gama": {"grid": [0.9]}}))
     with pytest.raises(ConfigError, match="metric"):
         load_sweep(_sweep(tmp_path, blur_store, metric="accuracy"))
+    with pytest.raises(ConfigError, match="validation split"):  # training-episode metrics never select a trial
+        load_sweep(_sweep(tmp_path, blur_store, metric="final_iou"))
+    with pytest.raises(ConfigError, match="val_images"):
+        load_sweep(_sweep(tmp_path, blur_store, val_images=0))
     with pytest.raises(ConfigError, match="unknown kind"):
         param_space(load_sweep(_sweep(tmp_path, blur_store, search={"ppo.gamma": {"normal": [0.9, 1]}})))
     with pytest.raises(ConfigError, match="not key=value"):
@@ -62,14 +66,17 @@ def test_trials_that_cannot_fit_are_refused(tmp_path, blur_store):
 
 
 def test_tiny_sweep_writes_best_per_task_and_restores(tmp_path, blur_store):
-    path = _sweep(tmp_path, blur_store)
+    path = _sweep(tmp_path, blur_store, val_images=2)
+    assert load_sweep(path)["task_configs"]["synthetic_blur"]["train"]["val_images"] == 2
     assert cli_main(["tune", "--config", path, "--quiet"]) == 0
     out = tmp_path / "results" / "t"
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert sorted(r["env.grid"] for r in rows) == ["10", "8"] and all(r["status"] == "ok" for r in rows)
     best = list(csv.DictReader(open(out / "best_per_task.csv")))
     assert [b["task"] for b in best] == ["synthetic_blur"]
-    assert float(best[0]["final_iou"]) == max(float(r["final_iou"]) for r in rows)
+    # selected on the held-out validation images with the paper's protocol, not on training episodes
+    assert float(best[0]["val_miou"]) == max(float(r["val_miou"]) for r in rows)
+    assert all(0.0 <= float(r["val_miou"]) <= 1.0 for r in rows)
     assert "| synthetic_blur |" in (out / "best_per_task.md").read_text() and (out / "sweep.png").stat().st_size > 0
     # every trial trained in its own folder with its own checkpoint
     assert len(glob.glob(str(out / "*" / "run" / "checkpoints" / "iter_000001"))) == 2

@@ -2,15 +2,18 @@
 
     obs["obs"]          (B, E, R, R) float16   pooled state E_I(x) (.) M_{t-1}
     obs["action_mask"]  (B, N) float32         1 = patch still free
+    obs["step"]         (B, 1) float32         t / T (episodes end after exactly T steps, so the
+                                               value of a state depends on the steps left)
     trunk               3 x (3x3 conv, ReLU) at width W -> features (B, W, R, R)  (Columns.EMBEDDINGS)
     policy head         1x1 conv -> (B, 1, R, R) -> adaptive average pool to the patch grid
                         (rows, cols) -> N logits, + clamp(log(mask), FLOAT_MIN) (masked actions)
-    value head          [mean, max] pool of the trunk -> MLP -> (B,)
+    value head          [mean, max] pool of the trunk, t / T -> MLP -> (B,)   (time-aware critic)
 
 The policy head is spatial: logit n is read from the trunk's features over patch n, so the
 same weights work for any grid (8x8, 10x10, 16x16) at any R.
 
-model_config: {"grid": [rows, cols], "width": 64}
+model_config: {"grid": [rows, cols], "width": 64, "time_input": True}   (time_input False: the critic gets 0
+instead of t / T, the ablation measured in README)
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
         embed_dim = self.observation_space["obs"].shape[0]
         cfg = dict(self.model_config or {})
         width = int(cfg.get("width", 64))
+        self.time_input = bool(cfg.get("time_input", True))
         grid = cfg.get("grid")
         n = self.action_space.n
         if grid is None:
@@ -44,7 +48,7 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
         )
         self.pi_head = nn.Conv2d(width, 1, 1)
-        self.vf_head = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 1))
+        self.vf_head = nn.Sequential(nn.Linear(2 * width + 1, width), nn.ReLU(), nn.Linear(width, 1))
 
     def _features(self, batch) -> torch.Tensor:
         return self.trunk(batch[Columns.OBS]["obs"].float())
@@ -67,7 +71,8 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
     def compute_values(self, batch, embeddings=None):
         if embeddings is None:
             embeddings = self._features(batch)
-        pooled = torch.cat([embeddings.mean((2, 3)), embeddings.amax((2, 3))], 1)
+        step = batch[Columns.OBS]["step"].float().reshape(-1, 1) * float(self.time_input)
+        pooled = torch.cat([embeddings.mean((2, 3)), embeddings.amax((2, 3)), step], 1)
         return self.vf_head(pooled).squeeze(-1)
 
     def masked_logits(self, obs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

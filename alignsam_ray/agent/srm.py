@@ -139,5 +139,5 @@ def load_srm(path: str) -> SRM:
 
 
 def set_srm_state(srm: SRM, state: dict) -> None:
-    srm.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+    srm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})  # a writable copy
     srm.eval()

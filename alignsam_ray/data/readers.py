@@ -3,7 +3,8 @@
 ``open_dataset("PATH")`` detects the layout from the folder names; ``open_dataset("LAYOUT:PATH")`` names it.
 
     generic  ROOT/images + ROOT/masks, or ROOT/{train,test}/{images,masks}; optional ROOT/dataset.json
-    cuhk     image/ + gt/                      (CUHK defocus blur; gt white = blurred -> invert)
+    cuhk     image/ + gt/                      (CUHK defocus blur; gt white = blurred region = foreground, the
+                                               paper's "defocus background"; ``invert=True`` makes the sharp part fg)
     sbu      ShadowImages/ + ShadowMasks/      (release: SBUTrain4KRecoveredSmall/ + SBU-Test/)
     msd      image/ + mask/                    (release: train/ + test/)
     duts     DUTS-TE/{DUTS-TE-Image,DUTS-TE-Mask} [+ DUTS-TR/{DUTS-TR-Image,DUTS-TR-Mask}]
@@ -48,7 +49,7 @@ class _FolderLayout:
 _FOLDER_LAYOUTS = {
     "generic": _FolderLayout((("images", "masks"),), (("train", "train"), ("test", "test")), None, False,
                              "ROOT/images/ + ROOT/masks/, or ROOT/train/{images,masks}/ + ROOT/test/{images,masks}/"),
-    "cuhk": _FolderLayout((("image", "gt"),), (("train", "train"), ("test", "test")), "blur", True,
+    "cuhk": _FolderLayout((("image", "gt"),), (("train", "train"), ("test", "test")), "blur", False,
                           "ROOT/image/ + ROOT/gt/"),
     "sbu": _FolderLayout((("ShadowImages", "ShadowMasks"),),
                          (("train", "SBUTrain4KRecoveredSmall"), ("train", "SBU-Train"), ("train", "train"),

@@ -45,7 +45,8 @@ class Sample:
     task:       e.g. "blur", "shadow", "glass", "saliency", "voc_aeroplane", "synthetic_shadow"
     split:      "train" or "test"
     text:       the task's text prompt (see ``TASK_TEXT``)
-    invert:     the mask's white marks background (CUHK blur marks the blurred region white)
+    invert:     the mask's white marks background (off by default everywhere; CUHK blur's white blurred
+                region is the foreground, the paper's "defocus background")
     threshold:  grey masks are binarised at value >= threshold (before ``invert``)
     voc_class:  palette masks (VOC): this class index is foreground, 255 is void (-> 255 = ignore)
     """

@@ -1,6 +1,7 @@
 """Synthetic five-task data: the project's embedded default (no downloads), one analogue per benchmark.
 
-    synthetic_blur      "defocus background"a busy scene, Gaussian-blurred except one or two sharp regions (fg)
+    synthetic_blur      "defocus background"  a busy scene, Gaussian-blurred except one or two sharp in-focus regions;
+                                           fg = blurred region (defocus background), as in CUHK's ground truth
     synthetic_shadow    "shadow"           textured ground, objects casting soft darkening shadows (fg = shadow)
     synthetic_glass     "glass"            a framed (rounded) rectangular panel refracting the scene (fg = panel)
     synthetic_saliency  "salient objects"  low-contrast clutter plus one or two high-contrast objects (fg)
@@ -8,7 +9,8 @@
 
 Each task folder is in the generic layout (``readers``):
     out_dir/{train,test}/images/<id>.png   (H, W, 3) uint8 RGB, long side 256..512, aspect (W/H) 0.6..1.7
-    out_dir/{train,test}/masks/<id>.png    (H, W) uint8, 0 background / 255 foreground (5%..50% foreground)
+    out_dir/{train,test}/masks/<id>.png    (H, W) uint8, 0 background / 255 foreground (5%..50% foreground;
+                                           synthetic_blur 50%..95%: the blurred complement of 5%..50% in focus)
     out_dir/dataset.json                   {"task", "text", "invert", "threshold", "generator": {...}}
 Image i of a split is drawn from ``np.random.default_rng([NAMESPACE, task_index, seed, split_index, i])``,
 so a seed gives byte-identical files. numpy + PIL only, ~10-20 ms an image.
@@ -30,9 +32,13 @@ __all__ = ["SYNTHETIC_TASKS", "NAMESPACE", "GENERATOR_VERSION", "generate_task",
 
 SYNTHETIC_TASKS = ("synthetic_blur", "synthetic_shadow", "synthetic_glass", "synthetic_saliency", "synthetic_shapes")
 NAMESPACE = 0xDA7A5E7  # this generator's own seed namespace (0x5A11 is used elsewhere)
-GENERATOR_VERSION = 1  # bump when the pictures change: folders made by another version are regenerated
+# bump when the pictures change: folders made by another version are regenerated
+# 2: synthetic_blur's foreground is the blurred region (was: the sharp in-focus regions); images unchanged
+GENERATOR_VERSION = 2
 SPLITS = ("train", "test")
 FG_RANGE = (0.05, 0.50)  # accepted foreground fraction of a mask
+# synthetic_blur: 5%..50% of the picture in focus, so its foreground (the blurred rest) covers 50%..95%
+_FG_RANGES = {"synthetic_blur": (1 - FG_RANGE[1], 1 - FG_RANGE[0])}
 _MAX_TRIES = 60
 
 Array = np.ndarray
@@ -129,16 +135,20 @@ def _centre(rng: np.random.Generator, h: int, w: int, margin: float) -> tuple[fl
 
 # ----------------------------------------------------------------------------------------- tasks
 def _blur(rng: np.random.Generator, h: int, w: int) -> tuple[Array, Array]:
-    """Defocus: the scene blurred everywhere except one or two in-focus regions (fg = sharp)."""
+    """Defocus: the scene blurred everywhere except one or two in-focus regions.
+
+    fg = blurred region (defocus background): the complement of the in-focus regions, as CUHK's
+    ground truth marks the blurred region white and the paper's prompt is "defocus background".
+    """
     sharp = _scene(rng, h, w)
     blurred = np.asarray(Image.fromarray(sharp).filter(ImageFilter.GaussianBlur(rng.uniform(2.5, 5.0))))
     n = 1 if rng.random() < 0.65 else 2
     area = rng.uniform(0.10, 0.38) * h * w / n
     r = np.sqrt(area / np.pi)
-    mask = _polys_mask(h, w, [_blob(rng, *_centre(rng, h, w, 0.8 * r), r) for _ in range(n)])
-    alpha = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(0.8)), np.float32)[..., None] / 255
+    in_focus = _polys_mask(h, w, [_blob(rng, *_centre(rng, h, w, 0.8 * r), r) for _ in range(n)])
+    alpha = np.asarray(Image.fromarray(in_focus.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(0.8)), np.float32)[..., None] / 255
     image = sharp * alpha + blurred * (1 - alpha)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), ~in_focus
 
 
 def _shadow(rng: np.random.Generator, h: int, w: int) -> tuple[Array, Array]:
@@ -285,13 +295,15 @@ _TASKS: dict[str, Callable[[np.random.Generator, int, int], tuple[Array, Array]]
 
 
 def make_example(task: str, rng: np.random.Generator) -> tuple[Array, Array]:
-    """One picture of ``task``: image (H, W, 3) uint8, mask (H, W) bool with a foreground fraction in FG_RANGE."""
+    """One picture of ``task``: image (H, W, 3) uint8, mask (H, W) bool with a foreground fraction in FG_RANGE
+    (synthetic_blur: in _FG_RANGES, its in-focus background in FG_RANGE)."""
+    lo, hi = _FG_RANGES.get(task, FG_RANGE)
     h, w = _size(rng)
     for _ in range(_MAX_TRIES):
         image, mask = _TASKS[task](rng, h, w)
-        if FG_RANGE[0] <= mask.mean() <= FG_RANGE[1]:
+        if lo <= mask.mean() <= hi:
             return image, mask
-    raise RuntimeError(f"{task}: no picture with foreground in {FG_RANGE} after {_MAX_TRIES} tries")  # a bug
+    raise RuntimeError(f"{task}: no picture with foreground in {(lo, hi)} after {_MAX_TRIES} tries")  # a bug
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -1,9 +1,10 @@
 """Gymnasium environments over ``PromptEpisodes``: a single env and a batched vector env.
 
-    observation  Dict{"obs": Box (E, R, R) float16, "action_mask": Box (N,) float32 (1 = allowed)}
+    observation  Dict{"obs": Box (E, R, R) float16, "action_mask": Box (N,) float32 (1 = allowed),
+                      "step": Box (1,) float32, t / T (the critic's time input)}
     action       Discrete(N), N = grid rows x cols (paper: 10 x 10)
     reward       +1 picked centre on ground-truth foreground, -1 on background (0 on void)
-    terminated   True after T steps (the observation does not encode time); never truncated
+    terminated   True after T steps; never truncated
     info         {"iou": current IoU, "hit": bool, "label": SRM label of the point, "step": t}
 
 env_config keys (all optional except ``store``; see ``ENV_DEFAULTS``):
@@ -13,10 +14,14 @@ env_config keys (all optional except ``store``; see ``ENV_DEFAULTS``):
     split          "train" | "test"
     grid / patch_size / resize      the patch grid (``PatchGrid.from_config``)
     horizon        T (paper 15)          obs_res  R, the pooled observation side
+    state          "probability" (paper: E_I(x) times SAM's previous probability map) | "binary"
+    holdout        k: the split's last k images (``holdout_split``) are kept out of training episodes
+                   (a validation split for model selection); 0 = use every image
     init           "gt" (training) | "srm" (evaluation)
     labels         "srm" | "gt" (oracle) | "positive" (w/o SRM ablation)
     srm_branch     "implicit" | "explicit";  text_map: the store's map column for the explicit branch
     collect_srm_samples   keep (state, ground truth) pairs for the SRM trainer
+    srm_actor      name of the run's ``SrmHolder``: a new (or restarted) env loads the latest SRM from it
     torch_threads  torch threads in this process (default: 1 inside Ray actors, e.g. EnvRunners)
     seed           seeds image and start-point sampling (RLlib also reseeds through reset(seed=...))
 
@@ -35,7 +40,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from ..agent.srm import SRM
+from ..agent.srm import SRM, set_srm_state
 from ..foundation.decoder import SamPromptDecoder
 from ..store.loader import DECODER_KEY, EmbeddingStore, fetch_store
 from .episodes import PromptEpisodes
@@ -46,10 +51,19 @@ OBS_BOUND = float(np.finfo(np.float16).max)  # the observation is float16: its w
 ENV_DEFAULTS = {
     "store": None, "store_actor": None, "split": "train",
     "grid": None, "patch_size": 80, "resize": 800,
-    "horizon": 15, "obs_res": 16,
+    "horizon": 15, "obs_res": 16, "state": "probability", "holdout": 0,
     "init": "gt", "labels": "srm", "srm_branch": "implicit", "text_map": None,
-    "collect_srm_samples": False, "torch_threads": None, "seed": None,
+    "collect_srm_samples": False, "srm_actor": None, "torch_threads": None, "seed": None,
 }
+
+
+def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) of a split of ``n`` images: the last ``k`` are validation
+    (stores keep images sorted by id, so the choice is fixed and independent of the seed)."""
+    if not 0 <= k < n:
+        raise ValueError(f"a validation holdout of {k} image(s) needs 0 <= k < {n} (the split's images)")
+    idx = np.arange(n)
+    return idx[: n - k], idx[n - k:]
 
 
 def _resolve(config) -> dict:
@@ -82,11 +96,18 @@ def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
     grid = PatchGrid.from_config(cfg["grid"], cfg["patch_size"], cfg["resize"])
     srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
     srm.eval()
+    if cfg["srm_actor"]:  # the run's latest SRM, also for an EnvRunner that RLlib restarted mid-run
+        from ..agent.callbacks import fetch_srm_state
+
+        state = fetch_srm_state(cfg["srm_actor"])
+        if state is not None:
+            set_srm_state(srm, state)
     text_map = cfg["text_map"] if cfg["srm_branch"] == "explicit" else None
     if cfg["srm_branch"] == "explicit" and not text_map:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
+    pool, _ = holdout_split(len(data["ids"]), int(cfg["holdout"]))
     episodes = PromptEpisodes(data, decoder, grid, num_slots, cfg["horizon"], cfg["obs_res"], cfg["init"],
-                              cfg["labels"], srm, text_map, cfg["seed"])
+                              cfg["labels"], srm, text_map, cfg["seed"], state=cfg["state"], pool=pool)
     episodes.collect_srm_samples = bool(cfg["collect_srm_samples"])
     return episodes
 
@@ -95,6 +116,7 @@ def _spaces(ep: PromptEpisodes) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
     obs = gym.spaces.Dict({
         "obs": gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (ep.embed_dim, ep.R, ep.R), np.float16),
         "action_mask": gym.spaces.Box(0.0, 1.0, (ep.grid.n,), np.float32),
+        "step": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
     })
     return obs, gym.spaces.Discrete(ep.grid.n)
 
@@ -124,7 +146,8 @@ class AlignSamEnv(gym.Env):
         return self._obs(), float(r.reward[0]), bool(r.terminated[0]), False, info
 
     def _obs(self) -> dict:
-        return {"obs": self.episodes.obs[0].copy(), "action_mask": self.episodes.action_mask()[0]}
+        ep = self.episodes
+        return {"obs": ep.obs[0].copy(), "action_mask": ep.action_mask()[0], "step": ep.step_fraction()[0]}
 
 
 class AlignSamVectorEnv(VectorEnv):
@@ -174,7 +197,8 @@ class AlignSamVectorEnv(VectorEnv):
         return self._obs(), reward, terminated, np.zeros(self.num_envs, bool), infos
 
     def _obs(self) -> dict:
-        return {"obs": self.episodes.obs.copy(), "action_mask": self.episodes.action_mask()}
+        ep = self.episodes
+        return {"obs": ep.obs.copy(), "action_mask": ep.action_mask(), "step": ep.step_fraction()}
 
 
 def make_env(config):

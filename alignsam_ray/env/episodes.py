@@ -11,9 +11,16 @@ embedding (64x64 grid, 16 px a cell) and the low-res masks (256x256, 4 px a pixe
 occupies the top-left ``input_size`` of it, the rest is padding. Observations are cropped to the
 image and pooled, so the observation grid and the patch grid cover the same area.
 
-    state s_t  = E_I(x) (.) M_{t-1}        (E, 64, 64) in SAM's frame; M = binary previous mask
+    state s_t  = E_I(x) (.) M_{t-1}        (E, 64, 64) in SAM's frame; M = SAM's previous probability
+                                           map sigmoid(low-res logits) pooled to 64x64 (paper Sec. 3.3,
+                                           Eq. 11; ``state="binary"``: the thresholded mask instead)
     obs        = pool_R(crop(s_t))         (E, R, R) float16, R = ``obs_res``
     srm input  = obs (and pool_R(crop(E_I(x) (.) M_c)) for the explicit branch)
+
+Starting prompts (``init``): "gt" one positive and one negative point drawn from the ground truth
+(training); "srm" the SRM's highest- and lowest-scoring positions (evaluation, the paper's protocol);
+"centre" one positive point at the image centre and no negative one (the w/o-SRM ablation: no SRM
+anywhere in the rollout).
 
 Reward: +1 if the picked centre lies on ground-truth foreground, -1 on background, 0 on void
 (ground truth read at SAM's low-res 256x256 resolution). IoU: the binary mask vs the ground truth
@@ -36,8 +43,9 @@ LOWRES = 256
 GRID = 64
 VOID = 255
 
-INIT_MODES = ("gt", "srm")
+INIT_MODES = ("gt", "srm", "centre")
 LABEL_MODES = ("srm", "gt", "positive")
+STATE_MODES = ("probability", "binary")
 
 
 @dataclass
@@ -55,16 +63,22 @@ class PromptEpisodes:
     """B concurrent episodes over the images of one store split.
 
     data: dict from ``EmbeddingStore.arrays`` / ``fetch_store`` (read-only arrays are fine).
-    srm: an ``agent.srm.SRM`` (or None when neither init nor labels use it).
+    srm: an ``agent.srm.SRM`` (or None when neither init nor labels use it: then no SRM runs at all).
+    state: "probability" (paper) or "binary" (see module docstring).
+    pool: image indices that ``reset`` draws from when no images are given (default: all; training
+        with a held-out validation split passes the other indices).
     """
 
     def __init__(self, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int = 1,
                  horizon: int = 15, obs_res: int = 16, init: str = "gt", labels: str = "srm",
-                 srm=None, text_map: str | None = None, seed: int | None = None):
+                 srm=None, text_map: str | None = None, seed: int | None = None, state: str = "probability",
+                 pool=None):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        if state not in STATE_MODES:
+            raise ValueError(f"state must be one of {STATE_MODES}, got {state!r}")
         if (init == "srm" or labels == "srm") and srm is None:
             raise ValueError("init='srm' or labels='srm' needs an SRM")
         self.data = data
@@ -74,10 +88,15 @@ class PromptEpisodes:
         self.T = horizon
         self.R = obs_res
         self.init = init
+        self.n0 = 1 if init == "centre" else 2  # starting points
         self.label_mode = labels
+        self.state = state
         self.srm = srm
         self.rng = np.random.default_rng(seed)
         self.n_images = len(data["ids"])
+        self.pool = np.arange(self.n_images) if pool is None else np.asarray(pool, np.int64)
+        if len(self.pool) == 0:
+            raise ValueError("no images to draw episodes from (empty pool)")
         self.embed_dim = data["embeddings"].shape[1]
         # without ground truth (new images: `alignsam segment`) rewards are 0, IoU and hit unknown
         self.has_gt = "gt_lowres" in data
@@ -92,14 +111,15 @@ class PromptEpisodes:
                                "explicit SRM branch needs text-guided maps: run `alignsam embed` with CLIP "
                                "maps, or use the implicit branch (srm_branch: implicit)")
             self.text_map = data[key]
-        P = horizon + 2
+        P = horizon + self.n0
         self.image = np.zeros(self.B, np.int64)
         self.t = np.zeros(self.B, np.int64)
         self.coords = np.zeros((self.B, P, 2), np.float32)
         self.labels = -np.ones((self.B, P), np.int64)
         self.taken = np.zeros((self.B, grid.n), bool)
-        self.mask = np.zeros((self.B, LOWRES, LOWRES), bool)  # current binary low-res mask
+        self.mask = np.zeros((self.B, LOWRES, LOWRES), bool)  # current binary low-res mask (logits > 0)
         self.logits = np.zeros((self.B, LOWRES, LOWRES), np.float32)  # current low-res logits
+        self.prob = np.zeros((self.B, LOWRES, LOWRES), np.float32)  # M_t: sigmoid(logits), or the binary mask
         self.iou = np.zeros(self.B, np.float32)
         self.obs = np.zeros((self.B, self.embed_dim, self.R, self.R), np.float16)
         self.srm_prob = np.full((self.B, self.R, self.R), 0.5, np.float32)
@@ -142,7 +162,7 @@ class PromptEpisodes:
         """Start new episodes in ``slots`` on ``images`` (default: random training images)."""
         slots = np.atleast_1d(np.asarray(slots, np.int64))
         if images is None:
-            images = self.rng.integers(0, self.n_images, len(slots))
+            images = self.pool[self.rng.integers(0, len(self.pool), len(slots))]
         images = np.atleast_1d(np.asarray(images, np.int64))
         self.image[slots] = images
         self.t[slots] = 0
@@ -152,13 +172,18 @@ class PromptEpisodes:
         if self.init == "srm" or self.collect_srm_samples:
             self._observe(slots, full_mask=True)  # s_0 = E_I(x): the SRM scores the whole image
         for s, i in zip(slots, images):
-            self.coords[s, :2], self.labels[s, :2] = self._initial_points(s, i)
+            self.coords[s, : self.n0], self.labels[s, : self.n0] = self._initial_points(s, i)
         self._decode(slots)
         self._observe(slots)
 
     def _initial_points(self, s: int, i: int):
         """One positive and one negative point in SAM's frame: from the ground truth (training)
-        or at the SRM's highest and lowest scoring positions (evaluation)."""
+        or at the SRM's highest and lowest scoring positions (evaluation); "centre": one positive
+        point at the image centre."""
+        h, w = self.data["original_size"][i]
+        if self.init == "centre":
+            xy = self.decoder.to_input_frame(np.array([[w / 2, h / 2]]), (int(h), int(w)))
+            return xy.astype(np.float32), np.array([1])
         if self.init == "gt":
             gt = self.data["gt_lowres"][i][: self._px256[i][0], : self._px256[i][1]]
             pts = []
@@ -172,7 +197,6 @@ class PromptEpisodes:
         prob = self.srm_prob[s]
         hi, lo = np.unravel_index(prob.argmax(), prob.shape), np.unravel_index(prob.argmin(), prob.shape)
         uv = np.array([[(hi[1] + 0.5) / self.R, (hi[0] + 0.5) / self.R], [(lo[1] + 0.5) / self.R, (lo[0] + 0.5) / self.R]])
-        h, w = self.data["original_size"][i]
         xy = self.decoder.to_input_frame(uv * np.array([w, h]), (int(h), int(w)))
         return xy.astype(np.float32), np.array([1, 0])
 
@@ -195,7 +219,7 @@ class PromptEpisodes:
             hit[j] = g == 1
             reward[j] = 1.0 if g == 1 else (0.0 if g == VOID else -1.0)
             label[j] = self._label(s, a, g)
-            k = 2 + self.t[s]
+            k = self.n0 + self.t[s]
             self.coords[s, k], self.labels[s, k] = xy, label[j]
             self.taken[s, a] = True
             self.t[s] += 1
@@ -214,11 +238,12 @@ class PromptEpisodes:
     # ------------------------------------------------------------------ SAM + observation
     def _decode(self, slots: np.ndarray) -> None:
         emb = torch.from_numpy(np.ascontiguousarray(self.data["embeddings"][self.image[slots]]))
-        n = 2 + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
+        n = self.n0 + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
         low, _ = self.decoder.decode(emb, self.coords[slots, :n], self.labels[slots, :n])
         logits = low[:, 0].numpy()
         self.logits[slots] = logits
         self.mask[slots] = logits > 0
+        self.prob[slots] = torch.sigmoid(low[:, 0]).numpy() if self.state == "probability" else logits > 0
         if not self.has_gt:
             self.iou[slots] = np.nan
             return
@@ -241,7 +266,7 @@ class PromptEpisodes:
             if full_mask:
                 state = emb
             else:
-                m64 = F.avg_pool2d(torch.from_numpy(self.mask[s]).float()[None], 4)  # (1, 64, 64)
+                m64 = F.avg_pool2d(torch.from_numpy(self.prob[s])[None], 4)  # (1, 64, 64)
                 state = emb * m64
             obs.append(self._crop_pool(state, i))
             if self.text_map is not None:
@@ -261,6 +286,20 @@ class PromptEpisodes:
     def action_mask(self) -> np.ndarray:
         """(B, N) float32, 1 where the patch may still be picked."""
         return (~self.taken).astype(np.float32)
+
+    def step_fraction(self) -> np.ndarray:
+        """(B, 1) float32, t / T: where each episode is in time (the critic's input)."""
+        return (self.t / self.T).astype(np.float32)[:, None]
+
+    def srm_scores(self) -> np.ndarray:
+        """(B, N) float32: the SRM's current foreground probability at each patch centre."""
+        r, c = self._centre_cells[:, 0], self._centre_cells[:, 1]
+        return self.srm_prob[:, r, c]
+
+    def points(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slot ``s``'s prompts so far: coords (n, 2) in SAM's frame, labels (n,), n = n0 + t."""
+        n = self.n0 + int(self.t[s])
+        return self.coords[s, :n].copy(), self.labels[s, :n].copy()
 
     def pop_srm_samples(self) -> list:
         out, self.srm_samples = self.srm_samples, []

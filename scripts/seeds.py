@@ -1,0 +1,127 @@
+"""Train and evaluate one configuration with N seeds; one table of every method across seeds.
+
+    python scripts/seeds.py --config tune_configs/synthetic_shapes.yaml [--seeds 0 1 2] [KEY=VALUE ...]
+    python scripts/seeds.py --task synthetic_shapes [--iterations 16] [KEY=VALUE ...]   # the demo's data
+
+--task builds the demo's data for a synthetic task (50 train + 50 test images, data seed 0) and its
+micro-SAM store under --work; --config uses a run config as `alignsam train` does. Each seed is a
+full run (`train.seed` = the seed: network initialisation, SRM, image and start-point sampling) in
+<work>/runs/<name>/seed_<k>, evaluated on the test split with the paper's protocol (`alignsam
+evaluate`: every method, 95% bootstrap intervals, paired differences to alignsam). Finished runs and
+evaluations are reused (delete --work to start over).
+
+Output: a Markdown table (printed, and in --out as JSON with every seed's metrics.json):
+    per method, the mean and standard deviation across seeds of mIoU and the task's primary metrics,
+    and for every other method the paired difference alignsam - method: its mean across seeds and in
+    how many seeds its 95% interval lies above 0 / below 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from alignsam_ray.config import load_config, parse_overrides
+from alignsam_ray.evaluate import LABELS, METHODS, NAMES, evaluate
+from alignsam_ray.metrics import primary_metrics
+from alignsam_ray.train import train
+
+
+def prepare_task(task: str, work: str) -> str:
+    """The demo's data and micro-SAM store of a synthetic task; returns the store path."""
+    from alignsam_ray.data import generate_task, open_dataset
+    from alignsam_ray.store.embed import embed_dataset
+
+    folder = generate_task(task, os.path.join(work, "data", task), n_train=50, n_test=50, seed=0)
+    store = os.path.join(work, "stores", task)
+    embed_dataset(open_dataset(folder, n_train=None), store, sam_type="micro", dataset_spec=folder)
+    return store
+
+
+def seed_table(name: str, evals: dict) -> str:
+    """evals: seed -> metrics.json dict (the same task)."""
+    task = next(iter(evals.values()))["task"]
+    keys = tuple(dict.fromkeys(("miou",) + tuple(primary_metrics(task))))
+    lines = [f"### {name}: {len(evals)} seeds ({', '.join(map(str, evals))}), "
+             f"{next(iter(evals.values()))['n_images']} test images", "",
+             "| method | " + " | ".join(f"{NAMES[k]} mean ± sd" for k in keys) + " | "
+             + " | ".join(f"alignsam - method, {NAMES[k]}: mean; seeds with CI > 0 / < 0" for k in keys) + " |",
+             "|---|" + "---|" * (2 * len(keys))]
+    for method in METHODS:
+        vals = [" ".join(_mean_sd([m["methods"][method][k] for m in evals.values()])) for k in keys]
+        diffs = []
+        for k in keys:
+            if method == "alignsam":
+                diffs.append("")
+                continue
+            d = [m["paired"][method][k] for m in evals.values()]
+            above = sum(x["ci95"][0] > 0 for x in d)
+            below = sum(x["ci95"][1] < 0 for x in d)
+            diffs.append(f"{np.mean([x['diff'] for x in d]):+.3f}; {above} / {below}")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(vals) + " | " + " | ".join(diffs) + " |")
+    sweeps = {t: [m["t_sweep"][t]["miou"] for m in evals.values()] for t in next(iter(evals.values()))["t_sweep"]}
+    lines += ["", "mIoU by T (mean ± sd across seeds): "
+              + ", ".join(f"T={t}: {' '.join(_mean_sd(v))}" for t, v in sweeps.items())]
+    return "\n".join(lines)
+
+
+def _mean_sd(values) -> tuple[str, str]:
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f}", f"± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a run config YAML (as for `alignsam train`)")
+    src.add_argument("--task", help="a synthetic task: build the demo's data and store under --work")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per run (default: the config's)")
+    ap.add_argument("--name", help="name of this configuration in the table (default: the task)")
+    ap.add_argument("--work", default="/tmp/alignsam_seeds")
+    ap.add_argument("--out", required=True, help="JSON file for the table and every seed's metrics")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. env.state=binary")
+    args = ap.parse_args(argv)
+
+    overrides = parse_overrides(args.overrides)
+    if args.task:
+        overrides = {"task": args.task, "store": prepare_task(args.task, args.work), **overrides}
+        overrides.setdefault("resources", {}).setdefault("num_env_runners", 2)
+    name = args.name or overrides.get("task") or os.path.splitext(os.path.basename(args.config))[0]
+    evals, seconds = {}, {}
+    for seed in args.seeds:
+        t0 = time.time()
+        run = dict(overrides)
+        run["run_dir"] = os.path.join(args.work, "runs", name, f"seed_{seed}")
+        run["train"] = {**overrides.get("train", {}), "seed": seed}
+        if args.iterations:
+            run["train"].update(iterations=args.iterations, checkpoint_every=args.iterations)
+        cfg = load_config(args.config, run)
+        out = os.path.join(args.work, "eval", name, f"seed_{seed}")
+        done = os.path.join(out, "metrics.json")
+        if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \
+                os.path.isfile(os.path.join(cfg["run_dir"], "checkpoints", f"iter_{cfg['train']['iterations']:06d}", "state.json")):
+            evals[seed] = json.load(open(done))
+            print(f"[seeds] {name} seed {seed}: reusing {done}", flush=True)
+            continue
+        print(f"[seeds] {name} seed {seed}: training {cfg['train']['iterations']} iterations", flush=True)
+        result = train(cfg, resume=True)
+        evals[seed] = evaluate(result["checkpoint"], cfg["store"], out, seed=seed)
+        seconds[seed] = round(time.time() - t0, 1)
+    table = seed_table(name, evals)
+    print("\n" + table)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"name": name, "command": "python scripts/seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "seeds": args.seeds, "seconds": seconds, "table_md": table,
+                   "metrics": {str(k): v for k, v in evals.items()}}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
