@@ -72,7 +72,9 @@ _SYNTHETIC = {"synthetic_blur": "blur", "synthetic_shadow": "shadow", "synthetic
 
 
 def primary_metrics(task: str) -> tuple:
-    """The summary keys reported for ``task`` ("blur", "synthetic_blur", ...); ("miou",) if unknown."""
+    """The summary keys reported for ``task`` ("blur", "synthetic_blur", "voc_cat", ...); ("miou",) if unknown."""
+    if task.startswith("voc_"):
+        task = "voc"
     return PRIMARY_METRICS.get(_SYNTHETIC.get(task, task), ("miou",))
 
 

@@ -48,11 +48,19 @@ def test_srm_trainer_learns_a_rule():
     assert SrmTrainer(8, "explicit").q == 5 and SrmTrainer(8, "implicit").q == 1  # the paper's q
 
 
-def _module(grid=(10, 10), embed=16, res=8):
+def _module(grid=(10, 10), embed=16, res=8, time_input=True):
     obs = gym.spaces.Dict({"obs": gym.spaces.Box(-1e4, 1e4, (embed, res, res), np.float16),
-                           "action_mask": gym.spaces.Box(0.0, 1.0, (grid[0] * grid[1],), np.float32)})
+                           "action_mask": gym.spaces.Box(0.0, 1.0, (grid[0] * grid[1],), np.float32),
+                           "step": gym.spaces.Box(0.0, 1.0, (1,), np.float32)})
     return AlignSamActorCritic(observation_space=obs, action_space=gym.spaces.Discrete(grid[0] * grid[1]),
-                               model_config={"grid": list(grid), "width": 16})
+                               model_config={"grid": list(grid), "width": 16, "time_input": time_input})
+
+
+def _batch(n_actions, steps):
+    torch.manual_seed(0)
+    obs = torch.randn(1, 16, 8, 8).half().expand(len(steps), -1, -1, -1)  # one state at several times
+    return {Columns.OBS: {"obs": obs, "action_mask": torch.ones(len(steps), n_actions),
+                          "step": torch.tensor(steps, dtype=torch.float32)[:, None]}}
 
 
 @pytest.mark.parametrize("grid", [(10, 10), (8, 8), (16, 16), (6, 9)])
@@ -61,7 +69,7 @@ def test_module_shapes_and_masking(grid):
     n = grid[0] * grid[1]
     mask = torch.ones(4, n)
     mask[:, :3] = 0
-    batch = {Columns.OBS: {"obs": torch.randn(4, 16, 8, 8).half(), "action_mask": mask}}
+    batch = {Columns.OBS: {"obs": torch.randn(4, 16, 8, 8).half(), "action_mask": mask, "step": torch.zeros(4, 1)}}
     out = m.forward_train(batch)
     logits = out[Columns.ACTION_DIST_INPUTS]
     assert logits.shape == (4, n) and (logits[:, :3] < -1e30).all()
@@ -70,6 +78,29 @@ def test_module_shapes_and_masking(grid):
     assert torch.allclose(m.compute_values(batch), m.compute_values(batch, out[Columns.EMBEDDINGS]))
     assert torch.equal(m.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], logits)
     assert batch[Columns.OBS]["action_mask"][:, :3].eq(0).all()  # the batch is not mutated
+
+
+def test_critic_sees_time_policy_does_not():
+    """Episodes end after exactly T steps: the same state is worth less with fewer steps left, so the
+    value head reads t / T; the policy's logits do not depend on it. time_input=False feeds 0 instead."""
+    torch.manual_seed(0)
+    m = _module()
+    batch = _batch(100, [0.0, 0.5, 1.0])
+    values = m.compute_values(batch).detach()
+    assert values.diff().abs().min() > 1e-4  # one state, three times -> three values
+    logits = m.forward_inference(batch)[Columns.ACTION_DIST_INPUTS]
+    torch.testing.assert_close(logits[0], logits[1])
+    torch.testing.assert_close(logits[0], logits[2])
+    blind = _module(time_input=False).compute_values(batch).detach()
+    assert blind.diff().abs().max() < 1e-6
+
+
+def test_paper_values_are_the_defaults():
+    cfg = load_config(None, ["store=somewhere"])
+    assert cfg["srm"]["lr"] == 1e-4 and cfg["ppo"]["lr"] == 1e-4  # Adam 1e-4 everywhere (paper)
+    assert cfg["ppo"]["lambda_"] == 1.0  # Eq. 6: the discounted return
+    assert cfg["env"]["state"] == "probability" and cfg["model"]["time_input"] is True
+    assert (cfg["env"]["resize"], cfg["env"]["patch_size"], cfg["env"]["horizon"]) == (800, 80, 15)
 
 
 def test_config_defaults_overrides_and_typos(tmp_path):

@@ -255,3 +255,24 @@ def test_primary_metrics():
     assert primary_metrics("synthetic_saliency") == ("emeasure", "mae")
     assert primary_metrics("synthetic_shapes") == primary_metrics("voc") == ("iou_dataset",)
     assert primary_metrics("something_else") == ("miou",)
+
+
+def test_voc_table_accumulates_per_class_and_means_over_classes():
+    """Table 3 layout: per class the dataset-accumulated IoU of each method, then the mean over classes."""
+    from alignsam_ray.evaluate import METHODS, voc_table
+
+    def evaluation(cls, iou):
+        methods = {k: {"iou_dataset": iou - 0.1 * j, "ci95": {"iou_dataset": [iou - 0.2, iou]}}
+                   for j, k in enumerate(METHODS)}
+        return {"task": "voc", "store": f"stores/voc_{cls}", "store_tasks": [f"voc_{cls}"], "methods": methods}
+
+    text, data = voc_table([evaluation("dog", 0.6), evaluation("cat", 0.8)])
+    assert list(data["classes"]) == ["cat", "dog"]  # VOC's class order
+    assert data["mean"]["alignsam"] == pytest.approx(0.7) and data["mean"]["random_actions"] == pytest.approx(0.6)
+    assert "mean over 2 of the 20 classes" in text and "| cat | 0.800 [0.600, 0.800]" in text
+    with pytest.raises(ValueError, match="two evaluations"):
+        voc_table([evaluation("cat", 0.8), evaluation("cat", 0.7)])
+    mixed = evaluation("cat", 0.8)
+    mixed["store_tasks"] = ["voc_cat", "voc_dog"]
+    with pytest.raises(ValueError, match="one class per store"):
+        voc_table([mixed])
