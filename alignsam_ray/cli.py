@@ -10,6 +10,15 @@ import time
 import numpy as np
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
 
 def _add_embed(sub):
     p = sub.add_parser("embed", help="precompute SAM embeddings of a dataset into a Parquet store",
@@ -26,9 +35,9 @@ def _add_embed(sub):
     p.add_argument("--threshold", type=int, default=None, help="mask binarisation threshold, 0..255 (default 128, or dataset.json)")
     p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None, help="white = background")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable/mismatched images instead of stopping")
-    p.add_argument("--shard-size", type=int, default=32, help="images per Parquet shard")
-    p.add_argument("--batch-size", type=int, default=4, help="images per encoder call")
-    p.add_argument("--encoders", type=int, default=1, help="encoder actors (one per GPU on a cluster)")
+    p.add_argument("--shard-size", type=_positive_int, default=32, help="images per Parquet shard")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per encoder call")
+    p.add_argument("--encoders", type=_positive_int, default=1, help="encoder actors (one per GPU on a cluster)")
     p.add_argument("--clip-model", help="also store CLIP Surgery maps (explicit SRM branch): 'micro' (embedded) "
                    "or an open_clip ViT name, e.g. ViT-B-16")
     p.add_argument("--clip-weights", help="local open_clip weights file for --clip-model (micro: the shipped one)")
@@ -39,12 +48,14 @@ def cmd_embed(args) -> int:
     from .data import open_dataset
     from .store.embed import embed_dataset
 
+    skipped: dict = {}  # pairs --skip-bad drops while listing: recorded in the manifest too
     samples = open_dataset(args.data, n_train=None if args.n_train < 0 else args.n_train, seed=args.seed,
-                           skip_bad=args.skip_bad, threshold=args.threshold, invert=args.invert, classes=args.classes)
+                           skip_bad=args.skip_bad, threshold=args.threshold, invert=args.invert, classes=args.classes,
+                           skipped=skipped)
     m = embed_dataset(samples, args.out, sam_type=args.sam, checkpoint=args.checkpoint, random_init=args.random_init,
                       shard_size=args.shard_size, batch_size=args.batch_size, num_encoders=args.encoders,
                       skip_bad=args.skip_bad, dataset_spec=args.data, clip_model=args.clip_model,
-                      clip_weights=args.clip_weights, clip_texts=args.clip_text)
+                      clip_weights=args.clip_weights, clip_texts=args.clip_text, skipped=skipped)
     print(json.dumps({"store": args.out, "n_images": m["n_images"], "counts": m["counts"], "tasks": m["tasks"],
                       "sam_type": m["sam_type"], "maps": m["maps"], "complete": m["complete"]}, indent=2))
     return 0
@@ -78,7 +89,7 @@ def _add_evaluate(sub):
     p.add_argument("--store", help="embedding store to evaluate on (default: the run's store)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch", type=int, default=16, help="images per batched decoder call")
+    p.add_argument("--batch", type=_positive_int, default=16, help="images per batched decoder call")
     p.add_argument("--figures", type=int, default=4, help="images to draw")
     p.add_argument("--seed", type=int, default=0)
 
@@ -94,17 +105,19 @@ def cmd_evaluate(args) -> int:
 
 
 def _add_export(sub):
-    p = sub.add_parser("export", help="write a Ray-free bundle of a trained agent (policy ONNX + .pt2, SRM, config)",
-                       description="Export the policy (torch.export .pt2 and ONNX), the SRM and the config, with a manifest.")
+    p = sub.add_parser("export", help="write a Ray-free bundle of a trained agent (policy ONNX, SRM, config)",
+                       description="Export the policy (ONNX), the SRM and the config, with a manifest of sha256s. "
+                       "A bundle holds data only (no pickles), so it is safe to share.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest checkpoint)")
     p.add_argument("--out", required=True, help="bundle folder (replaced if it exists)")
-    p.add_argument("--no-onnx", action="store_true", help="only the torch.export program")
+    p.add_argument("--pt2", action="store_true", help="also write policy.pt2 (a torch.export program: loading it "
+                   "unpickles, so load one only from a trusted source; segment never reads it)")
 
 
 def cmd_export(args) -> int:
     from .export import export_bundle
 
-    m = export_bundle(args.checkpoint, args.out, onnx=not args.no_onnx)
+    m = export_bundle(args.checkpoint, args.out, pt2=args.pt2)
     print(json.dumps({"bundle": args.out, "task": m["task"], "sam": m["sam"]["sam_type"], "files": sorted(m["files"])},
                      indent=2))
     return 0
@@ -120,8 +133,9 @@ def _add_segment(sub):
     p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file the maps were made "
                    "with (not needed for the micro CLIP)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch", type=int, default=4, help="images per batched decoder call")
-    p.add_argument("--steps", type=int, default=None, help="T (default: the trained T)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="images per batched decoder call")
+    p.add_argument("--steps", type=_positive_int, default=None, help="T (default: the trained T; at most the grid's "
+                   "patches)")
 
 
 def cmd_segment(args) -> int:
@@ -133,6 +147,7 @@ def cmd_segment(args) -> int:
     from .visualise import overlay
 
     predictor = AlignSAMPredictor(args.bundle, sam_checkpoint=args.sam_checkpoint, clip_weights=args.clip_weights)
+    steps = predictor.steps(args.steps)  # before any image is read
     os.makedirs(args.out, exist_ok=True)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in args.images]
     if len(set(stems)) != len(stems):
@@ -141,7 +156,7 @@ def cmd_segment(args) -> int:
         for start in range(0, len(args.images), args.batch):
             paths = args.images[start:start + args.batch]
             images = [read_image(p) for p in paths]
-            for path, image, pred in zip(paths, images, predictor.predict_batch(images, args.steps)):
+            for path, image, pred in zip(paths, images, predictor.predict_batch(images, steps)):
                 stem = os.path.splitext(os.path.basename(path))[0]
                 Image.fromarray(pred.mask.astype(np.uint8) * 255).save(os.path.join(args.out, f"{stem}_mask.png"))
                 Image.fromarray(overlay(image, pred.mask, pred.points, pred.labels)).save(
@@ -240,6 +255,9 @@ def _demo_report(out: str, summary: dict, seconds: float, t_embed: float) -> Non
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="alignsam", description="AlignSAM on Ray: learn where to click so a frozen SAM segments your task.")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"alignsam {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="whole pipeline on the embedded default (synthetic data, micro-SAM), no downloads")
     d.add_argument("--out", default="demo_out")

@@ -2,7 +2,8 @@
 
 A run config is YAML with the sections below (``tune_configs/<task>.yaml``); anything left out
 takes the default. Command-line overrides use dotted keys: ``ppo.lr=3e-4 env.horizon=10``.
-Unknown keys are errors (a typo must not silently train with the default).
+Unknown keys are errors (a typo must not silently train with the default), and ``validate`` checks
+every value's type and range before Ray starts (one line per problem).
 """
 from __future__ import annotations
 
@@ -76,18 +77,30 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
             out[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             numeric = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
-            out[key] = _number(value) if numeric else value
+            out[key] = _number(value, whole=isinstance(base[key], int)) if numeric else value
     return out
 
 
-def _number(value):
-    """YAML 1.1 reads 1e-4 (no dot) as a string; take it as the float it means."""
+def _number(value, whole: bool = False):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; take it as the float it means (a whole-number key:
+    the int, e.g. 1e3 -> 1000)."""
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             return value
+    if whole and isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
+
+
+def _load_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -101,7 +114,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _load_yaml(value, f"override {item!r}")
     return out
 
 
@@ -112,7 +125,10 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = _load_yaml(f.read(), f"config file {path!r}") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must be a YAML mapping (key: value lines), "
+                              f"not a {type(raw).__name__}")
     cfg = _merge(DEFAULTS, raw)
     if overrides:
         cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
@@ -123,6 +139,93 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     for key in ("store", "run_dir"):
         if "://" not in cfg[key]:  # a store may be a pyarrow URI (s3://bucket/stores/blur)
             cfg[key] = os.path.abspath(cfg[key])
+    return validate(cfg)
+
+
+def _whole(lo=None, hi=None):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _real(lo=None, hi=None, above=None):
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and (lo is None or v >= lo)
+                      and (hi is None or v <= hi) and (above is None or v > above))
+
+
+def _one_of(*values):
+    return lambda v: v in values
+
+
+_BOOL = _one_of(True, False)
+CHECKS = (  # dotted key, test, what the value must be
+    ("env.patch_size", _whole(1), "a whole number >= 1"),
+    ("env.resize", _whole(1), "a whole number >= 1"),
+    ("env.horizon", _whole(1), "a whole number >= 1 (T, steps per episode)"),
+    ("env.obs_res", _whole(1, 64), "a whole number in 1..64 (SAM's embedding grid is 64x64)"),
+    ("env.state", _one_of("probability", "binary"), "'probability' or 'binary'"),
+    ("srm.branch", _one_of("implicit", "explicit"), "'implicit' or 'explicit'"),
+    ("srm.q", lambda v: v is None or _whole(1)(v), "null (the paper's) or a whole number >= 1"),
+    ("srm.lr", _real(above=0), "a number > 0"),
+    ("srm.batch_size", _whole(1), "a whole number >= 1"),
+    ("srm.text_map", lambda v: v is None or isinstance(v, str), "null or a map name"),
+    ("ppo.gamma", _real(0, 1), "a number in [0, 1]"),
+    ("ppo.lambda_", _real(0, 1), "a number in [0, 1]"),
+    ("ppo.clip_param", _real(above=0), "a number > 0"),
+    ("ppo.num_epochs", _whole(1), "a whole number >= 1"),
+    ("ppo.lr", _real(above=0), "a number > 0 (a negative rate would train by gradient ascent)"),
+    ("ppo.entropy_coeff", _real(0), "a number >= 0"),
+    ("ppo.vf_loss_coeff", _real(0), "a number >= 0"),
+    ("ppo.vf_clip_param", _real(above=0), "a number > 0"),
+    ("ppo.use_kl_loss", _BOOL, "true or false"),
+    ("ppo.train_batch_size", _whole(1), "a whole number >= 1"),
+    ("ppo.minibatch_size", _whole(1), "a whole number >= 1"),
+    ("ppo.grad_clip", lambda v: v is None or _real(above=0)(v), "null or a number > 0"),
+    ("model.width", _whole(1), "a whole number >= 1"),
+    ("model.time_input", _BOOL, "true or false"),
+    ("resources.num_env_runners", _whole(0), "a whole number >= 0"),
+    ("resources.num_envs_per_env_runner", _whole(1), "a whole number >= 1"),
+    ("resources.num_cpus_per_env_runner", _real(0), "a number >= 0"),
+    ("resources.num_gpus_per_learner", lambda v: v == "auto" or _real(0)(v), "'auto' or a number >= 0"),
+    ("resources.sample_timeout_s", _real(above=0), "a number > 0 (seconds)"),
+    ("train.iterations", _whole(1), "a whole number >= 1"),
+    ("train.checkpoint_every", _whole(1), "a whole number >= 1"),
+    ("train.seed", _whole(0), "a whole number >= 0"),
+    ("train.val_images", _whole(0), "a whole number >= 0"),
+)
+
+
+def validate(cfg: dict) -> dict:
+    """Check every value's type and range, and the values that depend on each other; raise one
+    ConfigError with one line per problem. Returns ``cfg``."""
+    from .env.grid import PatchGrid
+
+    problems = []
+    for key, ok, want in CHECKS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if not ok(value):
+            problems.append(f"{key} must be {want}, got {value!r}")
+    bad = {p.split(" ", 1)[0] for p in problems}
+    e, p = cfg["env"], cfg["ppo"]
+    grid = e["grid"]
+    if grid is not None and not (_whole(2)(grid) or (isinstance(grid, (list, tuple)) and len(grid) == 2
+                                                     and all(_whole(2)(g) for g in grid))):
+        problems.append(f"env.grid must be null, a whole number >= 2 or [rows, cols] (each >= 2), got {grid!r}")
+    elif not bad & {"env.patch_size", "env.resize", "env.horizon"}:
+        try:
+            n = PatchGrid.from_config(grid, e["patch_size"], e["resize"]).n
+            if e["horizon"] > n:
+                problems.append(f"env.horizon (T = {e['horizon']}) must be <= the {n} patches of the grid: "
+                                "each step picks a patch not picked before")
+        except ValueError as exc:
+            problems.append(f"env.grid / env.patch_size / env.resize: {exc}")
+    if not bad & {"ppo.minibatch_size", "ppo.train_batch_size"} and p["minibatch_size"] > p["train_batch_size"]:
+        problems.append(f"ppo.minibatch_size ({p['minibatch_size']}) must be <= ppo.train_batch_size "
+                        f"({p['train_batch_size']})")
+    if cfg["srm"]["branch"] == "explicit" and not cfg["srm"]["text_map"]:
+        problems.append("srm.text_map must name the store's CLIP map column for srm.branch=explicit "
+                        "(`alignsam embed --clip-model ...`)")
+    if problems:
+        raise ConfigError(f"{len(problems)} bad config value(s):\n  " + "\n  ".join(problems))
     return cfg
 
 

@@ -167,11 +167,40 @@ def _method_row(acc: MetricAccumulator, roll: Rollout, t: int, ci: bool = True) 
     return row
 
 
+def trained_sam(agent: Agent) -> dict:
+    """{"sam_type", "checkpoint_sha256"} of the SAM the agent was trained with: from the checkpoint's
+    state.json, else (checkpoints from before it was recorded) from the run's store manifest."""
+    from .store.shards import read_manifest
+
+    try:
+        with open(os.path.join(agent.checkpoint, "state.json")) as f:
+            sam = json.load(f).get("sam")
+    except (OSError, ValueError):
+        sam = None
+    if not sam:
+        try:
+            manifest = read_manifest(agent.cfg["store"])
+        except Exception as exc:
+            raise ConfigError(f"cannot tell which SAM checkpoint {agent.checkpoint!r} was trained with: its "
+                              f"checkpoint records none and its run's store {agent.cfg['store']!r} is unreadable "
+                              f"({exc}); evaluate on that store, or make it reachable") from None
+        sam = {key: manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}
+    return sam
+
+
 def check_store(agent: Agent, st: EmbeddingStore, store: str) -> None:
-    """Refuse a store made with another SAM than the agent's run (a silent wrong result otherwise)."""
+    """Refuse a store made with another SAM than the agent's run (a silent wrong result otherwise):
+    same SAM type and the same checkpoint file (sha256), not only the same embedding width."""
     if st.embed_dim != agent.srm.embed_dim:
         raise ConfigError(f"store {store!r} holds {st.embed_dim}-d embeddings but the checkpoint was trained on "
                           f"{agent.srm.embed_dim}-d ones (another SAM type); evaluate on a store of the same SAM")
+    theirs = trained_sam(agent)
+    ours = {key: st.manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}
+    if ours != theirs:
+        store_sam, run_sam = (f"{s['sam_type']} SAM, checkpoint sha256 {str(s['checkpoint_sha256'])[:12]}"
+                             for s in (ours, theirs))
+        raise ConfigError(f"store {store!r} was embedded with {store_sam} but checkpoint {agent.checkpoint!r} was "
+                          f"trained on {run_sam}; evaluate on a store embedded with the run's SAM checkpoint")
 
 
 def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: int = 16, n_figures: int = 4,
@@ -214,7 +243,8 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in METHODS if name != "alignsam"}
     metrics = {
         "task": agent.cfg["task"], "n_images": int(len(ids)), "split": split, "horizon": T,
-        "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "methods": results, "paired": paired,
+        "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
+        "methods": results, "paired": paired,
         "t_sweep": sweep, "initial_prompts": score(main.logits[0], ids, sizes, gt_full, decoder).summary(),
         "seconds": round(time.time() - t0, 1),
     }
@@ -297,6 +327,37 @@ def report_markdown(metrics: dict) -> str:
     lines += ["", f"Initial SRM prompts only (T = 0): mIoU {init['miou']:.3f}.", "", "## Metric definitions", ""]
     lines += [f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
+    """Paper Table 3 layout from per-class evaluations (one ``metrics.json`` dict per VOC class, each from
+    a store embedded with ``--classes <class>``): per class, each method's IoU accumulated over the class's
+    test images (``iou_dataset``, the VOC convention) with its 95% interval, and the mean over the classes.
+    Returns (Markdown, {"classes": {class: {method: iou}}, "mean": {method: iou}, "n_classes"})."""
+    from .data.samples import VOC_CLASSES
+
+    rows: dict = {}
+    for m in evaluations:
+        tasks = [t for t in m.get("store_tasks", []) if t.startswith("voc_")] or [m["task"]]
+        if len(tasks) != 1:
+            raise ValueError(f"evaluation of {m['store']} covers {len(tasks)} VOC classes ({tasks}); Table 3 needs "
+                             "one class per store (`alignsam embed --data voc:... --classes CLASS`)")
+        name = tasks[0].removeprefix("voc_")
+        if name in rows:
+            raise ValueError(f"two evaluations of VOC class {name!r}")
+        rows[name] = m
+    order = [c for c in VOC_CLASSES[1:] if c in rows] + sorted(c for c in rows if c not in VOC_CLASSES)
+    methods = list(METHODS)
+    lines = [f"| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
+    table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
+    for c in order:
+        lines.append(f"| {c} | " + " | ".join(_cell(rows[c]["methods"][k], "iou_dataset") for k in methods) + " |")
+    mean = {k: float(np.mean([table[c][k] for c in order])) for k in methods}
+    label = "mean over the 20 classes" if len(order) == 20 else f"mean over {len(order)} of the 20 classes"
+    lines.append(f"| **{label}** | " + " | ".join(f"**{mean[k]:.3f}**" for k in methods) + " |")
+    text = ("IoU accumulated over each class's test images (PASCAL VOC convention; brackets: 95% bootstrap "
+            "interval over images), cf. paper Table 3.\n\n" + "\n".join(lines) + "\n")
+    return text, {"classes": table, "mean": mean, "n_classes": len(order)}
 
 
 def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, gt_full: dict, folder: str, n: int) -> int:

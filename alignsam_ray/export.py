@@ -3,10 +3,12 @@
     alignsam export --checkpoint runs/synthetic_saliency --out bundles/saliency
 
 BUNDLE/
-    policy.pt2      torch.export program of ``PolicyNet``: (obs (B, E, R, R) float32, action_mask (B, N)
-                    float32) -> masked logits (B, N); B is dynamic
-    policy.onnx     the same graph through the torch.onnx dynamo exporter (opset 18)
-    srm.pt          the SRM ({"branch", "embed_dim", "state_dict"})
+    policy.onnx     ``PolicyNet`` through the torch.onnx dynamo exporter (opset 18): (obs (B, E, R, R) float32,
+                    action_mask (B, N) float32) -> masked logits (B, N); B is dynamic. What segment runs
+                    (onnxruntime: a data format, no code is loaded)
+    policy.pt2      only with ``--pt2``: the same graph as a torch.export program (``torch.export.load``
+                    unpickles it: use it only for bundles from a trusted source; segment never loads it)
+    srm.pt          the SRM ({"branch", "embed_dim", "state_dict"}, tensors only: ``weights_only`` loads it)
     config.yaml     the run config (grid, T, R, ...)
     manifest.json   format version, SAM model id (type + checkpoint sha256 of the store it was trained
                     on), shapes, files with sha256, the source checkpoint
@@ -57,8 +59,9 @@ def _sha256(path: str) -> str:
     return file_sha256(path)
 
 
-def export_bundle(checkpoint: str, out: str, onnx: bool = True) -> dict:
-    """Write the bundle of a training checkpoint (a run folder or ``checkpoints/iter_N``)."""
+def export_bundle(checkpoint: str, out: str, pt2: bool = False) -> dict:
+    """Write the bundle of a training checkpoint (a run folder or ``checkpoints/iter_N``); ``pt2``: also
+    the torch.export program."""
     from .evaluate import Agent
     from .store.shards import read_manifest
 
@@ -72,14 +75,13 @@ def export_bundle(checkpoint: str, out: str, onnx: bool = True) -> dict:
     os.makedirs(tmp)
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes = {"obs": {0: batch}, "action_mask": {0: batch}}
-    program = torch.export.export(policy, example, dynamic_shapes=shapes)
-    torch.export.save(program, os.path.join(tmp, POLICY_PT2))
-    files = [POLICY_PT2]
-    if onnx:
-        onnx_program = torch.onnx.export(policy, example, dynamo=True, dynamic_shapes=shapes,
-                                         input_names=["obs", "action_mask"], output_names=["logits"])
-        onnx_program.save(os.path.join(tmp, POLICY_ONNX))
-        files.append(POLICY_ONNX)
+    onnx_program = torch.onnx.export(policy, example, dynamo=True, dynamic_shapes=shapes,
+                                     input_names=["obs", "action_mask"], output_names=["logits"])
+    onnx_program.save(os.path.join(tmp, POLICY_ONNX))
+    files = [POLICY_ONNX]
+    if pt2:
+        torch.export.save(torch.export.export(policy, example, dynamic_shapes=shapes), os.path.join(tmp, POLICY_PT2))
+        files.append(POLICY_PT2)
     torch.save({"branch": agent.srm.branch, "embed_dim": E, "state_dict": agent.srm.state_dict()},
                os.path.join(tmp, SRM_FILE))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

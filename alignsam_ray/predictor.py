@@ -9,7 +9,13 @@
 
 The paper's inference: SAM embeds the image once; the SRM places one positive and one negative point
 at its highest and lowest scores; the policy then picks T patches greedily, each labelled by the SRM,
-and SAM's decoder re-runs on all points after each. Only torch, numpy and segment-anything are used.
+and SAM's decoder re-runs on all points after each. Only torch, numpy, segment-anything and onnxruntime
+are used.
+
+A bundle may come from someone else, so it is read as data only, never unpickled: the policy is the ONNX
+graph (run by onnxruntime), the SRM a ``weights_only`` state dict, the config YAML (``safe_load``); every
+file read is listed in the manifest with its sha256 and checked first. ``policy.pt2`` (``alignsam export
+--pt2``) is never loaded here: ``torch.export.load`` unpickles.
 """
 from __future__ import annotations
 
@@ -18,14 +24,45 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime
 import torch
 import yaml
 
 from .agent.srm import SRM
 from .env.episodes import PromptEpisodes
 from .env.grid import PatchGrid
-from .export import CONFIG_FILE, MANIFEST, POLICY_PT2, SRM_FILE
-from .foundation import CheckpointError, SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
+from .export import CONFIG_FILE, MANIFEST, POLICY_ONNX, SRM_FILE
+from .foundation import (CheckpointError, SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, load_weights,
+                         pick_device)
+
+LOADED = (POLICY_ONNX, SRM_FILE, CONFIG_FILE)  # what the predictor reads from a bundle, besides the manifest
+
+
+def read_bundle_manifest(bundle: str) -> dict:
+    """The bundle's manifest, after checking that it lists every file the predictor loads and that each
+    listed file matches its sha256 (a clear ValueError naming the file otherwise)."""
+    path = os.path.join(bundle, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{bundle!r} is not an alignsam bundle (no {MANIFEST}); make one with "
+                                "`alignsam export --checkpoint RUN --out BUNDLE`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-export the bundle with `alignsam export`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{path} is not an alignsam bundle manifest (no 'files' with sha256s)")
+    unlisted = [name for name in LOADED if name not in manifest["files"]]
+    if unlisted:
+        raise ValueError(f"{path} does not list {', '.join(unlisted)} (every file segment loads must be listed with "
+                         "its sha256); re-export the bundle with `alignsam export`")
+    for name, digest in manifest["files"].items():
+        file = os.path.join(bundle, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"bundle file {file} is missing (listed in {MANIFEST})")
+        if file_sha256(file) != digest:
+            raise ValueError(f"bundle file {file} does not match its sha256 in {MANIFEST}")
+    return manifest
 
 
 @dataclass
@@ -41,15 +78,7 @@ class AlignSAMPredictor:
 
     def __init__(self, bundle: str, sam_checkpoint: str | None = None, device: str = "auto",
                  clip_weights: str | None = None):
-        path = os.path.join(bundle, MANIFEST)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{bundle!r} is not an alignsam bundle (no {MANIFEST}); make one with "
-                                    "`alignsam export --checkpoint RUN --out BUNDLE`")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        for name, digest in self.manifest["files"].items():
-            if file_sha256(os.path.join(bundle, name)) != digest:
-                raise ValueError(f"bundle file {os.path.join(bundle, name)} does not match its sha256 in {MANIFEST}")
+        self.manifest = read_bundle_manifest(bundle)
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
             self.cfg = yaml.safe_load(f)
         sam = self.manifest["sam"]
@@ -68,8 +97,8 @@ class AlignSAMPredictor:
         model = load_sam(sam["sam_type"], sam_checkpoint, random_init=sam["checkpoint_sha256"] == "random-init")
         self.encoder = SamImageEncoder(model, self.device)
         self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
-        self.policy = torch.export.load(os.path.join(bundle, POLICY_PT2)).module()
-        blob = torch.load(os.path.join(bundle, SRM_FILE), map_location="cpu", weights_only=True)
+        self.policy = onnxruntime.InferenceSession(os.path.join(bundle, POLICY_ONNX), providers=["CPUExecutionProvider"])
+        blob = load_weights(os.path.join(bundle, SRM_FILE), "bundle SRM")
         self.srm = SRM(blob["embed_dim"], blob["branch"])
         self.srm.load_state_dict(blob["state_dict"])
         self.srm.eval()
@@ -96,6 +125,14 @@ class AlignSAMPredictor:
         self.clip = ClipSurgery.load(clip["model"], weights, device=self.device)
         self.text_map, self.text = name, clip["maps"][name]
 
+    def steps(self, horizon: int | None = None) -> int:
+        """T of a prediction (default: the trained T), checked: 1 .. the grid's patches."""
+        T = self.horizon if horizon is None else horizon
+        if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or not 1 <= T <= self.grid.n:
+            raise ValueError(f"steps must be a whole number in 1..{self.grid.n} (each step picks a patch of the "
+                             f"{self.grid.rows}x{self.grid.cols} grid not picked before), got {horizon!r}")
+        return int(T)
+
     @torch.inference_mode()
     def predict(self, image: np.ndarray, horizon: int | None = None) -> Prediction:
         """(H, W, 3) uint8 RGB -> the mask after ``horizon`` (default: the trained T) steps."""
@@ -104,7 +141,7 @@ class AlignSAMPredictor:
     @torch.inference_mode()
     def predict_batch(self, images: list[np.ndarray], horizon: int | None = None) -> list[Prediction]:
         """Several images: one decoder call per step for all of them."""
-        T = self.horizon if horizon is None else int(horizon)
+        T = self.steps(horizon)
         resized = [self.encoder.resize(im) for im in images]
         emb = self.encoder.encode(resized).astype(np.float16)
         data = {"ids": np.arange(len(images)), "embeddings": emb,
@@ -116,8 +153,8 @@ class AlignSAMPredictor:
                             self.text_map, state=self.state)
         ep.reset(np.arange(len(images)), np.arange(len(images)))
         for _ in range(T):
-            logits = self.policy(torch.from_numpy(ep.obs.astype(np.float32)), torch.from_numpy(ep.action_mask()))
-            ep.step(logits.argmax(1).numpy())
+            logits = self.policy.run(None, {"obs": ep.obs.astype(np.float32), "action_mask": ep.action_mask()})[0]
+            ep.step(logits.argmax(1))
         out = []
         for s, im in enumerate(images):
             h, w = im.shape[:2]

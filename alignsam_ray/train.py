@@ -32,7 +32,7 @@ from ray.tune.registry import register_env
 from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm, srm_holder
 from .agent.rl_module import AlignSamActorCritic
 from .agent.srm import SrmTrainer
-from .config import env_config, save_config
+from .config import ConfigError, env_config, save_config, validate
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
 from .store.loader import EmbeddingStore, publish_store
@@ -59,6 +59,22 @@ def grid_of(cfg: dict) -> PatchGrid:
 def num_gpus(cfg: dict) -> float:
     g = cfg["resources"]["num_gpus_per_learner"]
     return (1 if torch.cuda.is_available() else 0) if g == "auto" else float(g)
+
+
+def check_cluster_fits(cfg: dict) -> None:
+    """Refuse EnvRunners this Ray cluster can never host (RLlib would wait for their CPUs forever, silently)."""
+    r = cfg["resources"]
+    n, per = r["num_env_runners"], float(r["num_cpus_per_env_runner"])
+    if not n or not per:
+        return
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    hosts = sum(int(cpus / per + 1e-9) for cpus in nodes)  # EnvRunners each node can hold
+    if hosts < n:
+        raise ConfigError(
+            f"resources.num_env_runners={n} x resources.num_cpus_per_env_runner={per:g} CPU do not fit this Ray "
+            f"cluster ({sum(nodes):g} CPUs on {len(nodes)} node(s): room for {hosts} such EnvRunners); lower "
+            f"resources.num_env_runners (e.g. {hosts}) or "
+            f"resources.num_cpus_per_env_runner (e.g. {sum(nodes) / n:.2g}), or add nodes")
 
 
 def srm_actor_name(cfg: dict) -> str:
@@ -127,19 +143,25 @@ class Trainer:
     """Owns the Algorithm, the SRM trainer and the run folder."""
 
     def __init__(self, cfg: dict, resume: bool = False, progress: bool = True):
-        self.cfg = cfg
+        self.cfg = validate(cfg)  # before Ray starts (tune trials come here with searched values too)
         self.progress = progress
         self.run_dir = cfg["run_dir"]
-        os.makedirs(self.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         store = EmbeddingStore(cfg["store"], verify=False)
+        n_train, k = store.manifest.get("counts", {}).get("train", 0), cfg["train"]["val_images"]
+        if k >= n_train:
+            raise ConfigError(f"train.val_images ({k}) must be smaller than the {n_train} training images of store "
+                              f"{cfg['store']!r} (the last k are held out for validation)")
+        self.sam = {key: store.manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}  # -> state.json
         init_ray()
+        check_cluster_fits(cfg)
         self.store_actor = publish_store(cfg["store"], "train")
         s = cfg["srm"]
         self.srm = SrmTrainer(store.embed_dim, s["branch"], s["lr"], s["q"], s["batch_size"], cfg["train"]["seed"])
         self.srm_holder = srm_holder(srm_actor_name(cfg))  # envs built later (restarts) read the SRM here
         ray.get(self.srm_holder.set.remote(self.srm.state()))
         self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
+        os.makedirs(self.run_dir, exist_ok=True)  # only once the run can start: a failed start leaves nothing
+        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.iteration = 0
         self.env_steps = 0
         if resume:
@@ -233,7 +255,7 @@ class Trainer:
         save_config(self.cfg, os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"iteration": self.iteration, "env_steps": self.env_steps, "task": self.cfg["task"],
-                       "store": self.cfg["store"], "time": time.time()}, f, indent=2)
+                       "store": self.cfg["store"], "sam": self.sam, "time": time.time()}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if self.progress:

@@ -10,10 +10,19 @@ from alignsam_ray.cli import main
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "alignsam_ray.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "alignsam_ray", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for cmd in ("demo", "embed", "train", "evaluate", "tune", "export", "segment"):
         assert cmd in out.stdout
+
+
+def test_version(capsys):
+    from alignsam_ray import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"alignsam {__version__}"
+    assert __version__[0].isdigit()
 
 
 def _folder(root, mask_size=(20, 30)):

@@ -37,7 +37,7 @@ def trained_run(blur_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(trained_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bundle") / "b")
-    assert cli_main(["export", "--checkpoint", trained_run, "--out", out]) == 0
+    assert cli_main(["export", "--checkpoint", trained_run, "--out", out, "--pt2"]) == 0
     return out
 
 
@@ -49,7 +49,7 @@ def test_bundle_contents(bundle):
 
 
 def test_exported_policy_matches_rl_module(trained_run, bundle):
-    """Parity: the .pt2 program and the ONNX graph give the RLModule's logits within 1e-5."""
+    """Parity: the .pt2 program (--pt2) and the ONNX graph give the RLModule's logits within 1e-5."""
     import onnxruntime
 
     from alignsam_ray.evaluate import Agent

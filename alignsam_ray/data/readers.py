@@ -66,19 +66,23 @@ _VOC_EXPECT = "ROOT/JPEGImages/ + ROOT/SegmentationClass/ (+ ROOT/ImageSets/Segm
 
 # ----------------------------------------------------------------------------------------- problems
 class _Problems:
-    """Bad pairs found while opening: ``reason -> [(short name, full message)]``."""
+    """Bad pairs found while opening: ``reason -> [(short name, full message)]``, and ``path -> message``
+    (the file at fault: what the store's manifest records under ``skipped``)."""
 
     def __init__(self):
         self.by_reason: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self.by_path: dict[str, str] = {}
 
-    def add(self, reason: str, name: str, message: str) -> None:
+    def add(self, reason: str, name: str, message: str, path: str) -> None:
         self.by_reason[reason].append((name, message))
+        self.by_path[path] = message
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_reason.values())
 
-    def settle(self, total: int, noun: str, skip_bad: bool) -> None:
-        """Raise DataError listing the problems, or (skip_bad) print one summary line to stderr."""
+    def settle(self, total: int, noun: str, skip_bad: bool, skipped: dict | None = None) -> None:
+        """Raise DataError listing the problems, or (skip_bad) print one summary line to stderr and add
+        ``path -> message`` of each dropped pair to ``skipped``."""
         if not len(self):
             return
         if not skip_bad:
@@ -90,6 +94,8 @@ class _Problems:
         for reason, items in self.by_reason.items():
             names = [n for n, _ in items[:MAX_NAMES]] + ([f"+{len(items) - MAX_NAMES} more"] if len(items) > MAX_NAMES else [])
             parts.append(f"{len(items)} {reason} ({', '.join(names)})")
+        if skipped is not None:
+            skipped.update(self.by_path)
         print(f"skipped {len(self)} of {total} {noun}: " + ", ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -197,24 +203,26 @@ def _dataset_json(root: str) -> dict:
     return cfg
 
 
-def _check_pair(image_path: str, mask_path: str, problems: _Problems) -> bool:
-    """Header check of one pair (readable, same size); records the problem and returns False if bad."""
+def _check_pair(image_path: str, mask_path: str, problems: _Problems, deep: bool = False) -> bool:
+    """Header check of one pair (readable, same size; ``deep``: every pixel decodes, so a truncated file
+    is caught here too); records the problem and returns False if bad."""
     sizes = {}
     for what, path in (("image", image_path), ("mask", mask_path)):
         try:
-            sizes[what] = _header_size(path)
+            sizes[what] = _decode(path, what).size if deep else _header_size(path)
         except Exception as exc:
-            problems.add(f"unreadable {what}", os.path.basename(path), f"cannot read {what} {path}: {exc}")
+            message = str(exc) if isinstance(exc, DataError) else f"cannot read {what} {path}: {exc}"
+            problems.add(f"unreadable {what}", os.path.basename(path), message, path)
             return False
     if sizes["image"] != sizes["mask"]:
         (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
         problems.add("size mismatch", f"{os.path.basename(mask_path)}: mask {mw}x{mh} vs image {iw}x{ih}",
-                     f"size mismatch: mask {mask_path} is {mw}x{mh} (WxH) but image {image_path} is {iw}x{ih}")
+                     f"size mismatch: mask {mask_path} is {mw}x{mh} (WxH) but image {image_path} is {iw}x{ih}", mask_path)
         return False
     return True
 
 
-def _group_pairs(group: _Group, problems: _Problems) -> tuple[list[tuple[str, str, str]], int]:
+def _group_pairs(group: _Group, problems: _Problems, deep: bool) -> tuple[list[tuple[str, str, str]], int]:
     """Good (stem, image_path, mask_path) of one group, and the number of candidates looked at."""
     images, masks = _list_images(group.image_dir), _list_images(group.mask_dir)
     good = []
@@ -223,24 +231,27 @@ def _group_pairs(group: _Group, problems: _Problems) -> tuple[list[tuple[str, st
         imgs, msks = images.get(stem, []), masks.get(stem, [])
         if len(imgs) > 1:
             problems.add("duplicate image name", ", ".join(imgs),
-                         f"several images named {stem!r} in {group.image_dir}: {', '.join(imgs)}")
+                         f"several images named {stem!r} in {group.image_dir}: {', '.join(imgs)}",
+                         os.path.join(group.image_dir, imgs[0]))
         elif len(msks) > 1:
             problems.add("duplicate mask name", ", ".join(msks),
-                         f"several masks named {stem!r} in {group.mask_dir}: {', '.join(msks)}")
+                         f"several masks named {stem!r} in {group.mask_dir}: {', '.join(msks)}",
+                         os.path.join(group.mask_dir, msks[0]))
         elif not msks:
             problems.add("missing mask", imgs[0], f"missing mask: no {stem}.* in {group.mask_dir} for image "
-                         f"{os.path.join(group.image_dir, imgs[0])}")
+                         f"{os.path.join(group.image_dir, imgs[0])}", os.path.join(group.image_dir, imgs[0]))
         elif not imgs:
             problems.add("missing image", msks[0], f"missing image: no {stem}.* in {group.image_dir} for mask "
-                         f"{os.path.join(group.mask_dir, msks[0])}")
+                         f"{os.path.join(group.mask_dir, msks[0])}", os.path.join(group.mask_dir, msks[0]))
         else:
             image_path, mask_path = os.path.join(group.image_dir, imgs[0]), os.path.join(group.mask_dir, msks[0])
-            if _check_pair(image_path, mask_path, problems):
+            if _check_pair(image_path, mask_path, problems, deep):
                 good.append((stem, image_path, mask_path))
     return good, len(stems)
 
 
-def _open_folder_layout(root: str, layout_name: str, *, n_train, seed, skip_bad, threshold, invert, task) -> list[Sample]:
+def _open_folder_layout(root: str, layout_name: str, *, n_train, seed, skip_bad, skipped, threshold, invert,
+                        task) -> list[Sample]:
     layout = _FOLDER_LAYOUTS[layout_name]
     groups = _find_groups(root, layout)
     if not groups:
@@ -258,12 +269,12 @@ def _open_folder_layout(root: str, layout_name: str, *, n_train, seed, skip_bad,
 
     problems, total, pairs = _Problems(), 0, {}
     for group in groups:
-        pairs[group.split], n = _group_pairs(group, problems)
+        pairs[group.split], n = _group_pairs(group, problems, deep=skip_bad)
         total += n
     if total == 0:
         where = ", ".join(f"{g.image_dir} + {g.mask_dir}" for g in groups)
         raise DataError(f"no images found in {where} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    problems.settle(total, "samples", skip_bad)
+    problems.settle(total, "samples", skip_bad, skipped)
     if not any(pairs.values()):
         raise DataError(f"no usable image/mask pairs in {root}")
 
@@ -298,7 +309,7 @@ def _voc_class_ids(classes: list[str] | None) -> list[int]:
     return sorted(set(ids))
 
 
-def _open_voc(root: str, *, n_train, seed, skip_bad, classes) -> list[Sample]:
+def _open_voc(root: str, *, n_train, seed, skip_bad, skipped, classes) -> list[Sample]:
     voc = _voc_root(root)
     if voc is None:
         raise DataError(f"{root} is not a PASCAL VOC folder; expected {_VOC_EXPECT}")
@@ -325,33 +336,36 @@ def _open_voc(root: str, *, n_train, seed, skip_bad, classes) -> list[Sample]:
         present[split] = defaultdict(list)
         for stem in stems:
             if stem not in images:
-                problems.add("missing image", stem, f"missing image: no {stem}.* in {jpeg_dir} (listed for {split or 'the pool'})")
+                problems.add("missing image", stem, f"missing image: no {stem}.* in {jpeg_dir} (listed for "
+                             f"{split or 'the pool'})", os.path.join(jpeg_dir, stem))
                 continue
             if stem not in masks:
                 problems.add("missing mask", images[stem][0], f"missing mask: no {stem}.png in {seg_dir} for image "
-                             f"{os.path.join(jpeg_dir, images[stem][0])}")
+                             f"{os.path.join(jpeg_dir, images[stem][0])}", os.path.join(jpeg_dir, images[stem][0]))
                 continue
             image_path, mask_path = os.path.join(jpeg_dir, images[stem][0]), os.path.join(seg_dir, masks[stem][0])
             try:
                 idx = _voc_indices(_decode(mask_path, "mask"), mask_path)
             except DataError as exc:
-                problems.add("unreadable mask", masks[stem][0], str(exc))
+                problems.add("unreadable mask", masks[stem][0], str(exc), mask_path)
                 continue
             mh, mw = idx.shape
             try:
-                iw, ih = _header_size(image_path)
+                iw, ih = _decode(image_path, "image").size if skip_bad else _header_size(image_path)
             except Exception as exc:
-                problems.add("unreadable image", images[stem][0], f"cannot read image {image_path}: {exc}")
+                message = str(exc) if isinstance(exc, DataError) else f"cannot read image {image_path}: {exc}"
+                problems.add("unreadable image", images[stem][0], message, image_path)
                 continue
             if (iw, ih) != (mw, mh):
                 problems.add("size mismatch", f"{masks[stem][0]}: mask {mw}x{mh} vs image {iw}x{ih}",
-                             f"size mismatch: mask {mask_path} is {mw}x{mh} (WxH) but image {image_path} is {iw}x{ih}")
+                             f"size mismatch: mask {mask_path} is {mw}x{mh} (WxH) but image {image_path} is {iw}x{ih}",
+                             mask_path)
                 continue
             paths[stem] = (image_path, mask_path)
             for c in np.unique(idx).tolist():
                 if c in class_ids:
                     present[split][c].append(stem)
-    problems.settle(total, "images", skip_bad)
+    problems.settle(total, "images", skip_bad, skipped)
     if not paths:
         raise DataError(f"no usable image/mask pairs in {voc}")
 
@@ -385,19 +399,20 @@ def _parse_spec(spec: str) -> tuple[str | None, str]:
 
 def open_dataset(spec: str, *, n_train: int | None = 50, seed: int = 0, skip_bad: bool = False,
                  threshold: int | None = None, invert: bool | None = None, task: str | None = None,
-                 classes: list[str] | None = None) -> list[Sample]:
+                 classes: list[str] | None = None, skipped: dict | None = None) -> list[Sample]:
     """Open a dataset folder -> samples sorted by (split, id).
 
     spec:      "PATH" (layout detected from folder names) or "LAYOUT:PATH", LAYOUT in ``LAYOUTS``
     n_train:   training images drawn (seeded by ``seed``; VOC: per class); None = all training images
-    skip_bad:  drop bad pairs (missing partner, unreadable header, size mismatch) and print one summary
-               line to stderr, instead of raising DataError
+    skip_bad:  drop bad pairs (missing partner, unreadable or truncated file, size mismatch) and print one
+               summary line to stderr, instead of raising DataError; every file is then fully decoded
+    skipped:   a dict that receives ``path -> reason`` of each pair skip_bad dropped (for the store's manifest)
     threshold, invert, task:  override the layout's / dataset.json's defaults (threshold default 128);
                task names the text prompt too (``TASK_TEXT``, else the name with spaces). Ignored for voc,
                whose tasks are "voc_<class>" with palette masks.
     classes:   VOC only: restrict to these class names
-    Only headers are read (VOC masks are decoded to find their classes); a file truncated after its
-    header fails later, in ``load_image``/``load_mask``, or in ``check_sample``.
+    Without skip_bad only headers are read (VOC masks are decoded to find their classes); a file truncated
+    after its header fails later, in ``load_image``/``load_mask``, or in ``check_sample``.
     """
     layout, path = _parse_spec(spec)
     if n_train is not None and n_train < 0:
@@ -407,8 +422,8 @@ def open_dataset(spec: str, *, n_train: int | None = 50, seed: int = 0, skip_bad
         raise DataError(f"dataset folder not found: {root}")
     layout = layout or _detect(root)
     if layout == "voc":
-        return _open_voc(root, n_train=n_train, seed=seed, skip_bad=skip_bad, classes=classes)
+        return _open_voc(root, n_train=n_train, seed=seed, skip_bad=skip_bad, skipped=skipped, classes=classes)
     if classes:
         raise DataError(f"classes= applies to the voc layout only, not {layout} ({root})")
-    return _open_folder_layout(root, layout, n_train=n_train, seed=seed, skip_bad=skip_bad,
+    return _open_folder_layout(root, layout, n_train=n_train, seed=seed, skip_bad=skip_bad, skipped=skipped,
                                threshold=threshold, invert=invert, task=task)

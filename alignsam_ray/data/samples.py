@@ -74,12 +74,18 @@ def _decode(path: str, what: str) -> Image.Image:
         raise DataError(f"cannot read {what} {path}: {exc}") from None
 
 
+def _scale_to_8bit(values: np.ndarray) -> np.ndarray:
+    """16-/32-bit integer or float values -> uint8 0..255 (floats up to 1 as 0..1, integers up to 255 as
+    they are, larger ones as 0..65535)."""
+    top_value = values.max(initial=0)
+    top = 1.0 if values.dtype.kind == "f" and top_value <= 1.0 else (255.0 if top_value <= 255 else 65535.0)
+    return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit / 32-bit integer and float modes -> mode "L" (0..255); other modes unchanged."""
     if img.mode.startswith("I") or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and arr.max(initial=0) <= 1.0 else (255.0 if arr.max(initial=0) <= 255 else 65535.0)
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(_scale_to_8bit(np.asarray(img)), mode="L")
     return img
 
 
@@ -98,17 +104,16 @@ def read_image(path: str) -> np.ndarray:
 
 
 def _grey_values(img: Image.Image) -> np.ndarray:
-    """A binary/grey mask of any mode -> (H, W) uint8 grey values 0..255, or labels 0/1.
-
-    Mode "P" masks whose indices are all 0/1 are read as indices; other palettes by colour.
-    """
+    """A binary/grey mask of any mode -> (H, W) values: 8-, 16- and 32-bit integer and float masks keep
+    their own values, other modes become grey 0..255. Mode "P" masks whose indices are all 0/1 are read
+    as indices; other palettes by colour."""
     if img.mode == "P":
         idx = np.asarray(img)
         if idx.max(initial=0) <= 1:
             return idx.astype(np.uint8)
-    if img.mode == "1":
-        return np.asarray(img.convert("L"))
-    return np.asarray(_to_8bit(img).convert("L"))
+    if img.mode.startswith("I") or img.mode == "F":
+        return np.asarray(img)
+    return np.asarray(img.convert("L"))
 
 
 def _voc_indices(img: Image.Image, path: str) -> np.ndarray:
@@ -151,8 +156,10 @@ def load_mask(sample: Sample) -> np.ndarray:
     """Decode ``sample.mask_path`` -> (H, W) uint8: 0 background, 1 foreground, 255 ignore (VOC void).
 
     VOC (``voc_class`` set): pixels of that class -> 1, void (255) -> 255, the rest -> 0.
-    Otherwise: grey value >= ``threshold`` -> foreground (a mask holding only values 0/1 is read as
-    0/1 labels), then ``invert`` swaps foreground and background.
+    Otherwise: a two-level mask (0 and one other value: 0/1 labels, 8-bit 0/255, 16-bit 0/4095 or
+    0/65535, ...) -> that value is foreground, whatever its bit depth; a graded (anti-aliased) mask ->
+    value >= ``threshold`` on the 0..255 scale (16-bit: 0..65535 scaled). Then ``invert`` swaps
+    foreground and background. (``load_pair`` refuses a mask with no foreground left.)
     """
     img = _decode(sample.mask_path, "mask")
     if sample.voc_class is not None:
@@ -161,20 +168,30 @@ def load_mask(sample: Sample) -> np.ndarray:
         out[idx == 255] = 255
         return out
     values = _grey_values(img)
-    fg = values == 1 if values.max(initial=0) <= 1 else values >= sample.threshold
+    levels = np.unique(values)
+    if levels.size <= 2 and levels[0] == 0:
+        fg = values > 0
+    else:
+        fg = (values if values.dtype == np.uint8 else _scale_to_8bit(values)) >= sample.threshold
     if sample.invert:
         fg = ~fg
     return fg.astype(np.uint8)
 
 
 def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """(image (H, W, 3) uint8, mask (H, W) uint8); DataError if either is unreadable or sizes differ."""
+    """(image (H, W, 3) uint8, mask (H, W) uint8); DataError if either is unreadable, sizes differ or the
+    mask has no foreground (an episode on it can only fail, and a wrong threshold would go unnoticed)."""
     image = load_image(sample)
     mask = load_mask(sample)
     if image.shape[:2] != mask.shape:
         (ih, iw), (mh, mw) = image.shape[:2], mask.shape
         raise DataError(f"size mismatch: mask {sample.mask_path} is {mw}x{mh} (WxH) "
                         f"but image {sample.image_path} is {iw}x{ih}")
+    if not (mask == 1).any():
+        how = "" if sample.voc_class is not None else \
+            f" (threshold {sample.threshold}{', inverted' if sample.invert else ''}; two-level masks: the non-zero value)"
+        raise DataError(f"mask {sample.mask_path} has no foreground pixels{how}; check --threshold / --invert, "
+                        "or pass --skip-bad to leave such images out")
     return image, mask
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from importlib import resources
 
 import torch
@@ -42,15 +43,27 @@ def default_checkpoint(sam_type: str) -> str | None:
     return micro_sam_weights() if sam_type == "micro" else None
 
 
+def load_weights(path: str, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` (tensors and plain containers only: no code runs), with one
+    clear CheckpointError naming the file; never torch's advice to load it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path!r} does not exist") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{what} {path!r} is not a weights file alignsam can load: it is damaged, or it holds "
+                              "pickled Python objects besides tensors, which are refused (unpickling can run code)") from None
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{what} {path!r} cannot be read ({type(exc).__name__}: {reason})") from None
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a checkpoint file as a state_dict, with clear errors. Never downloads."""
     if not os.path.isfile(path):
         raise CheckpointError(f"SAM checkpoint {path!r} does not exist (weights are never downloaded: "
                               "pass the local path of sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle garbage, ...
-        raise CheckpointError(f"SAM checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+    state = load_weights(path, "SAM checkpoint")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # some fine-tuning repos wrap the state_dict
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from ..foundation.sam_models import default_checkpoint
 from ..ray_session import init_ray
 from .shards import (
     DECODER_FILE, FORMAT_VERSION, GRID, LOWRES, StoreError, encode_png, read_manifest, schema, shard_name,
-    sha256_file, write_manifest, write_shard,
+    sha256_file, write_decoder, write_manifest, write_shard,
 )
 
 IMAGE_SIZE = 1024
@@ -143,19 +144,35 @@ def embed_dataset(
     clip_model: str | None = None,
     clip_weights: str | None = None,
     clip_texts: list[str] | None = None,
+    skipped: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """Embed ``samples`` into the store ``out`` (created or resumed). Returns the manifest.
 
     clip_model: also compute CLIP Surgery maps ("micro" = the embedded micro CLIP, or an open_clip
     ViT name with ``clip_weights`` a local file), one column ``map_<name>`` per text in
-    ``clip_texts`` (default: the samples' task texts, e.g. "star" -> ``map_star``)."""
+    ``clip_texts`` (default: the samples' task texts, e.g. "star" -> ``map_star``).
+    skipped: ``path -> reason`` of pairs ``open_dataset(skip_bad=True)`` dropped, recorded in the
+    manifest's ``skipped`` beside the images dropped while decoding.
+    A run that fails before its first shard is finished removes the ``out`` folder it created."""
     if not samples:
         raise DataError("no samples to embed")
     if "://" in out:
         raise StoreError(f"--out {out!r}: embed writes a local or shared-filesystem folder; embed there, then copy "
                          "it to object storage (e.g. `aws s3 sync STORE s3://bucket/stores/task`); training reads URIs")
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders, skip_bad,
+                      dataset_spec, clip_model, clip_weights, clip_texts, skipped or {}, progress)
+    except BaseException:
+        if created and not os.path.isfile(os.path.join(out, "manifest.json")):  # nothing finished: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders, skip_bad,
+           dataset_spec, clip_model, clip_weights, clip_texts, skipped, progress) -> dict:
     samples = sorted(samples, key=lambda s: (s.split, s.id))
     ckpt_path = checkpoint or default_checkpoint(sam_type)
     sam = load_sam(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
@@ -194,7 +211,7 @@ def embed_dataset(
             "decoder": DECODER_FILE,
             "shards": {}, "skipped": {}, "complete": False,
         }
-    SamPromptDecoder.from_sam(sam, sam_type).save(os.path.join(out, DECODER_FILE))
+    write_decoder(out, manifest, SamPromptDecoder.from_sam(sam, sam_type))
     del sam
 
     n_shards = (len(samples) + shard_size - 1) // shard_size
@@ -236,15 +253,14 @@ def embed_dataset(
             num_cpus=1, batch_format="numpy",
         )
         by_shard: dict[int, list[dict]] = {}
-        bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
-        for row in ds.iter_rows():
-            by_shard.setdefault(int(row["shard"]), []).append(row)
-            bar.update(1)
-            shard = int(row["shard"])
-            expected = min(shard_size, len(samples) - shard * shard_size)
-            if len(by_shard[shard]) == expected:
-                n_new += _finish_shard(out, manifest, shard, by_shard.pop(shard), samples, table_schema, skip_bad)
-        bar.close()
+        with tqdm(total=len(items), desc="embedding", unit="img", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                by_shard.setdefault(int(row["shard"]), []).append(row)
+                bar.update(1)
+                shard = int(row["shard"])
+                expected = min(shard_size, len(samples) - shard * shard_size)
+                if len(by_shard[shard]) == expected:
+                    n_new += _finish_shard(out, manifest, shard, by_shard.pop(shard), samples, table_schema, skip_bad)
     manifest["n_images"] = sum(v["rows"] for v in manifest["shards"].values())
     counts: dict[str, int] = {}
     for v in manifest["shards"].values():
@@ -254,11 +270,13 @@ def embed_dataset(
     manifest["tasks"] = sorted({s.task for s in samples})
     manifest["text"] = {s.task: s.text for s in samples}
     manifest["complete"] = len(manifest["shards"]) == n_shards
+    manifest["skipped"].update(skipped)
     write_manifest(out, manifest)
     if manifest["skipped"]:
         reasons = list(manifest["skipped"].items())
         shown = "; ".join(f"{i}: {r}" for i, r in reasons[:5])
-        print(f"[embed] skipped {len(reasons)} of {len(samples)} images: {shown}{' ...' if len(reasons) > 5 else ''}",
+        total = len(samples) + len(skipped)
+        print(f"[embed] skipped {len(reasons)} of {total} images: {shown}{' ...' if len(reasons) > 5 else ''}",
               file=sys.stderr)
     if progress and n_new:
         dt = time.time() - t0

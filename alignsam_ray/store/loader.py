@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from .shards import (DECODER_FILE, GRID, LOWRES, StoreError, decode_png, is_uri, read_manifest, read_store_bytes,
-                     read_table, verify_shard)
+from .shards import (GRID, LOWRES, StoreError, decode_png, is_uri, read_decoder_bytes, read_manifest, read_table,
+                     verify_shard)
 
 HOLDER_PREFIX = "alignsam-store:"
 DECODER_KEY = "decoder_file"  # published arrays: the decoder file's bytes, (n_bytes,) uint8
@@ -45,8 +45,8 @@ class EmbeddingStore:
         return int(self.manifest["embed_dim"])
 
     def decoder_bytes(self) -> bytes:
-        """The store's SAM prompt encoder + mask decoder file (``SamPromptDecoder.load`` reads it)."""
-        return read_store_bytes(self.path, DECODER_FILE)
+        """The store's SAM prompt encoder + mask decoder file (``SamPromptDecoder.load`` reads it), verified."""
+        return read_decoder_bytes(self.path, self.manifest)
 
     def decoder(self):
         """The store's frozen SAM prompt encoder + mask decoder (a ``SamPromptDecoder``)."""

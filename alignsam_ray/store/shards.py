@@ -1,7 +1,8 @@
 """On-disk format of an embedding store: Parquet shards (pyarrow) + a JSON manifest.
 
     STORE/manifest.json          model type, checkpoint hash, shapes, counts, per-shard sha256
-    STORE/decoder.pt             the SAM prompt encoder + mask decoder (what workers load)
+    STORE/decoder.pt             the SAM prompt encoder + mask decoder (what workers load; its sha256
+                                 in the manifest's ``decoder_sha256``, checked on every read)
     STORE/shard-00000.parquet    one row per image (schema below), ``shard_size`` rows a shard
 
 Row schema (one image):
@@ -129,7 +130,38 @@ def read_table(store: str, name: str) -> pa.Table:
 def read_manifest(store: str) -> dict:
     if not store_file_exists(store, MANIFEST):
         raise StoreError(f"{store!r} is not an embedding store (no {MANIFEST}); create one with `alignsam embed`")
-    return json.loads(read_store_bytes(store, MANIFEST))
+    _, _, shown = store_file(store, MANIFEST)
+    try:
+        manifest = json.loads(read_store_bytes(store, MANIFEST))
+    except ValueError as exc:  # truncated or hand-edited
+        raise StoreError(f"{shown} is not valid JSON ({exc}); a store's manifest is rewritten by rerunning the "
+                         "`alignsam embed` command that made it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+        raise StoreError(f"{shown} is not an alignsam store manifest (no 'shards' mapping)")
+    return manifest
+
+
+def read_decoder_bytes(store: str, manifest: dict) -> bytes:
+    """The store's decoder file, checked against the manifest's ``decoder_sha256`` (stores written
+    before the checksum existed have none and are read as they are)."""
+    blob = read_store_bytes(store, DECODER_FILE)
+    expected = manifest.get("decoder_sha256")
+    if expected and hashlib.sha256(blob).hexdigest() != expected:
+        _, _, shown = store_file(store, DECODER_FILE)
+        raise StoreError(f"{shown} is corrupt (its sha256 differs from {MANIFEST}); rerun the `alignsam embed` "
+                         "command that made the store: it rewrites the decoder and keeps the finished shards")
+    return blob
+
+
+def write_decoder(store: str, manifest: dict, decoder) -> None:
+    """Write ``decoder`` (a ``SamPromptDecoder``) atomically and record its sha256, unless the file on
+    disk already matches the manifest (a rerun leaves it alone)."""
+    path = os.path.join(store, DECODER_FILE)
+    if manifest.get("decoder_sha256") and os.path.isfile(path) and sha256_file(path) == manifest["decoder_sha256"]:
+        return
+    decoder.save(path + ".tmp")
+    manifest["decoder_sha256"] = sha256_file(path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def write_manifest(store: str, manifest: dict) -> None:
