@@ -258,6 +258,8 @@ def main(argv=None) -> int:
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"alignsam {__version__}")
+    ap.add_argument("--verbose", action="store_true", help="show Ray's and RLlib's own messages in the terminal "
+                    "(default: they go to $ALIGNSAM_LOG_DIR/COMMAND.log, ~/.cache/alignsam/logs/ if unset)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="whole pipeline on the embedded default (synthetic data, micro-SAM), no downloads")
     d.add_argument("--out", default="demo_out")
@@ -275,6 +277,11 @@ def main(argv=None) -> int:
     _add_tune(sub)
     _add_segment(sub)
     args = ap.parse_args(argv)
+    if args.cmd != "segment" and not args.verbose:  # segment runs without Ray
+        from .ray_session import default_log_path, route_ray_logs
+
+        print(f"[alignsam] Ray's own messages: {route_ray_logs(default_log_path(args.cmd))} (--verbose shows them here)",
+              file=sys.stderr, flush=True)
     if args.cmd == "segment":  # Ray-free: none of the Ray-backed modules below may load
         from .data.samples import DataError as _DataError
         from .foundation import CheckpointError as _CheckpointError

@@ -1,12 +1,44 @@
-"""Starting or joining Ray: one place, and a fast, clear error for a cluster address nobody answers."""
+"""Starting or joining Ray: one place, a fast, clear error for a cluster address nobody answers, and
+Ray's own messages kept off the terminal (``route_ray_logs``)."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 
 import ray
 
 CONNECT_TIMEOUT_S = 5.0
+_QUIET = {"on": False}  # set by route_ray_logs: workers' output is not forwarded to the terminal either
+
+
+def default_log_path(command: str) -> str:
+    """Where `alignsam COMMAND` writes Ray's messages: $ALIGNSAM_LOG_DIR or ~/.cache/alignsam/logs."""
+    root = os.environ.get("ALIGNSAM_LOG_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "alignsam", "logs")
+    return os.path.join(root, f"{command}.log")
+
+
+def route_ray_logs(path: str) -> str:
+    """Send Ray's, RLlib's and Tune's log records and Python warnings (the new-API-stack notice,
+    deprecation warnings, token-authentication and gputil notices) to ``path`` (appended) instead of the
+    terminal; records of level ERROR and above still reach stderr. Workers' output (actor restarts and
+    the like) stays in Ray's session logs. Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    for name in ("ray", "py.warnings"):
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.addHandler(to_file)
+        logger.addHandler(errors)
+        logger.propagate = False
+    _QUIET["on"] = True
+    return path
 
 
 def recorded_address() -> str | None:
@@ -48,6 +80,9 @@ def init_ray(**kwargs) -> None:
     if target and _unreachable(target):
         raise ConnectionError(f"no Ray cluster answers at {where}. {advice}")
     kwargs.setdefault("include_dashboard", False)
+    if _QUIET["on"]:  # keep the handlers route_ray_logs set; workers' lines stay in Ray's session logs
+        kwargs.setdefault("configure_logging", False)
+        kwargs.setdefault("log_to_driver", False)
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as e:

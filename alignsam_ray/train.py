@@ -27,6 +27,7 @@ import ray
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
 from ray.tune.registry import register_env
 
 from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm, srm_holder
@@ -139,6 +140,14 @@ def _scalar(d: dict, *keys, default=float("nan")):
     return float(d) if np.isscalar(d) else default
 
 
+def unsmoothed_timers(algo) -> None:
+    """RLlib reports its sampling and learner timers as an EMA (coefficient 0.01), so after the first
+    iteration they hardly move. Register them as the mean over a window of 1: each result then holds
+    that iteration's own seconds (``progress.csv``'s sample_s and learn_s)."""
+    for key in (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER):
+        algo.metrics.log_value((TIMERS, key), float("nan"), reduce="mean", window=1)
+
+
 class Trainer:
     """Owns the Algorithm, the SRM trainer and the run folder."""
 
@@ -160,6 +169,7 @@ class Trainer:
         self.srm_holder = srm_holder(srm_actor_name(cfg))  # envs built later (restarts) read the SRM here
         ray.get(self.srm_holder.set.remote(self.srm.state()))
         self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
+        unsmoothed_timers(self.algo)
         os.makedirs(self.run_dir, exist_ok=True)  # only once the run can start: a failed start leaves nothing
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.iteration = 0
@@ -189,8 +199,8 @@ class Trainer:
         er = result.get("env_runners", {})
         steps = _scalar(er, "num_env_steps_sampled", default=0.0)
         self.env_steps += int(steps)
-        sample_s = _scalar(er, "sample", default=float("nan"))
-        learn_s = _scalar(result, "timers", "learner_update_timer", default=float("nan"))
+        sample_s = _scalar(result, "timers", ENV_RUNNER_SAMPLING_TIMER, default=float("nan"))
+        learn_s = _scalar(result, "timers", LEARNER_UPDATE_TIMER, default=float("nan"))
         row = {
             "iteration": self.iteration, "env_steps": self.env_steps,
             "episode_return": _scalar(er, "episode_return_mean"), "hit_rate": _scalar(er, "hit_rate"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import ray
 # Tests start their own local Ray: never join a cluster that a `ray start` on this machine recorded
 # in /tmp/ray/ray_current_cluster (a stale one breaks ray.init; a live one is somebody else's).
 os.environ["RAY_ADDRESS"] = "local"
+# the CLI writes Ray's own messages to $ALIGNSAM_LOG_DIR/<command>.log: keep the tests' out of ~/.cache
+os.environ.setdefault("ALIGNSAM_LOG_DIR", tempfile.mkdtemp(prefix="alignsam_test_logs_"))
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,25 @@ def test_train_config_errors_are_clear(tmp_path, capsys):
 def test_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "eval")]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_ray_chatter_goes_to_a_log_file_errors_still_print(tmp_path):
+    """What a user reads is the CLI's own lines: Ray/RLlib notices and Python warnings land in the log
+    file; errors still reach the terminal. (A subprocess: the routing changes process-wide logging.)"""
+    path = tmp_path / "logs" / "train.log"
+    code = (
+        "import logging, warnings\n"
+        "from alignsam_ray.ray_session import route_ray_logs\n"
+        f"route_ray_logs({str(path)!r})\n"
+        "logging.getLogger('ray.rllib.algorithms.algorithm_config').warning('You are running PPO on the new API stack!')\n"
+        "logging.getLogger('ray.tune.utils.util').warning('Install gputil for GPU system monitoring.')\n"
+        "warnings.warn('`use_polars` is deprecated', DeprecationWarning)\n"
+        "logging.getLogger('ray.rllib').error('an EnvRunner failed')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = path.read_text()
+    assert "new API stack" in text and "gputil" in text and "use_polars" in text and "EnvRunner failed" in text
+    for chatter in ("new API stack", "gputil", "use_polars"):
+        assert chatter not in out.stderr + out.stdout
+    assert "an EnvRunner failed" in out.stderr

@@ -1,6 +1,7 @@
 """Training on real RLlib (local Ray, one remote EnvRunner), checkpoint/resume, evaluation."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -42,6 +43,9 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     for part in ("algo", "srm.pt", "config.yaml", "state.json"):
         assert os.path.exists(os.path.join(ckpts[0], part))
     assert len(open(run / "progress.csv").read().splitlines()) == 2  # header + 1 iteration
+    row = next(csv.DictReader(open(run / "progress.csv")))
+    sample_s, learn_s, iter_s = (float(row[k]) for k in ("sample_s", "learn_s", "iter_s"))
+    assert 0 < sample_s and 0 < learn_s and sample_s + learn_s <= iter_s  # this iteration's own seconds
     assert os.listdir(run / "tb")
 
     # 2) --resume continues the iteration count; EnvRunners get the restored (trained) weights
