@@ -42,7 +42,7 @@ import os
 
 import yaml
 
-from .config import ConfigError, load_config
+from .config import ConfigError, _load_yaml, load_config
 
 SWEEP_DEFAULTS = {"name": "sweep", "storage": "tune_results", "tasks": None, "store_root": None,
                   "overrides": {}, "search": {},
@@ -58,12 +58,14 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"sweep file {path!r} not found")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = _load_yaml(f.read(), f"sweep file {path!r}") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file {path!r} must be a YAML mapping (key: value lines), not a {type(raw).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"sweep override {item!r} is not key=value")
-        raw[key.strip()] = yaml.safe_load(value)
+        raw[key.strip()] = _load_yaml(value, f"sweep override {item!r}")
     unknown = set(raw) - set(SWEEP_DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; known: {sorted(SWEEP_DEFAULTS)}")

@@ -42,6 +42,13 @@ def test_sweep_file_errors(tmp_path, blur_store):
         param_space(load_sweep(_sweep(tmp_path, blur_store, search={"ppo.gamma": {"normal": [0.9, 1]}})))
     with pytest.raises(ConfigError, match="not key=value"):
         load_sweep(_sweep(tmp_path, blur_store), ["storage"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\ntasks: [a.yaml\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_sweep(str(bad))
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_sweep(str(bad))
 
 
 def test_command_line_keys_and_store_root(tmp_path, blur_store):

@@ -124,7 +124,9 @@ class SrmTrainer:
                     "optimizer": self.opt.state_dict(), "updates": self.updates}, path)
 
     def load(self, path: str) -> None:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        from ..foundation.sam_models import load_weights
+
+        blob = load_weights(path, "SRM checkpoint")
         self.srm.load_state_dict(blob["state_dict"])
         self.opt.load_state_dict(blob["optimizer"])
         self.updates = blob["updates"]
@@ -132,7 +134,9 @@ class SrmTrainer:
 
 def load_srm(path: str) -> SRM:
     """An SRM saved by ``SrmTrainer.save`` (for evaluation and export)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    from ..foundation.sam_models import load_weights
+
+    blob = load_weights(path, "SRM checkpoint")
     srm = SRM(blob["embed_dim"], blob["branch"])
     srm.load_state_dict(blob["state_dict"])
     return srm.eval()
