@@ -44,8 +44,7 @@ from .env.alignsam_env import holdout_split
 from .env.episodes import PromptEpisodes
 from .env.grid import PatchGrid
 from .foundation.decoder import SamPromptDecoder
-from .metrics import (METRIC_DEFINITIONS, MetricAccumulator, confidence_intervals, paired_difference,
-                      primary_metrics)
+from .metrics import METRIC_DEFINITIONS, MetricAccumulator, confidence_intervals, paired_difference, primary_metrics
 from .store.loader import EmbeddingStore
 
 METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
@@ -72,7 +71,7 @@ class Agent:
     checkpoint: str
 
     @classmethod
-    def load(cls, checkpoint: str) -> "Agent":
+    def load(cls, checkpoint: str) -> Agent:
         from ray.rllib.core.rl_module.rl_module import RLModule
 
         from .train import MODULE_SUBDIR, resolve_checkpoint
@@ -348,7 +347,7 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
         rows[name] = m
     order = [c for c in VOC_CLASSES[1:] if c in rows] + sorted(c for c in rows if c not in VOC_CLASSES)
     methods = list(METHODS)
-    lines = [f"| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
+    lines = ["| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
     table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
     for c in order:
         lines.append(f"| {c} | " + " | ".join(_cell(rows[c]["methods"][k], "iou_dataset") for k in methods) + " |")

@@ -43,7 +43,7 @@ class PolicyNet(nn.Module):
         self.trunk, self.pi_head, self.grid = trunk, pi_head, (int(grid[0]), int(grid[1]))
 
     @classmethod
-    def from_module(cls, module) -> "PolicyNet":
+    def from_module(cls, module) -> PolicyNet:
         import copy
 
         return cls(copy.deepcopy(module.trunk), copy.deepcopy(module.pi_head), module.grid).eval()

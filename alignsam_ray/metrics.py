@@ -207,7 +207,9 @@ def paired_difference(acc_a: MetricAccumulator, acc_b: MetricAccumulator, n_boot
     ta, tb = acc_a.table(), acc_b.table()
     if len(ta) != len(tb):
         raise ValueError(f"paired_difference needs the same images: {len(ta)} vs {len(tb)} images")
-    pos_neg = lambda t: np.stack([t[:, 5] + t[:, 7], t[:, 6] + t[:, 8]])  # N_pos = TP + FN, N_neg = FP + TN
+    def pos_neg(t):  # N_pos = TP + FN, N_neg = FP + TN
+        return np.stack([t[:, 5] + t[:, 7], t[:, 6] + t[:, 8]])
+
     if not np.array_equal(pos_neg(ta), pos_neg(tb)):
         raise ValueError("paired_difference needs the same images in the same order: ground-truth counts differ")
     sa, sb = acc_a.summary(), acc_b.summary()

@@ -32,8 +32,15 @@ from .agent.srm import SRM
 from .env.episodes import PromptEpisodes
 from .env.grid import PatchGrid
 from .export import CONFIG_FILE, MANIFEST, POLICY_ONNX, SRM_FILE
-from .foundation import (CheckpointError, SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, load_weights,
-                         pick_device)
+from .foundation import (
+    CheckpointError,
+    SamImageEncoder,
+    SamPromptDecoder,
+    file_sha256,
+    load_sam,
+    load_weights,
+    pick_device,
+)
 
 LOADED = (POLICY_ONNX, SRM_FILE, CONFIG_FILE)  # what the predictor reads from a bundle, besides the manifest
 

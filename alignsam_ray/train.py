@@ -30,6 +30,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
 from ray.tune.registry import register_env
 
+from . import ray_session
 from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm, srm_holder
 from .agent.rl_module import AlignSamActorCritic
 from .agent.srm import SrmTrainer
@@ -37,7 +38,6 @@ from .config import ConfigError, env_config, save_config, validate
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
 from .store.loader import EmbeddingStore, publish_store
-from . import ray_session
 
 ENV_NAME = "alignsam"
 CHECKPOINTS = "checkpoints"

@@ -35,7 +35,12 @@ from alignsam_ray.data.samples import load_pair  # noqa: E402
 from alignsam_ray.data.synthetic import SHAPE_CLASSES, TARGET_SHAPE  # noqa: E402
 from alignsam_ray.foundation.clip_surgery import MAP_SIZE, ClipSurgery, map_auroc  # noqa: E402
 from alignsam_ray.foundation.micro_clip import (  # noqa: E402
-    MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_metadata, micro_tokenizer)
+    MICRO_CLIP_CFG,
+    MICRO_CLIP_WEIGHTS,
+    build_micro_clip,
+    micro_metadata,
+    micro_tokenizer,
+)
 
 RANDOM_INIT_SEED = 0
 

@@ -44,8 +44,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def erode(mask: np.ndarray, r: int = 2) -> np.ndarray:
     out = mask.copy()
     for _ in range(r):
-        out[1:] &= out[:-1].copy(); out[:-1] &= out[1:].copy()
-        out[:, 1:] &= out[:, :-1].copy(); out[:, :-1] &= out[:, 1:].copy()
+        out[1:] &= out[:-1].copy()
+        out[:-1] &= out[1:].copy()
+        out[:, 1:] &= out[:, :-1].copy()
+        out[:, :-1] &= out[:, 1:].copy()
     return out
 
 

@@ -39,11 +39,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignsam_ray.data.synthetic import (  # noqa: E402  (drawing helpers of the shapes task)
-    _SHAPE_AREA, SHAPE_CLASSES, TARGET_SHAPE, _centre, _colour, _noise, _shape)
+from alignsam_ray.data.synthetic import _SHAPE_AREA, SHAPE_CLASSES, TARGET_SHAPE, _centre, _colour, _noise, _shape  # noqa: E402  (drawing helpers of the shapes task)
 from alignsam_ray.foundation.clip_surgery import preprocess_image  # noqa: E402
-from alignsam_ray.foundation.micro_clip import (  # noqa: E402
-    MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_tokenizer)
+from alignsam_ray.foundation.micro_clip import MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_tokenizer  # noqa: E402
 
 TRAIN_NAMESPACE = 0xC11C1A55  # this script's rng namespace (synthetic.py uses 0xDA7A5E7)
 P_SINGLE = 0.25               # one large shape, caption = its class

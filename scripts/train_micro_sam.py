@@ -68,7 +68,13 @@ from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixe
 from alignsam_ray.foundation.fused_ops import fuse_for_training
 from alignsam_ray.foundation.micro_sam import ENCODER_INPUT_SIZE, IMAGE_SIZE, build_sam_micro
 from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
-from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, padding_bias, sample_cells
+from alignsam_ray.foundation.sampled_decode import (
+    cell_block_logits,
+    cell_blocks,
+    decode_cell_sample,
+    padding_bias,
+    sample_cells,
+)
 
 TRAIN_SEED = 1  # object-mix stream for training; scripts/eval_micro_sam.py holds out seed 2
 SCALE = IMAGE_SIZE / ENCODER_INPUT_SIZE  # 256-frame pixel -> 1024-frame coordinate

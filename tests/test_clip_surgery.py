@@ -13,9 +13,20 @@ import torch
 from torch import nn
 
 from alignsam_ray.foundation.clip_surgery import (
-    MAP_SIZE, CheckpointError, ClipSurgery, feature_surgery, sam_valid_cells, surgery_forward)
+    MAP_SIZE,
+    CheckpointError,
+    ClipSurgery,
+    feature_surgery,
+    sam_valid_cells,
+    surgery_forward,
+)
 from alignsam_ray.foundation.micro_clip import (
-    MICRO_CLIP_CFG, MICRO_CLIP_META, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_tokenizer)
+    MICRO_CLIP_CFG,
+    MICRO_CLIP_META,
+    MICRO_CLIP_WEIGHTS,
+    build_micro_clip,
+    micro_tokenizer,
+)
 
 TINY_CFG = {  # a small custom open_clip config (registered under TINY_NAME for the round trip)
     "embed_dim": 32,

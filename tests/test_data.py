@@ -7,8 +7,17 @@ import pytest
 from PIL import Image, ImageFilter
 
 from alignsam_ray.data import (
-    SYNTHETIC_TASKS, TASK_TEXT, DataError, Sample, check_sample, generate_all, generate_task, load_image,
-    load_mask, load_pair, open_dataset,
+    SYNTHETIC_TASKS,
+    TASK_TEXT,
+    DataError,
+    Sample,
+    check_sample,
+    generate_all,
+    generate_task,
+    load_image,
+    load_mask,
+    load_pair,
+    open_dataset,
 )
 from alignsam_ray.data.samples import voc_palette
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import toy_data
 from gymnasium.utils.env_checker import check_env
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from alignsam_ray.agent.srm import SRM
 from alignsam_ray.env import AlignSamEnv, AlignSamVectorEnv, PatchGrid, PromptEpisodes
-from conftest import toy_data
 
 
 def test_grid_paper_default_and_config():
@@ -194,7 +194,7 @@ def test_vector_env_autoresets_next_step(blur_store):
     env = AlignSamVectorEnv({"store": blur_store, "horizon": 2, "obs_res": 8, "seed": 0}, num_envs=3)
     obs, _ = env.reset(seed=0)
     assert obs["obs"].shape == (3, 64, 8, 8)
-    for t in range(2):
+    for _ in range(2):
         obs, rew, term, trunc, info = env.step(obs["action_mask"].argmax(1))
     assert term.all()
     obs, rew, term, trunc, info = env.step(np.zeros(3, int))  # NEXT_STEP autoreset: fresh episodes

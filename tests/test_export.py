@@ -26,7 +26,7 @@ def trained_run(blur_store, tmp_path_factory):
     from alignsam_ray.train import Trainer
 
     run = tmp_path_factory.mktemp("export") / "run"
-    cfg = load_config(None, [f"task=synthetic_blur", f"store={blur_store}", f"run_dir={run}"] + TINY)
+    cfg = load_config(None, ["task=synthetic_blur", f"store={blur_store}", f"run_dir={run}"] + TINY)
     trainer = Trainer(cfg, progress=False)
     trainer.run()
     trainer.stop()

@@ -11,7 +11,11 @@ import torch
 from segment_anything import SamPredictor, sam_model_registry
 
 from alignsam_ray.foundation import (
-    CheckpointError, SamImageEncoder, SamPromptDecoder, detect_sam_type, load_sam,
+    CheckpointError,
+    SamImageEncoder,
+    SamPromptDecoder,
+    detect_sam_type,
+    load_sam,
 )
 from alignsam_ray.foundation.batched_decode import decode_per_image
 from alignsam_ray.foundation.micro_sam import MICRO_SAM_EMBED_DIM, build_sam_micro

@@ -5,8 +5,15 @@ per-image BER expectations below carry a factor 100."""
 import numpy as np
 import pytest
 
-from alignsam_ray.metrics import (METRIC_DEFINITIONS, SUMMARY_KEYS, MetricAccumulator, confidence_intervals,
-                                  image_metrics, paired_difference, primary_metrics)
+from alignsam_ray.metrics import (
+    METRIC_DEFINITIONS,
+    SUMMARY_KEYS,
+    MetricAccumulator,
+    confidence_intervals,
+    image_metrics,
+    paired_difference,
+    primary_metrics,
+)
 
 # gt: top two rows foreground (8 px). pred: rows 0-2, cols 0-1 (6 px).
 # TP = 4 (rows 0-1, cols 0-1), FP = 2 (row 2, cols 0-1), FN = 4, TN = 6.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter

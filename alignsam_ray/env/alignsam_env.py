@@ -32,7 +32,6 @@ slots share one batched decoder call per step.
 from __future__ import annotations
 
 import io
-import os
 
 import gymnasium as gym
 import numpy as np

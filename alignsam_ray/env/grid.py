@@ -32,7 +32,7 @@ class PatchGrid:
 
     @classmethod
     def from_config(cls, grid: int | list | tuple | None = None, patch_size: int | None = None,
-                    resize: int = PAPER_RESIZE) -> "PatchGrid":
+                    resize: int = PAPER_RESIZE) -> PatchGrid:
         """``grid`` (10 or [rows, cols]) wins; else ``resize // patch_size`` (the paper's 800 // 80)."""
         if grid is not None:
             rows, cols = (grid, grid) if isinstance(grid, int) else tuple(grid)

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import open_clip
@@ -74,7 +74,14 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from .micro_clip import MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, MICRO_NAME, build_micro_clip, micro_metadata, micro_tokenizer
+from .micro_clip import (
+    MICRO_CLIP_CFG,
+    MICRO_CLIP_WEIGHTS,
+    MICRO_NAME,
+    build_micro_clip,
+    micro_metadata,
+    micro_tokenizer,
+)
 from .sam_models import CheckpointError
 
 __all__ = ["ClipSurgery", "DEFAULT_SURGERY_BLOCKS", "MAP_SIZE", "feature_surgery", "surgery_forward",
@@ -110,7 +117,7 @@ def map_auroc(text_map: np.ndarray, mask: np.ndarray) -> float | None:
 
     A cell is positive when >= 50% of it is foreground; None when all covered cells are one class.
     """
-    from sklearn.metrics import roc_auc_score   # scikit-learn comes with pysodmetrics
+    from sklearn.metrics import roc_auc_score  # scikit-learn comes with pysodmetrics
     rows, cols = sam_valid_cells(*mask.shape, grid=text_map.shape[-1])
     labels = mask_on_sam_grid(mask, text_map.shape[-1])[:rows, :cols] >= 0.5
     if labels.all() or not labels.any():
@@ -289,7 +296,7 @@ class ClipSurgery:
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, model_name: str = MICRO_NAME, weights: str | None = None, **kwargs) -> "ClipSurgery":
+    def load(cls, model_name: str = MICRO_NAME, weights: str | None = None, **kwargs) -> ClipSurgery:
         """Build ``model_name`` and load LOCAL ``weights``; never downloads anything.
 
         model_name: "micro" (the embedded micro CLIP; ``weights`` defaults to the shipped file) or an

@@ -59,7 +59,7 @@ class SamPromptDecoder(nn.Module):
 
     # ---- construction / persistence ------------------------------------------------------
     @classmethod
-    def from_sam(cls, sam: Sam, sam_type: str) -> "SamPromptDecoder":
+    def from_sam(cls, sam: Sam, sam_type: str) -> SamPromptDecoder:
         pe, md = build_decoder_parts(sam_type)
         pe.load_state_dict(sam.prompt_encoder.state_dict())
         md.load_state_dict(sam.mask_decoder.state_dict())
@@ -69,7 +69,7 @@ class SamPromptDecoder(nn.Module):
         torch.save({"sam_type": self.sam_type, "state_dict": self.state_dict()}, path)
 
     @classmethod
-    def load(cls, path) -> "SamPromptDecoder":
+    def load(cls, path) -> SamPromptDecoder:
         """From a file written by ``save``: a path or a binary file object (e.g. ``io.BytesIO``)."""
         blob = torch.load(path, map_location="cpu", weights_only=True)
         dec = cls(blob["sam_type"], *build_decoder_parts(blob["sam_type"]))

@@ -23,7 +23,6 @@ import json
 import os
 
 import open_clip
-import torch
 
 __all__ = ["MICRO_CLIP_CFG", "MICRO_CLIP_WEIGHTS", "MICRO_CLIP_META", "MICRO_NAME", "build_micro_clip",
            "micro_tokenizer", "micro_metadata"]

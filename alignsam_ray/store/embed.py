@@ -28,8 +28,19 @@ from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sa
 from ..foundation.sam_models import default_checkpoint
 from ..ray_session import init_ray
 from .shards import (
-    DECODER_FILE, FORMAT_VERSION, GRID, LOWRES, StoreError, encode_png, read_manifest, schema, shard_name,
-    sha256_file, write_decoder, write_manifest, write_shard,
+    DECODER_FILE,
+    FORMAT_VERSION,
+    GRID,
+    LOWRES,
+    StoreError,
+    encode_png,
+    read_manifest,
+    schema,
+    sha256_file,
+    shard_name,
+    write_decoder,
+    write_manifest,
+    write_shard,
 )
 
 IMAGE_SIZE = 1024

@@ -19,8 +19,17 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from .shards import (GRID, LOWRES, StoreError, decode_png, is_uri, read_decoder_bytes, read_manifest, read_table,
-                     verify_shard)
+from .shards import (
+    GRID,
+    LOWRES,
+    StoreError,
+    decode_png,
+    is_uri,
+    read_decoder_bytes,
+    read_manifest,
+    read_table,
+    verify_shard,
+)
 
 HOLDER_PREFIX = "alignsam-store:"
 DECODER_KEY = "decoder_file"  # published arrays: the decoder file's bytes, (n_bytes,) uint8
