@@ -54,3 +54,12 @@ def test_docker_image_pins_the_installed_ray():
     with open(os.path.join(ROOT, "cluster", "Dockerfile")) as f:
         version = re.search(r"ARG RAY_VERSION=(\S+)", f.read()).group(1)
     assert version.rsplit(".", 1)[0] == ray.__version__.rsplit(".", 1)[0]
+
+
+def test_docker_image_installs_the_package_not_a_link_and_ignores_local_state():
+    with open(os.path.join(ROOT, "cluster", "Dockerfile")) as f:
+        docker = f.read()
+    assert "pip install --no-cache-dir /tmp/alignsam_ray_src" in docker and " -e " not in docker
+    with open(os.path.join(ROOT, ".dockerignore")) as f:
+        ignored = f.read().split()
+    assert {".venv/", "demo_out/", "runs/"} <= set(ignored)
