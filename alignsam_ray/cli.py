@@ -64,17 +64,21 @@ def cmd_embed(args) -> int:
 def _add_train(sub):
     p = sub.add_parser("train", help="train the PPO agent + SRM on one task's embedding store",
                        description="PPO (RLlib new API stack) on precomputed embeddings; checkpoints + SRM + logs in run_dir.")
-    p.add_argument("--config", required=True, help="run config YAML (see tune_configs/)")
+    p.add_argument("--config", help="run config YAML (see tune_configs/)")
+    p.add_argument("--store", help="train on this store without a YAML file: the task is the store's, the SRM "
+                   "branch the paper's for it, everything else the paper's defaults (with --config: its store)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides with dotted keys, e.g. ppo.lr=3e-4 train.iterations=50")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no per-iteration lines")
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
+    if not (args.config or args.store):
+        raise ConfigError("give --store STORE (the paper's settings for the store's task) or --config YAML")
+    cfg = load_config(args.config, args.overrides, store=args.store)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: result.get(k) for k in ("iteration", "hit_rate", "final_iou", "checkpoint")}, indent=2))
     return 0

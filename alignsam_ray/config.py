@@ -118,8 +118,41 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> dict:
-    """Defaults <- YAML file <- overrides; relative paths are made absolute against the cwd."""
+def from_store(store: str) -> dict:
+    """Config keys for a store used without a YAML file (``alignsam train --store STORE``): its task
+    (the store's single task) and the paper's SRM branch for it (Table 4: explicit for shadow and the
+    PASCAL classes, reading the store's CLIP Surgery map of the task's text; implicit otherwise)."""
+    from .data.samples import TASK_TEXT
+    from .store.embed import map_name
+    from .store.shards import read_manifest
+
+    tasks = read_manifest(store).get("tasks") or []
+    if len(tasks) != 1:
+        raise ConfigError(f"store {store!r} holds {len(tasks)} tasks ({tasks}); train one task per store, or give "
+                          "--config with 'task' and the SRM settings")
+    task = tasks[0]
+    explicit = task == "shadow" or task.startswith("voc_")
+    srm = {"branch": "explicit", "text_map": map_name(TASK_TEXT.get(task, task))} if explicit else {"branch": "implicit"}
+    return {"task": task, "store": store, "srm": srm}
+
+
+def _check_text_map(cfg: dict) -> None:
+    """The explicit branch reads the store's map_<text_map> column: say so before Ray starts if it is missing."""
+    if cfg["srm"]["branch"] != "explicit" or not cfg["srm"]["text_map"] or not os.path.isdir(cfg["store"]):
+        return  # (a store that is missing or remote is reported where it is opened)
+    from .store.shards import read_manifest
+
+    maps = read_manifest(cfg["store"]).get("maps") or []
+    if cfg["srm"]["text_map"] not in maps:
+        raise ConfigError(
+            f"the explicit SRM branch reads the store's CLIP Surgery map {cfg['srm']['text_map']!r}, but store "
+            f"{cfg['store']!r} has {maps or 'no maps'}: embed it with --clip-model ViT-B-16 --clip-weights FILE "
+            "(or --clip-model micro on synthetic data), or train the implicit branch: srm.branch=implicit")
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None, store: str | None = None) -> dict:
+    """Defaults <- ``from_store(store)`` (when given) <- YAML file <- overrides; relative paths are made
+    absolute against the cwd."""
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -129,7 +162,9 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must be a YAML mapping (key: value lines), "
                               f"not a {type(raw).__name__}")
-    cfg = _merge(DEFAULTS, raw)
+    cfg = _merge(_merge(DEFAULTS, from_store(store)) if store else DEFAULTS, raw)
+    if store:
+        cfg["store"] = store
     if overrides:
         cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if not cfg["store"]:
@@ -139,7 +174,9 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     for key in ("store", "run_dir"):
         if "://" not in cfg[key]:  # a store may be a pyarrow URI (s3://bucket/stores/blur)
             cfg[key] = os.path.abspath(cfg[key])
-    return validate(cfg)
+    validate(cfg)
+    _check_text_map(cfg)
+    return cfg
 
 
 def _whole(lo=None, hi=None):
