@@ -99,7 +99,8 @@ def _add_evaluate(sub):
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import Agent, evaluate
+    from .checkpoint import Agent
+    from .evaluate import evaluate
 
     store = args.store or Agent.load(args.checkpoint).cfg["store"]
     m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,

@@ -32,20 +32,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .agent.rl_module import AlignSamActorCritic
-from .agent.srm import SRM, load_srm
-from .config import ConfigError, load_config
+from .checkpoint import Agent
+from .config import ConfigError
 from .env.alignsam_env import holdout_split
-from .env.episodes import PromptEpisodes
-from .env.grid import PatchGrid
+from .env.rollout import Rollout, rollout
 from .foundation.decoder import SamPromptDecoder
 from .metrics import METRIC_DEFINITIONS, MetricAccumulator, confidence_intervals, paired_difference, primary_metrics
 from .store.loader import EmbeddingStore
+from .visualise import overlay
 
 METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
     "alignsam": ("policy", "srm", "srm", None),
@@ -61,101 +58,11 @@ METRIC_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_pe
 LOWER_IS_BETTER = ("mae", "ber", "ber_per_image")
 
 
-@dataclass
-class Agent:
-    """What evaluation needs from a training checkpoint."""
-
-    module: AlignSamActorCritic
-    srm: SRM
-    cfg: dict
-    checkpoint: str
-
-    @classmethod
-    def load(cls, checkpoint: str) -> Agent:
-        from ray.rllib.core.rl_module.rl_module import RLModule
-
-        from .train import MODULE_SUBDIR, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(checkpoint)
-        module = RLModule.from_checkpoint(os.path.abspath(os.path.join(ckpt, MODULE_SUBDIR)))
-        module.eval()
-        cfg = load_config(os.path.join(ckpt, "config.yaml"))
-        return cls(module, load_srm(os.path.join(ckpt, "srm.pt")), cfg, ckpt)
-
-    @property
-    def grid(self) -> PatchGrid:
-        e = self.cfg["env"]
-        return PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
-
-    @torch.inference_mode()
-    def greedy(self, obs: np.ndarray, action_mask: np.ndarray) -> np.ndarray:
-        logits = self.module.masked_logits(torch.from_numpy(obs), torch.from_numpy(action_mask))
-        return logits.argmax(1).numpy()
-
-
-@dataclass
-class Rollout:
-    """Recorded steps of one method over all images."""
-
-    logits: dict  # step -> list of (256, 256) float32 low-res logits, one per image
-    points: dict  # step -> list of (coords (n, 2) SAM frame, labels (n,))
-    hits: np.ndarray  # (n_images, horizon) bool: picked point on ground-truth foreground
-    label_ok: np.ndarray  # (n_images, horizon) bool: its label (SRM/oracle/positive) matches the ground truth
-
-    def stats(self, t: int) -> dict:
-        """Hit rate and label accuracy over the first ``t`` steps."""
-        return {"hit_rate": float(self.hits[:, :t].mean()), "label_accuracy": float(self.label_ok[:, :t].mean())}
-
-
-def rollout(agent: Agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: str, horizon: int,
-            record: tuple, batch: int = 16, seed: int = 0, init: str = "srm") -> Rollout:
-    """Run ``horizon`` steps on every image of ``data`` (``batch`` images per decoder call).
-
-    actions: "policy" (greedy), "random" (uniform over free patches) or "srm_topk" (the free patch
-    with the highest current SRM probability); init: "srm" or "centre"; labels: "srm", "gt" or
-    "positive". A rollout that uses the SRM for none of them runs without any SRM.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(data["ids"])
-    logits = {t: [] for t in record}
-    points = {t: [] for t in record}
-    hits = np.zeros((n, horizon), bool)
-    label_ok = np.zeros((n, horizon), bool)
-    e = agent.cfg["env"]
-    uses_srm = actions == "srm_topk" or init == "srm" or labels == "srm"
-    srm = agent.srm if uses_srm else None
-    text_map = agent.cfg["srm"]["text_map"] if agent.srm.branch == "explicit" and uses_srm else None
-    for start in range(0, n, batch):
-        images = np.arange(start, min(n, start + batch))
-        ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e["obs_res"], init, labels,
-                            srm, text_map, seed, state=e.get("state", "probability"))
-        ep.reset(np.arange(len(images)), images)
-        if 0 in record:
-            logits[0] += list(ep.logits.copy())
-            points[0] += [ep.points(s) for s in range(len(images))]
-        for t in range(1, horizon + 1):
-            mask = ep.action_mask()
-            if actions == "policy":
-                a = agent.greedy(ep.obs, mask)
-            elif actions == "srm_topk":
-                a = np.where(mask > 0, ep.srm_scores(), -np.inf).argmax(1)
-            else:
-                a = np.array([rng.choice(np.flatnonzero(m)) for m in mask])
-            r = ep.step(a)
-            hits[images, t - 1] = r.hit
-            label_ok[images, t - 1] = r.label == r.hit  # void points count as background here
-            if t in record:
-                logits[t] += list(ep.logits.copy())
-                points[t] += [ep.points(s) for s in range(len(images))]
-    return Rollout(logits, points, hits, label_ok)
-
-
 def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> MetricAccumulator:
     """Per-image metrics of low-res logits against full-resolution ground truth (void excluded)."""
     acc = MetricAccumulator()
     for lo, i, hw in zip(logits, ids, sizes):
-        pred = decoder.upscale(torch.from_numpy(lo)[None], (int(hw[0]), int(hw[1])))[0].numpy() > 0
-        acc.add(pred, gt_full[i])
+        acc.add(decoder.upscale_mask(lo, hw), gt_full[i])
     return acc
 
 
@@ -382,16 +289,10 @@ def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, g
         gt = gt_full[ids[k]] == 1
         fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 4 * h / w + 0.4), squeeze=False)
         for ax, t in zip(axes[0], steps):
-            mask = decoder.upscale(torch.from_numpy(main.logits[t][k])[None], (h, w))[0].numpy() > 0
-            overlay = image.astype(np.float32).copy()
-            overlay[mask] = 0.5 * overlay[mask] + 0.5 * np.array([30, 144, 255])
-            ax.imshow(overlay.astype(np.uint8))
+            coords, labels = main.points[t][k]
+            ax.imshow(overlay(image, decoder.upscale_mask(main.logits[t][k], (h, w)), coords * scale, labels))
             if gt.any() and not gt.all():
                 ax.contour(gt, levels=[0.5], colors="yellow", linewidths=1.2)
-            coords, labels = main.points[t][k]
-            xy = coords * scale
-            ax.scatter(xy[labels == 1, 0], xy[labels == 1, 1], c="lime", marker="+", s=80, linewidths=2)
-            ax.scatter(xy[labels == 0, 0], xy[labels == 0, 1], c="red", marker="x", s=60, linewidths=2)
             ax.set_title(f"step {t}")
             ax.axis("off")
         fig.suptitle(f"{ids[k]}  (blue: mask, yellow: ground truth)")

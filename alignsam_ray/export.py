@@ -3,7 +3,7 @@
     alignsam export --checkpoint runs/synthetic_saliency --out bundles/saliency
 
 BUNDLE/
-    policy.onnx     ``PolicyNet`` through the torch.onnx dynamo exporter (opset 18): (obs (B, E, R, R) float32,
+    policy.onnx     ``agent.policy.PolicyNet`` through the torch.onnx dynamo exporter (opset 18): (obs (B, E, R, R) float32,
                     action_mask (B, N) float32) -> masked logits (B, N); B is dynamic. What segment runs
                     (onnxruntime: a data format, no code is loaded)
     policy.pt2      only with ``--pt2``: the same graph as a torch.export program (``torch.export.load``
@@ -23,46 +23,17 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import nn
+
+from .agent.policy import PolicyNet
+from .checksum import file_sha256
 
 BUNDLE_FORMAT = 1
 POLICY_PT2, POLICY_ONNX, SRM_FILE, CONFIG_FILE, MANIFEST = "policy.pt2", "policy.onnx", "srm.pt", "config.yaml", "manifest.json"
-FLOAT_MIN = torch.finfo(torch.float32).min  # what RLlib's masking clamps to
-
-
-class PolicyNet(nn.Module):
-    """The actor of ``AlignSamActorCritic`` alone (no value head), as a plain module.
-
-    forward(obs (B, E, R, R), action_mask (B, N)) -> (B, N) logits, masked patches at FLOAT_MIN.
-    """
-
-    def __init__(self, trunk: nn.Module, pi_head: nn.Module, grid: tuple[int, int]):
-        super().__init__()
-        self.trunk, self.pi_head, self.grid = trunk, pi_head, (int(grid[0]), int(grid[1]))
-
-    @classmethod
-    def from_module(cls, module) -> PolicyNet:
-        import copy
-
-        return cls(copy.deepcopy(module.trunk), copy.deepcopy(module.pi_head), module.grid).eval()
-
-    def forward(self, obs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-        logits = F.adaptive_avg_pool2d(self.pi_head(self.trunk(obs.float())), self.grid).flatten(1)
-        return logits + torch.clamp(torch.log(action_mask), min=FLOAT_MIN)
-
-
-def _sha256(path: str) -> str:
-    from .foundation.sam_models import file_sha256
-
-    return file_sha256(path)
-
-
 def export_bundle(checkpoint: str, out: str, pt2: bool = False) -> dict:
     """Write the bundle of a training checkpoint (a run folder or ``checkpoints/iter_N``); ``pt2``: also
     the torch.export program."""
-    from .evaluate import Agent
+    from .checkpoint import Agent
     from .store.shards import read_manifest
 
     agent = Agent.load(checkpoint)
@@ -101,7 +72,7 @@ def export_bundle(checkpoint: str, out: str, pt2: bool = False) -> dict:
         "policy_inputs": {"obs": ["B", E, R, R], "action_mask": ["B", N]}, "policy_output": ["B", N],
         "srm_branch": agent.srm.branch, "text_map": agent.cfg["srm"]["text_map"],
         "source_checkpoint": agent.checkpoint,
-        "files": {name: _sha256(os.path.join(tmp, name)) for name in files},
+        "files": {name: file_sha256(os.path.join(tmp, name)) for name in files},
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)

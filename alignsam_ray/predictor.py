@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from .agent.srm import SRM
-from .env.episodes import PromptEpisodes
 from .env.grid import PatchGrid
+from .env.rollout import rollout
 from .export import CONFIG_FILE, MANIFEST, POLICY_ONNX, SRM_FILE
 from .foundation import (
     CheckpointError,
@@ -110,9 +110,9 @@ class AlignSAMPredictor:
         self.srm.load_state_dict(blob["state_dict"])
         self.srm.eval()
         e = self.cfg["env"]
-        self.grid = PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
+        self.grid = PatchGrid.from_env(e)
         self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])
-        self.state = e.get("state", "binary")  # bundles from before the probability state were binary
+        e.setdefault("state", "binary")  # bundles from before the probability state were binary
 
     def _load_clip(self, clip_weights: str | None) -> None:
         from .foundation.clip_surgery import ClipSurgery
@@ -131,6 +131,11 @@ class AlignSAMPredictor:
                                   f"{clip['weights_sha256'][:12]}... expected)")
         self.clip = ClipSurgery.load(clip["model"], weights, device=self.device)
         self.text_map, self.text = name, clip["maps"][name]
+
+    def greedy(self, obs: np.ndarray, action_mask: np.ndarray) -> np.ndarray:
+        """The exported policy's argmax: (B, E, R, R), (B, N) -> (B,) patch indices (onnxruntime)."""
+        logits = self.policy.run(None, {"obs": obs.astype(np.float32), "action_mask": action_mask})[0]
+        return logits.argmax(1)
 
     def steps(self, horizon: int | None = None) -> int:
         """T of a prediction (default: the trained T), checked: 1 .. the grid's patches."""
@@ -156,19 +161,11 @@ class AlignSAMPredictor:
                 "input_size": np.array([r.shape[:2] for r in resized])}
         if self.clip is not None:  # as `alignsam embed` made them: on the resized image, SAM's padding
             data[f"map_{self.text_map}"] = self.clip.maps(resized, [self.text])[:, 0]
-        ep = PromptEpisodes(data, self.decoder, self.grid, len(images), T, self.obs_res, "srm", "srm", self.srm,
-                            self.text_map, state=self.state)
-        ep.reset(np.arange(len(images)), np.arange(len(images)))
-        for _ in range(T):
-            logits = self.policy.run(None, {"obs": ep.obs.astype(np.float32), "action_mask": ep.action_mask()})[0]
-            ep.step(logits.argmax(1))
+        r = rollout(self, data, self.decoder, "policy", "srm", T, (T,), batch=len(images))
         out = []
         for s, im in enumerate(images):
-            h, w = im.shape[:2]
-            low = torch.from_numpy(ep.logits[s])[None]
-            mask = self.decoder.upscale(low, (h, w))[0].numpy() > 0
-            n = 2 + T
-            scale = np.array([w, h], np.float32) / np.array(resized[s].shape[1::-1], np.float32)
-            points = ep.coords[s, :n] * scale  # SAM frame -> image pixels
-            out.append(Prediction(mask, points.astype(np.float32), ep.labels[s, :n].copy(), ep.logits[s].copy()))
+            (coords, labels), low = r.points[T][s], r.logits[T][s]
+            scale = np.array(im.shape[1::-1], np.float32) / np.array(resized[s].shape[1::-1], np.float32)
+            points = (coords * scale).astype(np.float32)  # SAM frame -> image pixels
+            out.append(Prediction(self.decoder.upscale_mask(low, im.shape[:2]), points, labels, low.copy()))
         return out

@@ -34,14 +34,13 @@ from . import ray_session
 from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm, srm_holder
 from .agent.rl_module import AlignSamActorCritic
 from .agent.srm import SrmTrainer
+from .checkpoint import CHECKPOINTS, checkpoints, resolve_checkpoint  # noqa: F401  (checkpoints: re-exported)
 from .config import ConfigError, env_config, save_config, validate
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
 from .store.loader import EmbeddingStore, publish_store
 
 ENV_NAME = "alignsam"
-CHECKPOINTS = "checkpoints"
-MODULE_SUBDIR = os.path.join("algo", "learner_group", "learner", "rl_module", "default_policy")
 
 PROGRESS_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_iou", "label_accuracy",
                  "srm_loss", "srm_pixel_acc", "env_steps_per_s", "sample_s", "learn_s", "iter_s")
@@ -50,11 +49,6 @@ PROGRESS_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_
 def init_ray(**kwargs) -> None:
     """Connect to RAY_ADDRESS (a cluster, `ray job submit`) or start a local Ray."""
     ray_session.init_ray(logging_level="WARNING", **kwargs)
-
-
-def grid_of(cfg: dict) -> PatchGrid:
-    e = cfg["env"]
-    return PatchGrid.from_config(e["grid"], e["patch_size"], e["resize"])
 
 
 def num_gpus(cfg: dict) -> float:
@@ -86,7 +80,7 @@ def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
     """The RLlib PPOConfig of a run config (paper hyperparameters set explicitly)."""
     register_env(ENV_NAME, make_env)
     p, r = cfg["ppo"], cfg["resources"]
-    grid = grid_of(cfg)
+    grid = PatchGrid.from_env(cfg["env"])
     return (
         PPOConfig()
         .environment(ENV_NAME, env_config=env_config(cfg, store_actor=store_actor, split="train", init="gt",
@@ -110,26 +104,6 @@ def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
         .fault_tolerance(restart_failed_env_runners=True)
         .debugging(seed=cfg["train"]["seed"], log_level="WARN")
     )
-
-
-def checkpoints(run_dir: str) -> list[str]:
-    """Finished checkpoints of a run, oldest first."""
-    root = os.path.join(run_dir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("iter_") and
-                   os.path.isfile(os.path.join(root, n, "state.json")))
-    return [os.path.join(root, n) for n in names]
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run folder (-> its latest checkpoint)."""
-    if os.path.isfile(os.path.join(path, "state.json")):
-        return path
-    found = checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path!r} is neither a checkpoint (no state.json) nor a run folder with checkpoints")
-    return found[-1]
 
 
 def _scalar(d: dict, *keys, default=float("nan")):
@@ -291,7 +265,8 @@ class Trainer:
 
     def validate(self) -> dict:
         """The paper's evaluation protocol (alignsam only) on the held-out validation images."""
-        from .evaluate import Agent, validation_metrics
+        from .checkpoint import Agent
+        from .evaluate import validation_metrics
 
         module = self.algo.get_module()
         module.eval()

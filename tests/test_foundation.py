@@ -1,5 +1,4 @@
 """Frozen SAM backends: official-format checkpoints, type checks, encoder/decoder split, micro-SAM."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from alignsam_ray.foundation import (
 )
 from alignsam_ray.foundation.batched_decode import decode_per_image
 from alignsam_ray.foundation.micro_sam import MICRO_SAM_EMBED_DIM, build_sam_micro
+
+ROOT = Path(__file__).resolve().parents[1]  # the micro-SAM tooling runs from here: python -m tools.micro_sam....
 
 
 def _image(h=300, w=420, seed=0):
@@ -84,8 +85,9 @@ def test_bad_checkpoints_have_clear_errors(tmp_path):
         load_sam("vit_l")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="junk.pth.*(cannot be read|is not a weights file)") as err:
         load_sam("vit_b", str(junk))
+    assert "weights_only=False" not in str(err.value)  # never torch's advice to load it unsafely
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(3)}, other)
     with pytest.raises(CheckpointError, match="not a SAM checkpoint"):
@@ -153,11 +155,10 @@ def test_decoder_file_roundtrip(tmp_path):
 
 
 def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
-    """`python scripts/eval_micro_sam.py --out FILE.json` (the quality-bar command) on a few scenes."""
+    """`python -m tools.micro_sam.evaluate --out FILE.json` (the quality-bar command) on a few scenes."""
     out = tmp_path / "eval.json"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_micro_sam.py"
-    run = subprocess.run([sys.executable, str(script), "--n", "6", "--out", str(out)], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-m", "tools.micro_sam.evaluate", "--n", "6", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert 0 <= result["one_point_miou"] <= 1 and 0 <= result["three_point_miou"] <= 1
@@ -168,12 +169,10 @@ def test_eval_micro_sam_script_writes_the_issue_keys(tmp_path):
 
 
 def _train_script():
-    """scripts/train_micro_sam.py as a module (it is a script, not part of the package)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
-    spec = importlib.util.spec_from_file_location("train_micro_sam", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """tools/micro_sam/train.py (research tooling, not part of the installed package)."""
+    from tools.micro_sam import train
+
+    return train
 
 
 def test_interactive_points_come_from_the_error_region():
@@ -204,32 +203,34 @@ def test_interactive_points_come_from_the_error_region():
 
 
 def test_train_script_end_to_end_writes_loadable_weights(tmp_path):
-    """`python scripts/train_micro_sam.py` with the shipped recipe's options on a tiny budget:
+    """`python -m tools.micro_sam.train` with the shipped recipe (its defaults) on a tiny budget:
     the weights load through the users' loader and the JSON records the recipe and its curve."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train_micro_sam.py"
+    script = [sys.executable, "-m", "tools.micro_sam.train"]
     out = tmp_path / "micro.pt"
-    recipe = ["--interactive", "0.3", "--few-points", "0.3", "--mask-input-share", "0", "--token-sample", "256",
-              "--fused-norm", "1", "--min-object-area", "0.005", "--exact-points", "1"]
     run = subprocess.run(
-        [sys.executable, str(script), "--steps", "3", "--scenes", "8", "--batch", "2", "--threads", "1", *recipe,
-         "--out", str(out)], capture_output=True, text=True, timeout=300)
+        [*script, "--steps", "3", "--scenes", "8", "--batch", "2", "--threads", "1", "--token-sample", "256",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     info = json.loads((tmp_path / "micro.json").read_text())
     assert info["steps"] == 3 and info["exact_points"] == 1 and info["token_sample"] == 256 and info["fused_norm"] == 1 and info["mask_input_share"] == 0
+    assert info["interactive"] == 0.3 and info["few_points"] == 0.3 and info["min_object_area"] == 0.005
+    assert info["command"].startswith("python -m tools.micro_sam.train --steps 3 ") and "--overwrite-shipped" not in info["command"]
     assert [c["step"] for c in info["curve"]] == [0, 2]
     trained = load_sam("micro", str(out))
     shipped = load_sam("micro")
     assert trained.state_dict().keys() == shipped.state_dict().keys()
     assert not torch.equal(trained.mask_decoder.mask_tokens.weight, shipped.mask_decoder.mask_tokens.weight)
     # a mask input needs the full-frame stage-A logits: refused with the sampled loss
-    bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--point-loss", "512", "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*script, "--steps", "1", "--point-loss", "512", "--token-sample", "0", "--exact-points", "0",
+                          "--mask-input-share", "0.5", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and "--mask-input-share 0" in bad.stderr
-    bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--point-loss", "512", "--token-sample", "256",
-                          "--mask-input-share", "0", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*script, "--steps", "1", "--point-loss", "512", "--token-sample", "256",
+                          "--mask-input-share", "0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and "without --point-loss" in bad.stderr
-    bad = subprocess.run([sys.executable, str(script), "--steps", "1", "--exact-points", "1", "--mask-input-share", "0",
-                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*script, "--steps", "1", "--exact-points", "1", "--token-sample", "0", "--mask-input-share", "0",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "use it with --token-sample" in bad.stderr
 
 
@@ -293,7 +294,7 @@ def test_fused_layer_norms_keep_the_state_dict_and_the_outputs():
 
     from segment_anything.modeling.common import LayerNorm2d
 
-    from alignsam_ray.foundation.fused_ops import FusedLayerNorm2d, fuse_for_training
+    from tools.micro_sam.fused_ops import FusedLayerNorm2d, fuse_for_training
 
     torch.manual_seed(0)
     sam = build_sam_micro()
@@ -334,7 +335,7 @@ def test_decoding_every_cell_with_unit_weights_is_the_full_decoder():
     """decode_cell_sample with all 4096 cells (in shuffled order) and weight 1 computes exactly
     decode_tokens; cell_block_logits are the full masks' values at each cell's 16 pixels."""
     from alignsam_ray.foundation.batched_decode import decode_tokens, masks_from_tokens
-    from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample
+    from tools.micro_sam.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample
 
     sam = build_sam_micro()
     for param in sam.mask_decoder.output_upscaling.parameters():  # non-trivial norm / biases
@@ -356,7 +357,7 @@ def test_padding_bias_decodes_padded_rows_as_their_own_points():
     """Rows of m points padded with "not a point" to a common length decode, with padding_bias,
     exactly as the m points alone (SAM's one appended pad, as SamPredictor decodes them); without
     the bias they do not (the train/inference mismatch ``--exact-points`` removes)."""
-    from alignsam_ray.foundation.sampled_decode import decode_cell_sample, padding_bias
+    from tools.micro_sam.sampled_decode import decode_cell_sample, padding_bias
 
     sam = build_sam_micro()
     for param in sam.mask_decoder.parameters():  # a non-trivial decoder
@@ -390,7 +391,7 @@ def test_cell_sample_strata_weights_and_estimate():
     background where they are large enough, weights adding up to the grid; a half-grid sample
     decoded with those weights stays close to the full decoder (shipped weights, a real scene)."""
     from alignsam_ray.foundation.batched_decode import decode_tokens, masks_from_tokens
-    from alignsam_ray.foundation.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, sample_cells
+    from tools.micro_sam.sampled_decode import cell_block_logits, cell_blocks, decode_cell_sample, sample_cells
 
     rng = np.random.default_rng(0)
     gt = np.zeros((3, 256, 256), bool)
@@ -428,7 +429,7 @@ def test_cell_sample_strata_weights_and_estimate():
 def test_interactive_points_from_sampled_cells_come_from_the_error_region():
     """error_points_in_cells (--token-sample): added points lie in sampled cells, positive where the
     first mask missed the object, negative where it took background, never in the padding."""
-    from alignsam_ray.foundation.sampled_decode import cell_blocks, sample_cells
+    from tools.micro_sam.sampled_decode import cell_blocks, sample_cells
 
     train = _train_script()
     lab = np.zeros((256, 256), np.uint8)

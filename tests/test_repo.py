@@ -16,7 +16,7 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or os.path.join(os.path.dirname(sys.executable), "ruff")
     if not os.path.exists(ruff):
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
-    out = subprocess.run([ruff, "check", "alignsam_ray", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([ruff, "check", "alignsam_ray", "tests", "scripts", "tools"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

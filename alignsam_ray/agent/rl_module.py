@@ -18,12 +18,12 @@ instead of t / T, the ablation measured in README)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
-from ray.rllib.utils.torch_utils import FLOAT_MIN
 from torch import nn
+
+from .policy import patch_logits
 
 
 class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
@@ -54,8 +54,7 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
         return self.trunk(batch[Columns.OBS]["obs"].float())
 
     def _logits(self, features: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-        logits = F.adaptive_avg_pool2d(self.pi_head(features), self.grid).flatten(1)
-        return logits + torch.clamp(torch.log(action_mask), min=FLOAT_MIN)
+        return patch_logits(self.pi_head(features), self.grid, action_mask)
 
     def _forward(self, batch, **kwargs):
         features = self._features(batch)

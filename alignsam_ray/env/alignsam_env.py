@@ -92,7 +92,7 @@ def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
         store = EmbeddingStore(cfg["store"])
         data, decoder_file = store.arrays(cfg["split"]), store.decoder_bytes()
     decoder = SamPromptDecoder.load(io.BytesIO(decoder_file))
-    grid = PatchGrid.from_config(cfg["grid"], cfg["patch_size"], cfg["resize"])
+    grid = PatchGrid.from_env(cfg)
     srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
     srm.eval()
     if cfg["srm_actor"]:  # the run's latest SRM, also for an EnvRunner that RLlib restarted mid-run

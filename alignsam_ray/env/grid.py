@@ -42,6 +42,11 @@ class PatchGrid:
             raise ValueError(f"patch_size {patch} does not divide the resized image side {resize}")
         return cls(resize // patch, resize // patch)
 
+    @classmethod
+    def from_env(cls, env: dict) -> PatchGrid:
+        """The grid of a run config's ``env`` section (or an env_config): its grid, patch_size, resize."""
+        return cls.from_config(env["grid"], env["patch_size"], env["resize"])
+
     @property
     def n(self) -> int:
         return self.rows * self.cols

@@ -111,6 +111,11 @@ class SamPromptDecoder(nn.Module):
         )
         return low[0], iou[0]
 
+    def upscale_mask(self, low_res, original_size: tuple[int, int]) -> np.ndarray:
+        """(256, 256) low-res logits (numpy or torch) -> the (H, W) bool mask SAM gives (upscaled logits > 0)."""
+        low = torch.as_tensor(np.asarray(low_res, np.float32))[None]
+        return self.upscale(low, (int(original_size[0]), int(original_size[1])))[0].numpy() > 0
+
     @torch.inference_mode()
     def upscale(self, low_res: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """(C, 256, 256) logits -> (C, H, W) logits, as ``Sam.postprocess_masks``."""

@@ -14,7 +14,8 @@ reads) stored in float16 to stay small; it is cast to float32 on load. The 49408
 embedding is most of it (6.3 MB); the training script zeroes the rows of tokens its captions never
 use (they received no gradient and were still at their random initialisation).
 
-Trained by ``scripts/train_micro_clip.py`` (settings and metrics in ``weights/micro_clip.json``).
+Trained by ``python -m tools.micro_clip.train`` (repository only, not installed; settings and metrics in
+``weights/micro_clip.json``).
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ It keeps SAM's geometry, so every SAM utility (``SamPredictor``, ``ResizeLongest
     embedding     (B, E, 64, 64)      E = ``MICRO_SAM_EMBED_DIM`` (64; real SAM: 256)
     low-res mask  (B, C, 256, 256)    logits
 
-The weights are trained by ``scripts/train_micro_sam.py`` on a generic synthetic object mix
-(``alignsam_ray.foundation.object_mix``), never on the downstream task generators.
+The weights are trained by ``python -m tools.micro_sam.train`` (repository only, not installed) on a
+generic synthetic object mix (``tools/micro_sam/object_mix.py``), never on the downstream task generators.
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ with ``"micro"``; official ``.pth`` files are plain ``state_dict``s as Meta ship
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from importlib import resources
@@ -17,6 +16,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
+from ..checksum import file_sha256  # noqa: F401  (re-exported: foundation.file_sha256)
 from .micro_sam import build_sam_micro
 
 SAM_REGISTRY = {
@@ -116,14 +116,6 @@ def load_sam(sam_type: str, checkpoint: str | None = None, *, random_init: bool 
             raise CheckpointError(f"checkpoint {path!r} does not fit the {sam_type} architecture: {exc}") from exc
     sam.eval().requires_grad_(False)
     return sam.to(device)
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pick_device(prefer: str = "auto") -> torch.device:

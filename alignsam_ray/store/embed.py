@@ -36,7 +36,6 @@ from .shards import (
     encode_png,
     read_manifest,
     schema,
-    sha256_file,
     shard_name,
     write_decoder,
     write_manifest,
@@ -231,7 +230,7 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
         path = os.path.join(out, name)
         if not os.path.isfile(path):
             continue  # lost: recomputed below
-        if sha256_file(path) != info["sha256"]:
+        if file_sha256(path) != info["sha256"]:
             raise StoreError(f"shard {path} is corrupt or truncated (its sha256 differs from manifest.json); "
                              "delete it and rerun with the same arguments: only that shard is recomputed")
         done.add(info["index"])

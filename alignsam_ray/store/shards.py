@@ -33,6 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..checksum import file_sha256, stream_sha256
+
 MANIFEST = "manifest.json"
 DECODER_FILE = "decoder.pt"
 FORMAT_VERSION = 1
@@ -70,20 +72,12 @@ def decode_png(blob: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(blob)))
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(rows: list[dict], path: str, table_schema: pa.Schema) -> str:
     """Write rows atomically (tmp file + rename); returns the file's sha256."""
     table = pa.Table.from_pylist(rows, schema=table_schema)
     tmp = path + ".tmp"
     pq.write_table(table, tmp, compression="zstd")
-    digest = sha256_file(tmp)
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
     return digest
 
@@ -157,10 +151,10 @@ def write_decoder(store: str, manifest: dict, decoder) -> None:
     """Write ``decoder`` (a ``SamPromptDecoder``) atomically and record its sha256, unless the file on
     disk already matches the manifest (a rerun leaves it alone)."""
     path = os.path.join(store, DECODER_FILE)
-    if manifest.get("decoder_sha256") and os.path.isfile(path) and sha256_file(path) == manifest["decoder_sha256"]:
+    if manifest.get("decoder_sha256") and os.path.isfile(path) and file_sha256(path) == manifest["decoder_sha256"]:
         return
     decoder.save(path + ".tmp")
-    manifest["decoder_sha256"] = sha256_file(path + ".tmp")
+    manifest["decoder_sha256"] = file_sha256(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -175,11 +169,9 @@ def verify_shard(store: str, name: str, expected_sha256: str) -> None:
     fs, full, path = store_file(store, name)
     if fs.get_file_info(full).type != pafs.FileType.File:
         raise StoreError(f"shard {path} is missing; rerun `alignsam embed` with the same arguments to recompute it")
-    h = hashlib.sha256()
     with fs.open_input_stream(full) as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if h.hexdigest() != expected_sha256:
+        digest = stream_sha256(f)
+    if digest != expected_sha256:
         raise StoreError(
             f"shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); delete it and rerun "
             "`alignsam embed` with the same arguments: only that shard is recomputed"

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """How informative are the CLIP Surgery maps for "star" on held-out synthetic_shapes pictures?
 
-    python scripts/eval_clip_maps.py --out results/clip_maps.json [--n 100]
+    python -m tools.micro_clip.eval_maps --out results/clip_maps.json [--n 100]
 
 Data: ``generate_task('synthetic_shapes', ..., seed=0)``, the test split (the same pictures the project
 evaluates on; the micro CLIP was trained from another rng namespace). Per picture, the map for
@@ -29,12 +28,11 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignsam_ray.data import generate_task, open_dataset  # noqa: E402
-from alignsam_ray.data.samples import load_pair  # noqa: E402
-from alignsam_ray.data.synthetic import SHAPE_CLASSES, TARGET_SHAPE  # noqa: E402
-from alignsam_ray.foundation.clip_surgery import MAP_SIZE, ClipSurgery, map_auroc  # noqa: E402
-from alignsam_ray.foundation.micro_clip import (  # noqa: E402
+from alignsam_ray.data import generate_task, open_dataset
+from alignsam_ray.data.samples import load_pair
+from alignsam_ray.data.synthetic import SHAPE_CLASSES, TARGET_SHAPE
+from alignsam_ray.foundation.clip_surgery import MAP_SIZE, ClipSurgery, map_auroc
+from alignsam_ray.foundation.micro_clip import (
     MICRO_CLIP_CFG,
     MICRO_CLIP_WEIGHTS,
     build_micro_clip,
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights": os.path.relpath(args.weights), "data": "synthetic_shapes test split, generate_task seed=0",
         "grid": MAP_SIZE, "positive_cell": "foreground fraction >= 0.5", "variants": results,
         "micro_clip_auroc_by_n_surgery_blocks": sweep, "seconds": round(time.time() - t0, 1),
-        "command": "python scripts/eval_clip_maps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m tools.micro_clip.eval_maps " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"CLIP Surgery map for {TARGET_SHAPE!r}: mean AUROC over {len(images)} held-out synthetic_shapes pictures "
           f"(64x64 grid, image cells only), n_surgery_blocks={blocks}")

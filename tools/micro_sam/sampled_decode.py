@@ -4,7 +4,7 @@ In SAM's two-way transformer the 64x64 image tokens never attend to each other: 
 attends only to the prompt tokens (``cross_attn_image_to_token``, then a per-token LayerNorm),
 and the prompt tokens gather from the image tokens with a softmax over all of them
 (``cross_attn_token_to_image``, twice, and ``final_attn_token_to_image``). The output upscaling
-maps each cell to its own 4x4 block of low-res pixels (see ``batched_decode``). So a mask's
+maps each cell to its own 4x4 block of low-res pixels (see ``alignsam_ray.foundation.batched_decode``). So a mask's
 pixels in a set of cells depend on the other cells only through those softmax pools.
 
 Here the decoder runs on K sampled cells per prompt set instead of all h*w. Each sampled cell
@@ -29,7 +29,7 @@ import torch
 from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention
 
-from .batched_decode import DecodedTokens, decoded_from, prompt_tokens, upscaled_blocks
+from alignsam_ray.foundation.batched_decode import DecodedTokens, decoded_from, prompt_tokens, upscaled_blocks
 
 BLOCK = 4  # low-res pixels per cell side (256 / 64)
 

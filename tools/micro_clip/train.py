@@ -1,7 +1,9 @@
-#!/usr/bin/env python
 """Train the embedded micro CLIP (``alignsam_ray/foundation/micro_clip.py``) contrastively on captioned shapes.
 
-    python scripts/train_micro_clip.py            # the defaults produced the shipped weights
+    python -m tools.micro_clip.train       # from the repository root; the defaults produced the shipped weights
+
+``--out`` (default ``micro_clip.pt`` in the current directory) refuses the shipped
+``alignsam_ray/weights/`` files unless ``--overwrite-shipped`` is given.
 
 Data: pictures in the style of the ``synthetic_shapes`` task (``alignsam_ray/data/synthetic.py``; its
 drawing helpers are reused: textured background, named shapes circle/square/triangle/star/cross, random
@@ -38,16 +40,30 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alignsam_ray.data.synthetic import _SHAPE_AREA, SHAPE_CLASSES, TARGET_SHAPE, _centre, _colour, _noise, _shape  # noqa: E402  (drawing helpers of the shapes task)
-from alignsam_ray.foundation.clip_surgery import preprocess_image  # noqa: E402
-from alignsam_ray.foundation.micro_clip import MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_tokenizer  # noqa: E402
+from alignsam_ray.data.synthetic import (  # drawing helpers of the shapes task
+    _SHAPE_AREA,
+    SHAPE_CLASSES,
+    TARGET_SHAPE,
+    _centre,
+    _colour,
+    _noise,
+    _shape,
+)
+from alignsam_ray.foundation.clip_surgery import preprocess_image
+from alignsam_ray.foundation.micro_clip import MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_tokenizer
 
 TRAIN_NAMESPACE = 0xC11C1A55  # this script's rng namespace (synthetic.py uses 0xDA7A5E7)
 P_SINGLE = 0.25               # one large shape, caption = its class
 P_EMPTY = 0.05                # background only, caption ""
 N_STARS_P = (0.3, 0.35, 0.23, 0.12)  # scenes: probability of 0, 1, 2, 3 stars
 VISIBLE_FRACTION = 0.3        # a shape is in the caption if >= this fraction of it is visible
+SHIPPED_WEIGHTS_DIR = os.path.dirname(os.path.abspath(MICRO_CLIP_WEIGHTS))
+
+
+def writes_shipped(out: str) -> bool:
+    """Whether weights written to ``out`` (and the .json beside it) would land in the package's
+    shipped weights folder."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(out))) == os.path.realpath(SHIPPED_WEIGHTS_DIR)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -137,8 +153,10 @@ def caption_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i != 0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults produced the shipped weights (``weights/micro_clip.json``)."""
+    ap = argparse.ArgumentParser(prog="python -m tools.micro_clip.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -149,8 +167,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pool", default=None, help="override vision_cfg.pool_type (tok/avg)")
     ap.add_argument("--layers", type=int, default=None, help="override vision_cfg.layers")
-    ap.add_argument("--out", default=MICRO_CLIP_WEIGHTS)
+    ap.add_argument("--out", default="micro_clip.pt",
+                    help="weights file (a .json of the same name is written next to it); the shipped "
+                         "alignsam_ray/weights/ files only with --overwrite-shipped")
+    ap.add_argument("--overwrite-shipped", action="store_true",
+                    help="allow --out to replace the weights shipped in the package")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
+    if not args.overwrite_shipped and writes_shipped(args.out):
+        ap.error(f"--out {args.out} would overwrite the micro CLIP weights shipped in the package "
+                 f"({SHIPPED_WEIGHTS_DIR}); pass --overwrite-shipped to replace them, or choose another --out")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -202,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.warmup, "gen_size": args.gen_size, "threads": args.threads, "train_namespace": TRAIN_NAMESPACE,
         "final_loss": float(np.mean(losses[-50:])), "final_logit_scale": float(model.logit_scale.exp()),
         "train_minutes": round(minutes, 2), "weights_bytes": os.path.getsize(args.out),
-        "command": "python scripts/train_micro_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m tools.micro_clip.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=2)

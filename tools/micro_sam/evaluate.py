@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Quality of the embedded micro-SAM on held-out synthetic object-mix scenes.
 
-    python scripts/eval_micro_sam.py --out micro_sam_eval.json [--n 200] [--checkpoint PATH]
+    python -m tools.micro_sam.evaluate --out micro_sam_eval.json [--n 200] [--checkpoint PATH]
 
 Held-out scenes come from object-mix stream seed 2 (training uses seed 1), rendered at their
 original size (long side 300..800, aspect 0.5..2) and run through segment_anything's own
@@ -29,8 +28,9 @@ import torch
 from segment_anything import SamPredictor
 
 from alignsam_ray.foundation import load_sam
-from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
 from alignsam_ray.store.embed import lowres_mask
+
+from .object_mix import random_size, render_scene, scene_rng
 
 HELD_OUT_SEED = 2
 AREA_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 1.0)  # object area / image area

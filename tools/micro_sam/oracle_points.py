@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """How a SAM backend responds to more and more oracle foreground points (a ceiling for the agent).
 
-    python scripts/oracle_points.py STORE [STORE ...] [--n 24] [--split train]
+    python -m tools.micro_sam.oracle_points STORE [STORE ...] [--n 24] [--split train]
 
 Per image: the training reset (one positive + one negative point from the ground truth), then 15
 steps that each add a random *foreground* patch centre of the 10 x 10 grid with its true label

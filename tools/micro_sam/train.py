@@ -1,17 +1,21 @@
-#!/usr/bin/env python
 """Train the embedded micro-SAM on the generic synthetic object mix (reproducible, CPU).
 
-The shipped weights (v17; alignsam_ray/weights/micro_sam.json has the exact command and curve):
+Run from the repository root. The defaults are the shipped weights' recipe (v17;
+alignsam_ray/weights/micro_sam.json has the exact command and curve):
 
-    python scripts/train_micro_sam.py --steps 8000 --minutes 44 --scenes 8000 --batch 6 --prompts 3 \
-        --mask-input-share 0 --token-sample 512 --fused-norm 1 --interactive 0.3 --few-points 0.3 \
-        --min-object-area 0.005 --exact-points 1
+    python -m tools.micro_sam.train                 # writes micro_sam.pt + micro_sam.json here
 
-(v13, shipped before it: the same without ``--exact-points``; v11: v13 with ``--prompts 2
+i.e. ``--steps 8000 --minutes 44 --scenes 8000 --batch 6 --prompts 3 --mask-input-share 0
+--token-sample 512 --fused-norm 1 --interactive 0.3 --few-points 0.3 --min-object-area 0.005
+--exact-points 1``. ``--out`` refuses the shipped ``alignsam_ray/weights/`` files unless
+``--overwrite-shipped`` is given.
+
+(v13, shipped before it: the same with ``--exact-points 0``; v11: v13 with ``--prompts 2
 --token-sample 1024``.)
 
-The earlier v5 weights: the defaults with ``--steps 2500 --scenes 6000 --batch 6 --prompts 2``
-(README "SAM backends" has every attempt's command and figures).
+The earlier v5 weights: ``--steps 2500 --scenes 6000 --batch 6 --prompts 2 --interactive 0
+--few-points 0 --mask-input-share 0.5 --token-sample 0 --exact-points 0 --fused-norm 0
+--min-object-area 0 --minutes 0`` (README "SAM backends" has every attempt's command and figures).
 
 SAM-style promptable training, class-agnostic: for each scene we pick objects and sample point
 prompts as SAM's training does. Stage A: a first positive point uniformly inside the object,
@@ -41,7 +45,7 @@ Speed (the budget is wall time, so cheaper steps are more training):
   each, one after the other, this 2-core machine).
   * ``--token-sample K`` (instead of ``--point-loss``): the decoder runs on K stratified cells
     of the 64x64 grid per prompt set (boundary, object, background), its token-to-image
-    attention weighted to estimate the pool over all cells (``foundation/sampled_decode.py``),
+    attention weighted to estimate the pool over all cells (``tools/micro_sam/sampled_decode.py``),
     and the losses are taken on those cells' 16 low-res pixels each. 0.66 s a step against
     1.46 s with ``--point-loss 4096`` (40 steps each, one after the other, 2026-12-01).
 
@@ -49,7 +53,6 @@ Speed (the budget is wall time, so cheaper steps are more training):
 cosine learning-rate schedule then follows elapsed time and the loop stops when the budget is
 spent, so a slower machine does fewer steps instead of overrunning. The steps done and the
 training curve (every 50 steps) are recorded in the JSON written next to the weights.
-The defaults reproduce the v5 weights' recipe (full-frame loss, mask input in half the steps).
 """
 from __future__ import annotations
 
@@ -64,11 +67,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import alignsam_ray
 from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixels, masks_from_tokens
-from alignsam_ray.foundation.fused_ops import fuse_for_training
 from alignsam_ray.foundation.micro_sam import ENCODER_INPUT_SIZE, IMAGE_SIZE, build_sam_micro
-from alignsam_ray.foundation.object_mix import random_size, render_scene, scene_rng
-from alignsam_ray.foundation.sampled_decode import (
+
+from .fused_ops import fuse_for_training
+from .object_mix import random_size, render_scene, scene_rng
+from .sampled_decode import (
     cell_block_logits,
     cell_blocks,
     decode_cell_sample,
@@ -76,8 +81,15 @@ from alignsam_ray.foundation.sampled_decode import (
     sample_cells,
 )
 
-TRAIN_SEED = 1  # object-mix stream for training; scripts/eval_micro_sam.py holds out seed 2
+TRAIN_SEED = 1  # object-mix stream for training; tools/micro_sam/evaluate.py holds out seed 2
 SCALE = IMAGE_SIZE / ENCODER_INPUT_SIZE  # 256-frame pixel -> 1024-frame coordinate
+SHIPPED_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(alignsam_ray.__file__)), "weights")
+
+
+def writes_shipped(out: str) -> bool:
+    """Whether weights written to ``out`` (and the .json beside it) would land in the package's
+    shipped weights folder."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(out))) == os.path.realpath(SHIPPED_WEIGHTS_DIR)
 
 
 def _render(index: int):
@@ -226,36 +238,38 @@ def _after_first(first, yx, gt, n_pad):
     return np.concatenate([first[0][:1], coords]), np.concatenate([first[1][:1].astype(np.int64), labels])
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the shipped weights' recipe (``weights/micro_sam.json``)."""
+    ap = argparse.ArgumentParser(prog="python -m tools.micro_sam.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--scenes", type=int, default=8000)
-    ap.add_argument("--batch", type=int, default=8, help="scenes per step")
-    ap.add_argument("--prompts", type=int, default=2, help="objects (prompt sets) per scene")
+    ap.add_argument("--batch", type=int, default=6, help="scenes per step")
+    ap.add_argument("--prompts", type=int, default=3, help="objects (prompt sets) per scene")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-pos", type=int, default=10, help="stage B: at most this many positive points")
     ap.add_argument("--max-neg", type=int, default=7, help="stage B: at most this many negative points")
-    ap.add_argument("--interactive", type=float, default=0.0,
+    ap.add_argument("--interactive", type=float, default=0.3,
                     help="stage B: share of prompt sets that keep the stage-A point and add points from "
                          "the error region of the stage-A mask (SAM's interactive sampling)")
-    ap.add_argument("--few-points", type=float, default=0.0,
+    ap.add_argument("--few-points", type=float, default=0.3,
                     help="stage B: share of the other (not interactive) prompt sets with only 1-3 positive and "
                          "0-2 negative points (the eval's 2 + 1 regime, an episode's first steps)")
     ap.add_argument("--max-error-points", type=int, default=3, help="stage B, interactive sets: 1..this many points")
-    ap.add_argument("--minutes", type=float, default=None,
+    ap.add_argument("--minutes", type=float, default=44.0,
                     help="wall-time budget: the cosine schedule follows elapsed time and training stops "
-                         "when the budget is spent (or at --steps, whichever comes first)")
+                         "when the budget is spent (or at --steps, whichever comes first); 0: no budget")
     ap.add_argument("--stage-b-weight", type=float, default=1.0, help="weight of the multi-point loss")
     ap.add_argument("--point-loss", type=int, default=0,
                     help="P > 0: compute the mask losses at P sampled low-res pixels per mask (half on the "
                          "object, half off, weighted to estimate the full-frame loss) instead of all 65536; "
                          "the decoder then draws only those pixels (far cheaper steps). 0: the full frame")
-    ap.add_argument("--token-sample", type=int, default=0,
+    ap.add_argument("--token-sample", type=int, default=512,
                     help="K > 0: the decoder runs on K sampled cells of the 64x64 grid per prompt set (stratified: "
                          "object, background, boundary; its token-to-image attention weighted to estimate the full "
-                         "pool, foundation/sampled_decode.py) and the mask losses are taken on their 16 low-res "
+                         "pool, tools/micro_sam/sampled_decode.py) and the mask losses are taken on their 16 low-res "
                          "pixels each, weighted to estimate the full-frame loss. 0: all 4096 cells")
-    ap.add_argument("--exact-points", type=int, default=0,
+    ap.add_argument("--exact-points", type=int, default=1,
                     help="1 (with --token-sample): stage-B prompt sets, padded to a common length of --max-pos + "
                          "--max-neg points, decode exactly as their own points alone (padding_bias), as SamPredictor "
                          "and the episodes decode them; 0: the padding tokens weigh in (v13 and earlier)")
@@ -264,19 +278,31 @@ def main():
     ap.add_argument("--stage-a-single-weight", type=float, default=0.0,
                     help="stage A: weight of a loss on the single-mask output for the one point (it is "
                          "computed in the same decoder pass; 0 = trained by stage B only)")
-    ap.add_argument("--mask-input-share", type=float, default=0.5,
+    ap.add_argument("--mask-input-share", type=float, default=0.0,
                     help="stage B: share of steps that feed the stage-A logits as mask input (SAM's "
                          "training does; AlignSAM episodes and the eval decode points only)")
-    ap.add_argument("--fused-norm", type=int, default=0,
+    ap.add_argument("--fused-norm", type=int, default=1,
                     help="1: compute segment_anything's LayerNorm2d with torch's fused layer_norm kernel (same "
                          "parameters and result, faster steps); 0: as the v5 weights were trained")
-    ap.add_argument("--min-object-area", type=float, default=0.0,
+    ap.add_argument("--min-object-area", type=float, default=0.005,
                     help="prompt only objects whose visible part covers at least this share of the image "
-                         "(scripts/eval_micro_sam.py asks for >= 0.005; 0: any visible sliver, as v5)")
+                         "(tools/micro_sam/evaluate.py asks for >= 0.005; 0: any visible sliver, as v5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="alignsam_ray/weights/micro_sam.pt")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="micro_sam.pt",
+                    help="weights file (a .json of the same name is written next to it); the shipped "
+                         "alignsam_ray/weights/ files only with --overwrite-shipped")
+    ap.add_argument("--overwrite-shipped", action="store_true",
+                    help="allow --out to replace the weights shipped in the package")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if not args.overwrite_shipped and writes_shipped(args.out):
+        ap.error(f"--out {args.out} would overwrite the micro-SAM weights shipped in the package "
+                 f"({SHIPPED_WEIGHTS_DIR}); pass --overwrite-shipped to replace them, or choose another --out")
     if (args.point_loss or args.token_sample) and args.mask_input_share:
         ap.error("--point-loss and --token-sample need --mask-input-share 0 (a mask input needs the full stage-A logits)")
     if args.point_loss and args.token_sample:
@@ -292,7 +318,7 @@ def main():
     print(f"rendered {args.scenes} scenes in {time.time() - t0:.0f}s", flush=True)
 
     sam = build_sam_micro()
-    if args.fused_norm:  # same parameters and maths, faster steps (see foundation/fused_ops.py)
+    if args.fused_norm:  # same parameters and maths, faster steps (see fused_ops.py)
         fuse_for_training(sam)
     sam.train()
     mean = sam.pixel_mean.view(1, 3, 1, 1)
@@ -300,7 +326,7 @@ def main():
     opt = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = 100
     # the loop's share of the wall-time budget (rendering the scenes has already used some)
-    loop_seconds = None if args.minutes is None else args.minutes * 60 - (time.time() - t0) - 30
+    loop_seconds = None if not args.minutes else args.minutes * 60 - (time.time() - t0) - 30
     pe = sam.prompt_encoder
     history, curve = [], []  # per step (loss, 1pt IoU, multi-pt IoU); every 50 steps the means
     t_train = time.time()
@@ -439,11 +465,13 @@ def main():
         "lr": args.lr, "stage_b_weight": args.stage_b_weight, "stage_a_single_weight": args.stage_a_single_weight,
         "focal_alpha": args.focal_alpha, "exact_points": args.exact_points, "token_sample": args.token_sample, "fused_norm": args.fused_norm, "point_loss": args.point_loss,
         "mask_input_share": args.mask_input_share, "max_pos": args.max_pos, "max_neg": args.max_neg,
-        "interactive": args.interactive, "min_object_area": args.min_object_area, "few_points": args.few_points, "max_error_points": args.max_error_points, "minutes_budget": args.minutes, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
+        "interactive": args.interactive, "min_object_area": args.min_object_area, "few_points": args.few_points, "max_error_points": args.max_error_points, "minutes_budget": args.minutes or None, "seed": args.seed, "object_mix_seed": TRAIN_SEED,
         "train_minutes": round((time.time() - t0) / 60, 1),
         "final_train_1pt_iou": float(np.mean([h[1] for h in history[-100:]])),
         "final_train_multipt_iou": float(np.mean([h[2] for h in history[-100:]])),
-        "command": "python scripts/train_micro_sam.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": "python -m tools.micro_sam.train " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+            for k, v in vars(args).items() if v is not False),
         "curve": curve,
     }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

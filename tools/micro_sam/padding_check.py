@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """How much a micro-SAM's single mask depends on extra "not a point" padding tokens.
 
-    python scripts/padding_check.py --out padding.json [--checkpoint A.pt --checkpoint B.pt ...]
+    python -m tools.micro_sam.padding_check --out padding.json [--checkpoint A.pt --checkpoint B.pt ...]
 
-The scenes and points of ``scripts/eval_micro_sam.py`` (held-out stream seed 2; two positive
+The scenes and points of ``tools/micro_sam/evaluate.py`` (held-out stream seed 2; two positive
 points inside the object, one negative outside), decoded through ``SamPredictor`` as given
 (SAM appends one pad token) and again padded with label -1 to 5 and to 17 points, the length
 training padded stage-B prompt sets to before ``--exact-points``. A model trained with padded
@@ -15,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 from segment_anything import SamPredictor
 
 from alignsam_ray.foundation import load_sam
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eval_micro_sam import held_out_prompts, iou  # noqa: E402
+from .evaluate import held_out_prompts, iou
 
 PADDED_LENGTHS = (5, 17)
 
