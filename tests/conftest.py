@@ -15,6 +15,20 @@ os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("ALIGNSAM_LOG_DIR", tempfile.mkdtemp(prefix="alignsam_test_logs_"))
 
 
+RAY_MODULES = {"test_train", "test_tune", "test_store", "test_export"}  # every test there starts Ray
+
+
+def pytest_collection_modifyitems(config, items):
+    """Layers: `cluster` (test_cluster.py), `integration` (a test that starts Ray: the modules above and any
+    test using the Ray-built ``blur_store``); the rest is the fast unit layer."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module == "test_cluster":
+            item.add_marker(pytest.mark.cluster)
+        elif module in RAY_MODULES or "blur_store" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def blur_store(tmp_path_factory):
     """Path of a finished store: 8 train + 6 test synthetic_blur images embedded by micro-SAM."""

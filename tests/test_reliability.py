@@ -176,6 +176,7 @@ def _dataset(root, n=4):
     return root
 
 
+@pytest.mark.integration  # embeds with Ray Data
 def test_skip_bad_records_listing_and_decode_skips_and_a_failed_embed_leaves_nothing(tmp_path, capsys):
     """Smaller: without --skip-bad a bad image stops the embed, named, and leaves no --out folder; with it,
     a truncated image is caught while listing and recorded in the manifest beside a mask without
