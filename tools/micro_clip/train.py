@@ -50,20 +50,15 @@ from alignsam_ray.data.synthetic import (  # drawing helpers of the shapes task
     _shape,
 )
 from alignsam_ray.foundation.clip_surgery import preprocess_image
-from alignsam_ray.foundation.micro_clip import MICRO_CLIP_CFG, MICRO_CLIP_WEIGHTS, build_micro_clip, micro_tokenizer
+from alignsam_ray.foundation.micro_clip import MICRO_CLIP_CFG, build_micro_clip, micro_tokenizer
+
+from ..shipped import add_out_arguments, check_out
 
 TRAIN_NAMESPACE = 0xC11C1A55  # this script's rng namespace (synthetic.py uses 0xDA7A5E7)
 P_SINGLE = 0.25               # one large shape, caption = its class
 P_EMPTY = 0.05                # background only, caption ""
 N_STARS_P = (0.3, 0.35, 0.23, 0.12)  # scenes: probability of 0, 1, 2, 3 stars
 VISIBLE_FRACTION = 0.3        # a shape is in the caption if >= this fraction of it is visible
-SHIPPED_WEIGHTS_DIR = os.path.dirname(os.path.abspath(MICRO_CLIP_WEIGHTS))
-
-
-def writes_shipped(out: str) -> bool:
-    """Whether weights written to ``out`` (and the .json beside it) would land in the package's
-    shipped weights folder."""
-    return os.path.realpath(os.path.dirname(os.path.abspath(out))) == os.path.realpath(SHIPPED_WEIGHTS_DIR)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -167,20 +162,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pool", default=None, help="override vision_cfg.pool_type (tok/avg)")
     ap.add_argument("--layers", type=int, default=None, help="override vision_cfg.layers")
-    ap.add_argument("--out", default="micro_clip.pt",
-                    help="weights file (a .json of the same name is written next to it); the shipped "
-                         "alignsam_ray/weights/ files only with --overwrite-shipped")
-    ap.add_argument("--overwrite-shipped", action="store_true",
-                    help="allow --out to replace the weights shipped in the package")
+    add_out_arguments(ap, "micro_clip.pt")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
-    if not args.overwrite_shipped and writes_shipped(args.out):
-        ap.error(f"--out {args.out} would overwrite the micro CLIP weights shipped in the package "
-                 f"({SHIPPED_WEIGHTS_DIR}); pass --overwrite-shipped to replace them, or choose another --out")
+    check_out(ap, args, "micro CLIP")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

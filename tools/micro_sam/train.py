@@ -67,10 +67,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import alignsam_ray
 from alignsam_ray.foundation.batched_decode import decode_tokens, logits_at_pixels, masks_from_tokens
 from alignsam_ray.foundation.micro_sam import ENCODER_INPUT_SIZE, IMAGE_SIZE, build_sam_micro
 
+from ..shipped import add_out_arguments, check_out
 from .fused_ops import fuse_for_training
 from .object_mix import random_size, render_scene, scene_rng
 from .sampled_decode import (
@@ -83,13 +83,6 @@ from .sampled_decode import (
 
 TRAIN_SEED = 1  # object-mix stream for training; tools/micro_sam/evaluate.py holds out seed 2
 SCALE = IMAGE_SIZE / ENCODER_INPUT_SIZE  # 256-frame pixel -> 1024-frame coordinate
-SHIPPED_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(alignsam_ray.__file__)), "weights")
-
-
-def writes_shipped(out: str) -> bool:
-    """Whether weights written to ``out`` (and the .json beside it) would land in the package's
-    shipped weights folder."""
-    return os.path.realpath(os.path.dirname(os.path.abspath(out))) == os.path.realpath(SHIPPED_WEIGHTS_DIR)
 
 
 def _render(index: int):
@@ -289,20 +282,14 @@ def parser() -> argparse.ArgumentParser:
                          "(tools/micro_sam/evaluate.py asks for >= 0.005; 0: any visible sliver, as v5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="micro_sam.pt",
-                    help="weights file (a .json of the same name is written next to it); the shipped "
-                         "alignsam_ray/weights/ files only with --overwrite-shipped")
-    ap.add_argument("--overwrite-shipped", action="store_true",
-                    help="allow --out to replace the weights shipped in the package")
+    add_out_arguments(ap, "micro_sam.pt")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
-    if not args.overwrite_shipped and writes_shipped(args.out):
-        ap.error(f"--out {args.out} would overwrite the micro-SAM weights shipped in the package "
-                 f"({SHIPPED_WEIGHTS_DIR}); pass --overwrite-shipped to replace them, or choose another --out")
+    check_out(ap, args, "micro-SAM")
     if (args.point_loss or args.token_sample) and args.mask_input_share:
         ap.error("--point-loss and --token-sample need --mask-input-share 0 (a mask input needs the full stage-A logits)")
     if args.point_loss and args.token_sample:
