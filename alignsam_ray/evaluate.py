@@ -163,15 +163,21 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     return metrics
 
 
-def validation_metrics(agent: Agent, store: str, k: int, batch: int = 16, seed: int = 0) -> dict:
-    """alignsam (the paper's protocol) on the last ``k`` images of the store's train split, the
-    validation images a run with ``train.val_images = k`` never trains on -> {"val_miou", ...}."""
+def validation_set(store: str, k: int) -> tuple[dict, dict, SamPromptDecoder]:
+    """The last ``k`` images of the store's train split (the validation images a run with
+    ``train.val_images = k`` never trains on): (arrays, full-resolution ground truth, decoder).
+    Read once per run; ``validation_metrics`` scores an agent on it."""
     st = EmbeddingStore(store, verify=False)
     data = st.arrays("train")
     _, val = holdout_split(len(data["ids"]), k)
     data = {key: v[val] for key, v in data.items()}
-    gt_full = st.gt_full("train")
-    decoder = st.decoder()
+    gt = st.gt_full("train")
+    return data, {i: gt[i] for i in data["ids"]}, st.decoder()
+
+
+def validation_metrics(agent: Agent, val_set: tuple, batch: int = 16, seed: int = 0) -> dict:
+    """alignsam (the paper's protocol) on a ``validation_set`` -> {"val_miou", ...}."""
+    data, gt_full, decoder = val_set
     T = int(agent.cfg["env"]["horizon"])
     r = rollout(agent, data, decoder, "policy", "srm", T, (T,), batch, seed)
     summary = score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder).summary()

@@ -147,6 +147,7 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)  # only once the run can start: a failed start leaves nothing
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self.iteration = 0
+        self._val_set = None  # (arrays, ground truth, decoder) of the validation images, read on first use
         self.env_steps = 0
         if resume:
             self._restore()
@@ -266,12 +267,14 @@ class Trainer:
     def validate(self) -> dict:
         """The paper's evaluation protocol (alignsam only) on the held-out validation images."""
         from .checkpoint import Agent
-        from .evaluate import validation_metrics
+        from .evaluate import validation_metrics, validation_set
 
+        if self._val_set is None:  # the held-out images are read once per run, not per iteration
+            self._val_set = validation_set(self.cfg["store"], self.cfg["train"]["val_images"])
         module = self.algo.get_module()
         module.eval()
         agent = Agent(module, self.srm.srm, self.cfg, checkpoint=f"{self.run_dir} (iteration {self.iteration})")
-        return validation_metrics(agent, self.cfg["store"], self.cfg["train"]["val_images"])
+        return validation_metrics(agent, self._val_set)
 
     def stop(self) -> None:
         self.algo.stop()
