@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -189,73 +188,22 @@ def cmd_tune(args) -> int:
     return 0
 
 
-DEMO_TASKS = ("synthetic_saliency",)
-
-
 def cmd_demo(args) -> int:
-    """Embedded default, end to end: synthesise five tasks, embed them, train and evaluate."""
-    from .config import load_config
-    from .data import SYNTHETIC_TASKS, generate_all, open_dataset
-    from .evaluate import evaluate
-    from .store.embed import embed_dataset
-    from .train import train
+    from .data import SYNTHETIC_TASKS
+    from .demo import run_demo
 
-    t0 = time.time()
-    out = os.path.abspath(args.out)
-    tasks = SYNTHETIC_TASKS if args.tasks == ["all"] else args.tasks
+    tasks = list(SYNTHETIC_TASKS) if args.tasks == ["all"] else list(dict.fromkeys(args.tasks))
     unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
     if unknown:
         print(f"alignsam demo: unknown task(s) {unknown}; choose from {list(SYNTHETIC_TASKS)} or 'all'", file=sys.stderr)
         return 2
-    print(f"[demo] 1/4 synthesising the five synthetic tasks into {out}/data", flush=True)
-    folders = generate_all(os.path.join(out, "data"), n_train=args.n_train, n_test=args.n_test, seed=args.seed)
-    print("[demo] 2/4 embedding them with the embedded micro-SAM (Ray Data)", flush=True)
-    rows = []
-    for task in SYNTHETIC_TASKS:
-        samples = open_dataset(folders[task], n_train=None)
-        m = embed_dataset(samples, os.path.join(out, "stores", task), sam_type="micro", dataset_spec=folders[task])
-        rows.append((task, m["counts"].get("train", 0), m["counts"].get("test", 0), m["_images_embedded_now"], m["_seconds"]))
-    print(f"\n{'task':<22}{'train':>6}{'test':>6}{'embedded now':>14}{'img/s':>8}")
-    for task, ntr, nte, n, s in rows:
-        print(f"{task:<22}{ntr:>6}{nte:>6}{n:>14}{(n / s if n and s else float('nan')):>8.1f}")
-    t_embed = time.time() - t0
-    summary = {}
-    for task in tasks:
-        print(f"\n[demo] 3/4 training the PPO agent on {task} ({args.iterations} iterations)", flush=True)
-        cfg = load_config(None, {  # the paper's defaults (tune_configs/<task>.yaml holds the same)
-            "task": task, "store": os.path.join(out, "stores", task), "run_dir": os.path.join(out, "runs", task),
-            "train": {"iterations": args.iterations, "checkpoint_every": args.iterations, "seed": args.seed},
-            "resources": {"num_env_runners": args.env_runners},
-        })
-        result = train(cfg, resume=True)
-        print(f"[demo] 4/4 evaluating {task} on its test split", flush=True)
-        summary[task] = evaluate(result["checkpoint"], cfg["store"], os.path.join(out, "eval", task), seed=args.seed)
-    _demo_report(out, summary, time.time() - t0, t_embed)
+    run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed, iterations=args.iterations,
+             env_runners=args.env_runners, precision=args.precision)
     return 0
 
 
-def _demo_report(out: str, summary: dict, seconds: float, t_embed: float) -> None:
-    from .evaluate import LABELS, _cell, _fmt, verdict
-
-    lines = ["# alignsam demo", "", f"Synthetic data + micro-SAM; {seconds:.0f} s in all ({t_embed:.0f} s synthesis + "
-             "embedding). Brackets: 95% bootstrap intervals over test images. Per-task reports: eval/<task>/report.md.", "",
-             "| task | method | mIoU | alignsam - method, mIoU [95% CI] | F_beta | E_phi | MAE | BER % | hit rate |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for task, m in summary.items():
-        for name, s in m["methods"].items():
-            d = m["paired"].get(name)
-            diff = f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] " \
-                   f"({verdict(d['miou'], 'miou')})" if d else ""
-            lines.append(f"| {task} | {LABELS.get(name, name)} | {_cell(s, 'miou')} | {diff} | {s['fbeta']:.3f} | "
-                         f"{s['emeasure']:.3f} | {s['mae']:.3f} | {s['ber']:.2f} | {s['hit_rate']:.3f} |")
-        sweep = " ".join(f"T={t}: {v['miou']:.3f}" for t, v in m["t_sweep"].items())
-        lines.append(f"| {task} | mIoU by T | {sweep} | | | | | | |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
-    print("\n" + text)
-    print(f"[demo] done in {seconds:.0f}s: {out}/report.md, eval/<task>/ (metrics.json, report.md, figures/), "
-          f"runs/<task>/ (checkpoints, TensorBoard)")
+RAY_MODULES = {"embed": ("ray.data",), "train": ("ray.rllib",), "tune": ("ray.rllib", "ray.tune"),
+               "evaluate": ("ray.rllib",), "export": ("ray.rllib",), "demo": ("ray.data", "ray.rllib")}
 
 
 def main(argv=None) -> int:
@@ -271,9 +219,14 @@ def main(argv=None) -> int:
     d.add_argument("--n-train", type=int, default=50)
     d.add_argument("--n-test", type=int, default=50)
     d.add_argument("--seed", type=int, default=0)
+    from .demo import DEMO_ITERATIONS, DEMO_PRECISION, DEMO_TASKS
+
     d.add_argument("--tasks", nargs="+", default=list(DEMO_TASKS), help="synthetic tasks to train and evaluate "
                    "(default: %(default)s; 'all' = the five)")
-    d.add_argument("--iterations", type=int, default=16, help="PPO iterations per task")
+    d.add_argument("--iterations", type=_positive_int, default=DEMO_ITERATIONS, help="PPO iterations per task "
+                   "(default: %(default)s)")
+    d.add_argument("--precision", choices=["fp32", "bf16"], default=DEMO_PRECISION, help="the learner's precision "
+                   "(model.precision; default: %(default)s, 2x faster learner on this kind of CPU)")
     d.add_argument("--env-runners", type=int, default=2, help="EnvRunners (0.5 CPU each)")
     _add_embed(sub)
     _add_train(sub)
@@ -285,7 +238,7 @@ def main(argv=None) -> int:
     if args.cmd != "segment" and not args.verbose:  # segment runs without Ray
         from .ray_session import default_log_path, route_ray_logs
 
-        print(f"[alignsam] Ray's own messages: {route_ray_logs(default_log_path(args.cmd))} (--verbose shows them here)",
+        print(f"[alignsam] Ray's own messages: {route_ray_logs(default_log_path(args.cmd), RAY_MODULES.get(args.cmd, ()))} (--verbose shows them here)",
               file=sys.stderr, flush=True)
     if args.cmd == "segment":  # Ray-free: none of the Ray-backed modules below may load
         from .data.samples import DataError as _DataError

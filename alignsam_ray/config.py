@@ -45,7 +45,11 @@ DEFAULTS: dict = {
         "minibatch_size": 150,
         "grad_clip": 1.0,
     },
-    "model": {"width": 64, "time_input": True},  # time_input: the critic sees t / T
+    "model": {
+        "width": 64,
+        "time_input": True,    # the critic sees t / T
+        "precision": "fp32",   # bf16: the policy trunk and the SRM train under bfloat16 autocast (2-3x faster
+    },                         # learner on CPUs with AVX512-BF16 and on GPUs; docs/agent.md#precision)
     "resources": {
         "num_env_runners": 1,
         "num_envs_per_env_runner": 4,   # k episodes per EnvRunner, one batched decoder call per step (scripts/bench.py)
@@ -122,18 +126,28 @@ def from_store(store: str) -> dict:
     """Config keys for a store used without a YAML file (``alignsam train --store STORE``): its task
     (the store's single task) and the paper's SRM branch for it (Table 4: explicit for shadow and the
     PASCAL classes, reading the store's CLIP Surgery map of the task's text; implicit otherwise)."""
-    from .data.samples import TASK_TEXT
-    from .store.embed import map_name
     from .store.shards import read_manifest
 
     tasks = read_manifest(store).get("tasks") or []
     if len(tasks) != 1:
         raise ConfigError(f"store {store!r} holds {len(tasks)} tasks ({tasks}); train one task per store, or give "
                           "--config with 'task' and the SRM settings")
-    task = tasks[0]
-    explicit = task == "shadow" or task.startswith("voc_")
-    srm = {"branch": "explicit", "text_map": map_name(TASK_TEXT.get(task, task))} if explicit else {"branch": "implicit"}
-    return {"task": task, "store": store, "srm": srm}
+    return {"task": tasks[0], "store": store, "srm": paper_srm(tasks[0])}
+
+
+EXPLICIT_TASKS = ("shadow", "synthetic_shadow", "synthetic_shapes")  # + every voc_<class>; the synthetic analogues
+                                                                     # follow their benchmark (shapes: the VOC analogue)
+
+
+def paper_srm(task: str) -> dict:
+    """The paper's SRM branch for a task (Table 4): explicit (reading the store's CLIP Surgery map of the
+    task's text, ``map_<text>``) for shadow and the PASCAL classes, implicit for blur, glass, saliency."""
+    from .data.samples import TASK_TEXT
+    from .store.embed import map_name
+
+    if task in EXPLICIT_TASKS or task.startswith("voc_"):
+        return {"branch": "explicit", "text_map": map_name(TASK_TEXT.get(task, task))}
+    return {"branch": "implicit"}
 
 
 def _check_text_map(cfg: dict) -> None:
@@ -218,6 +232,7 @@ CHECKS = (  # dotted key, test, what the value must be
     ("ppo.grad_clip", lambda v: v is None or _real(above=0)(v), "null or a number > 0"),
     ("model.width", _whole(1), "a whole number >= 1"),
     ("model.time_input", _BOOL, "true or false"),
+    ("model.precision", _one_of("fp32", "bf16"), "'fp32' or 'bf16'"),
     ("resources.num_env_runners", _whole(0), "a whole number >= 0"),
     ("resources.num_envs_per_env_runner", _whole(1), "a whole number >= 1"),
     ("resources.num_cpus_per_env_runner", _real(0), "a number >= 0"),

@@ -2,6 +2,7 @@
 Ray's own messages kept off the terminal (``route_ray_logs``)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -19,26 +20,103 @@ def default_log_path(command: str) -> str:
     return os.path.join(root, f"{command}.log")
 
 
-def route_ray_logs(path: str) -> str:
+def route_ray_logs(path: str, modules: tuple[str, ...] = ()) -> str:
     """Send Ray's, RLlib's and Tune's log records and Python warnings (the new-API-stack notice,
-    deprecation warnings, token-authentication and gputil notices) to ``path`` (appended) instead of the
-    terminal; records of level ERROR and above still reach stderr. Workers' output (actor restarts and
-    the like) stays in Ray's session logs. Returns ``path``."""
+    deprecation warnings, gputil notices) to ``path`` (appended) instead of the terminal; records of
+    level ERROR and above still reach stderr. ``modules`` (e.g. "ray.rllib") are imported first: they
+    install their own terminal handlers on import, which are taken off here (and again after every
+    ``native_to_log`` block: Ray Data re-installs its own when a dataset runs). Ray's native lines
+    (the token-authentication notice, core-worker notices) go to the file inside ``native_to_log``;
+    workers' output (actor restarts and the like) stays in Ray's session logs. Returns ``path``."""
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    errors = logging.StreamHandler(sys.stderr)
+    errors = logging.StreamHandler(_Stderr())
     errors.setLevel(logging.ERROR)
     logging.captureWarnings(True)
+    _QUIET.update(on=True, path=path, handlers=(to_file, errors))
+    _apply_routes()
+    return path
+
+
+def _apply_routes() -> None:
+    """(Re)attach route_ray_logs' handlers to "ray" and "py.warnings" and take every other terminal
+    handler off the ray.* loggers, so their records reach the file through "ray". Idempotent."""
+    ours = _QUIET["handlers"]
     for name in ("ray", "py.warnings"):
         logger = logging.getLogger(name)
         for h in list(logger.handlers):
-            logger.removeHandler(h)
-        logger.addHandler(to_file)
-        logger.addHandler(errors)
+            if h not in ours:
+                logger.removeHandler(h)
+        for h in ours:
+            if h not in logger.handlers:
+                logger.addHandler(h)
         logger.propagate = False
-    _QUIET["on"] = True
-    return path
+    for name, logger in list(logging.root.manager.loggerDict.items()):  # ray.rllib, ray.data, ...: via "ray"
+        if name.startswith("ray.") and isinstance(logger, logging.Logger):
+            for h in list(logger.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    logger.removeHandler(h)
+            logger.propagate = True
+
+
+class _Routed(logging.Handler):
+    """Hands a record to route_ray_logs' handlers (the file; stderr for errors). Stands in for
+    ``logging.lastResort`` inside ``native_to_log``: ray.init() strips the "ray" logger's handlers
+    before it logs its token-authentication notice, which would otherwise reach the terminal."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for h in _QUIET["handlers"]:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is at the time of writing (``native_to_log`` swaps it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def native_to_log():
+    """Ray's C++ parts print to file descriptor 2 directly (the token-authentication notice, core-worker
+    notices as actors start): after ``route_ray_logs``, fd 2 points at the log file for the duration,
+    while Python's own writes to ``sys.stderr`` (progress bars, error records, tracebacks) still reach
+    the terminal. Does nothing when the routing is off (--verbose)."""
+    if not _QUIET.get("on"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    try:
+        ours = python_stderr.fileno() == 2  # else a stream of its own (a test's capture): left alone
+    except (AttributeError, OSError, ValueError):
+        ours = False
+    if ours:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    last_resort, logging.lastResort = logging.lastResort, _Routed(logging.WARNING)
+    try:
+        with open(_QUIET["path"], "a") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        logging.lastResort = last_resort
+        _apply_routes()  # handlers installed meanwhile (Ray Data's) would write to the stream closed below
+        sys.stderr.flush()
+        if ours:
+            sys.stderr.close()
+        sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def recorded_address() -> str | None:
@@ -84,6 +162,7 @@ def init_ray(**kwargs) -> None:
         kwargs.setdefault("configure_logging", False)
         kwargs.setdefault("log_to_driver", False)
     try:
-        ray.init(address=address, **kwargs)
+        with native_to_log():
+            ray.init(address=address, **kwargs)
     except ConnectionError as e:
         raise ConnectionError(f"could not join the Ray cluster at {where} ({e}). {advice}") from e

@@ -43,7 +43,13 @@ from .store.loader import EmbeddingStore, publish_store
 ENV_NAME = "alignsam"
 
 PROGRESS_KEYS = ("iteration", "env_steps", "episode_return", "hit_rate", "final_iou", "label_accuracy",
-                 "srm_loss", "srm_pixel_acc", "env_steps_per_s", "sample_s", "learn_s", "iter_s")
+                 "srm_loss", "srm_pixel_acc", "env_steps_per_s", "sample_s", "learn_s", "srm_s", "iter_s")
+
+
+def _csv_header(path: str) -> list[str]:
+    """The columns of an existing progress.csv (a run resumed from an older version keeps its own)."""
+    with open(path, newline="") as f:
+        return next(csv.reader(f), None) or list(PROGRESS_KEYS)
 
 
 def init_ray(**kwargs) -> None:
@@ -99,7 +105,7 @@ def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
         .rl_module(rl_module_spec=RLModuleSpec(
             module_class=AlignSamActorCritic,
             model_config={"grid": [grid.rows, grid.cols], "width": cfg["model"]["width"],
-                          "time_input": cfg["model"]["time_input"]}))
+                          "time_input": cfg["model"]["time_input"], "precision": cfg["model"]["precision"]}))
         .callbacks(AlignSamMetrics)
         .fault_tolerance(restart_failed_env_runners=True)
         .debugging(seed=cfg["train"]["seed"], log_level="WARN")
@@ -139,10 +145,12 @@ class Trainer:
         check_cluster_fits(cfg)
         self.store_actor = publish_store(cfg["store"], "train")
         s = cfg["srm"]
-        self.srm = SrmTrainer(store.embed_dim, s["branch"], s["lr"], s["q"], s["batch_size"], cfg["train"]["seed"])
+        self.srm = SrmTrainer(store.embed_dim, s["branch"], s["lr"], s["q"], s["batch_size"], cfg["train"]["seed"],
+                              bf16=cfg["model"]["precision"] == "bf16")
         self.srm_holder = srm_holder(srm_actor_name(cfg))  # envs built later (restarts) read the SRM here
         ray.get(self.srm_holder.set.remote(self.srm.state()))
-        self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
+        with ray_session.native_to_log():  # the EnvRunners' start (core worker notices) off the terminal
+            self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
         unsmoothed_timers(self.algo)
         os.makedirs(self.run_dir, exist_ok=True)  # only once the run can start: a failed start leaves nothing
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -170,6 +178,7 @@ class Trainer:
         t1 = time.time()
         srm_stats = self.srm.update(self.pull_srm_samples())
         self.push_srm()
+        srm_s = time.time() - t1
         self.iteration += 1
         er = result.get("env_runners", {})
         steps = _scalar(er, "num_env_steps_sampled", default=0.0)
@@ -182,7 +191,7 @@ class Trainer:
             "final_iou": _scalar(er, "final_iou"), "label_accuracy": _scalar(er, "label_accuracy"),
             "srm_loss": srm_stats.get("srm_loss", float("nan")), "srm_pixel_acc": srm_stats.get("srm_pixel_acc", float("nan")),
             "env_steps_per_s": steps / sample_s if sample_s and sample_s == sample_s else steps / (t1 - t0),
-            "sample_s": sample_s, "learn_s": learn_s, "iter_s": time.time() - t0,
+            "sample_s": sample_s, "learn_s": learn_s, "srm_s": srm_s, "iter_s": time.time() - t0,
         }
         return row
 
@@ -199,7 +208,7 @@ class Trainer:
         new_csv = not os.path.isfile(csv_path)
         last = None
         with open(csv_path, "a", newline="") as f:
-            out = csv.DictWriter(f, PROGRESS_KEYS)
+            out = csv.DictWriter(f, PROGRESS_KEYS if new_csv else _csv_header(csv_path), extrasaction="ignore")
             if new_csv:
                 out.writeheader()
             while self.iteration < total:

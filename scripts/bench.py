@@ -15,8 +15,12 @@ NAME (JSON key it writes):
   decoder_batch  (decoder_batch_steps_per_s)  env steps/s with k = 1, 4, 8 slots per vector env
                                           (one batched decoder call per vector step), in-process and
                                           inside one RLlib EnvRunner
-  demo           (demo_wall_s)            wall time of `alignsam demo` in a fresh folder, and its PPO
-                                          iterations split into sampling and learning
+  kernels        (kernels_ratio)          the learner's trunk step fp32 vs channels-last vs bf16, the
+                                          SRM step fp32 vs bf16, the decoder with segment_anything's
+                                          attention vs the fused one (max logit difference)
+  demo           (demo_wall_s)            wall time of `alignsam demo` in a fresh folder (what
+                                          `bash scripts/demo.sh` runs) and its phases (synthesis,
+                                          embedding, training: sampling / learner / SRM, evaluation)
 
 Everything runs on the embedded default (micro-SAM + synthetic saliency) unless stated. Data and
 stores are cached in --work (embedding is resumable), so a rerun only measures. Prints one table
@@ -25,7 +29,6 @@ per benchmark and writes one JSON object.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -36,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "demo")
+BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -308,19 +311,102 @@ def bench_decoder_batch(work: str, args) -> dict:
             "decoder_batch_env_only_steps_per_s": {str(k): v for k, v in env_rate.items()}, "decoder_batch_best_k": best}
 
 
+def _ms_per_call(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def bench_kernels(work: str, args) -> dict:
+    """The three hot loops of a demo iteration, each variant side by side in this process (2 threads
+    for the learner and SRM, as in the driver; 1 for the decoder, as in an EnvRunner): one PPO
+    minibatch step of the policy trunk (150 micro-SAM states 64 x 16 x 16, forward + backward + Adam),
+    one SRM minibatch step (explicit branch, 64 states), one batched decoder call (k = 4, 8 points)."""
+    from segment_anything.modeling.transformer import Attention
+    from torch import nn
+
+    from alignsam_ray.agent.srm import SRM, srm_loss
+    from alignsam_ray.foundation import load_sam
+    from alignsam_ray.foundation.decoder import SamPromptDecoder
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+    def trunk_step(channels_last: bool, bf16: bool):
+        net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 1, 1))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net.to(memory_format=fmt)
+        opt = torch.optim.Adam(net.parameters(), 1e-4)
+        x = torch.randn(150, 64, 16, 16).contiguous(memory_format=fmt)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = net(x).float().square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    def srm_step(bf16: bool):
+        srm = SRM(64, "explicit")
+        opt = torch.optim.Adam(srm.parameters(), 1e-4)
+        s_t, s_c, target = torch.randn(64, 64, 16, 16), torch.randn(64, 64, 16, 16), torch.rand(64, 16, 16)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = srm(s_t, s_c)
+            loss = srm_loss(logits.float(), target)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    rows, out = [], {}
+    for name, fn in (("trunk fp32", trunk_step(False, False)), ("trunk fp32 channels-last", trunk_step(True, False)),
+                     ("trunk bf16 channels-last", trunk_step(True, True)), ("SRM fp32", srm_step(False)),
+                     ("SRM bf16", srm_step(True))):
+        out[name] = _ms_per_call(fn, 15)
+    torch.set_num_threads(1)
+    decoder = SamPromptDecoder.from_sam(load_sam("micro"), "micro")
+    emb = torch.randn(4, decoder.embed_dim, 64, 64)
+    coords, labels = torch.rand(4, 8, 2) * 1024, torch.randint(0, 2, (4, 8))
+    with torch.inference_mode():
+        out["decoder fused attention"] = _ms_per_call(lambda: decoder.decode(emb, coords, labels), 20)
+        fused = decoder.decode(emb, coords, labels)[0]
+        for module in decoder.mask_decoder.transformer.modules():  # segment_anything's own forward again
+            if isinstance(module, Attention):
+                del module.forward
+        out["decoder segment_anything attention"] = _ms_per_call(lambda: decoder.decode(emb, coords, labels), 20)
+        diff = (decoder.decode(emb, coords, labels)[0] - fused).abs().max().item()
+    torch.set_num_threads(os.cpu_count())
+    pairs = (("trunk fp32", "trunk fp32 channels-last"), ("trunk fp32", "trunk bf16 channels-last"),
+             ("SRM fp32", "SRM bf16"), ("decoder segment_anything attention", "decoder fused attention"))
+    rows = [(a, out[a], b, out[b], out[a] / out[b]) for a, b in pairs]
+    table("hot loops, ms per call (ratio = first / second)", ("first", "ms", "second", "ms", "ratio"), rows)
+    print(f"decoder logits, fused - segment_anything attention: max |diff| {diff:.1e}")
+    return {"kernels_ms": out, "kernels_ratio": {f"{a} / {b}": out[a] / out[b] for a, b in pairs},
+            "decoder_fused_max_abs_diff": diff}
+
+
 def bench_demo(work: str, args) -> dict:
+    """`alignsam demo` in a fresh folder (what `bash scripts/demo.sh` runs after install), with the demo's own
+    per-phase seconds (its timing.json)."""
     out = os.path.join(work, "demo")
     shutil.rmtree(out, ignore_errors=True)
     exe = os.path.join(os.path.dirname(sys.executable), "alignsam")
     t0 = time.perf_counter()
     subprocess.run([exe, "demo", "--out", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    with open(os.path.join(out, "runs", "synthetic_saliency", "progress.csv")) as f:
-        rows = list(csv.DictReader(f))
-    mean = {k: float(np.mean([float(r[k]) for r in rows])) for k in ("sample_s", "learn_s", "iter_s")}
-    table("end to end", ("what", "seconds"), [("alignsam demo", wall), ("PPO iteration", mean["iter_s"]),
-                                               ("  sampling", mean["sample_s"]), ("  learning", mean["learn_s"])])
-    return {"demo_wall_s": wall, "ppo_iteration_s": mean, "demo_iterations": len(rows)}
+    with open(os.path.join(out, "timing.json")) as f:
+        phases = json.load(f)
+    with open(os.path.join(out, "report.md")) as f:
+        report = f.read()
+    table("alignsam demo, fresh folder", ("phase", "seconds"), [("wall (this process)", wall)] + list(phases.items()))
+    return {"demo_wall_s": wall, "demo_phases_s": phases, "demo_report_md": report}
 
 
 def main() -> None:

@@ -3,8 +3,10 @@
     python scripts/seeds.py --config tune_configs/synthetic_shapes.yaml [--seeds 0 1 2] [KEY=VALUE ...]
     python scripts/seeds.py --task synthetic_shapes [--iterations 16] [KEY=VALUE ...]   # the demo's data
 
---task builds the demo's data for a synthetic task (50 train + 50 test images, data seed 0) and its
-micro-SAM store under --work; --config uses a run config as `alignsam train` does. Each seed is a
+--task runs exactly what `alignsam demo --tasks TASK` runs (alignsam_ray/demo.py: 50 train + 50 test
+images, data seed 0, the micro-SAM store with the micro CLIP's map for an explicit-branch task, the
+run config from the store, 2 EnvRunners, --iterations default 16) under --work; --config uses a run
+config as `alignsam train` does. Each seed is a
 full run (`train.seed` = the seed: network initialisation, SRM, image and start-point sampling) in
 <work>/runs/<name>/seed_<k>, evaluated on the test split with the paper's protocol (`alignsam
 evaluate`: every method, 95% bootstrap intervals, paired differences to alignsam). Finished runs and
@@ -26,20 +28,10 @@ import time
 import numpy as np
 
 from alignsam_ray.config import load_config, parse_overrides
+from alignsam_ray.demo import DEMO_ITERATIONS, demo_config, prepare_task
 from alignsam_ray.evaluate import LABELS, METHODS, NAMES, evaluate
 from alignsam_ray.metrics import primary_metrics
 from alignsam_ray.train import train
-
-
-def prepare_task(task: str, work: str) -> str:
-    """The demo's data and micro-SAM store of a synthetic task; returns the store path."""
-    from alignsam_ray.data import generate_task, open_dataset
-    from alignsam_ray.store.embed import embed_dataset
-
-    folder = generate_task(task, os.path.join(work, "data", task), n_train=50, n_test=50, seed=0)
-    store = os.path.join(work, "stores", task)
-    embed_dataset(open_dataset(folder, n_train=None), store, sam_type="micro", dataset_spec=folder)
-    return store
 
 
 def seed_table(name: str, evals: dict) -> str:
@@ -80,7 +72,8 @@ def main(argv=None) -> int:
     src.add_argument("--config", help="a run config YAML (as for `alignsam train`)")
     src.add_argument("--task", help="a synthetic task: build the demo's data and store under --work")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per run (default: the config's)")
+    ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per run (default: the config's; "
+                    "--task: the demo's)")
     ap.add_argument("--name", help="name of this configuration in the table (default: the task)")
     ap.add_argument("--work", default="/tmp/alignsam_seeds")
     ap.add_argument("--out", required=True, help="JSON file for the table and every seed's metrics")
@@ -88,19 +81,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     overrides = parse_overrides(args.overrides)
-    if args.task:
-        overrides = {"task": args.task, "store": prepare_task(args.task, args.work), **overrides}
-        overrides.setdefault("resources", {}).setdefault("num_env_runners", 2)
-    name = args.name or overrides.get("task") or os.path.splitext(os.path.basename(args.config))[0]
+    store = prepare_task(args.task, args.work) if args.task else None
+    name = args.name or args.task or os.path.splitext(os.path.basename(args.config))[0]
     evals, seconds = {}, {}
     for seed in args.seeds:
         t0 = time.time()
-        run = dict(overrides)
-        run["run_dir"] = os.path.join(args.work, "runs", name, f"seed_{seed}")
-        run["train"] = {**overrides.get("train", {}), "seed": seed}
-        if args.iterations:
-            run["train"].update(iterations=args.iterations, checkpoint_every=args.iterations)
-        cfg = load_config(args.config, run)
+        run_dir = os.path.join(args.work, "runs", name, f"seed_{seed}")
+        if args.task:  # exactly the demo's run config
+            cfg = demo_config(store, run_dir, args.iterations or DEMO_ITERATIONS, seed, overrides=overrides)
+            # (precision: the demo's; override with model.precision=fp32)
+        else:
+            run = {**overrides, "run_dir": run_dir, "train": {**overrides.get("train", {}), "seed": seed}}
+            if args.iterations:
+                run["train"].update(iterations=args.iterations, checkpoint_every=args.iterations)
+            cfg = load_config(args.config, run)
         out = os.path.join(args.work, "eval", name, f"seed_{seed}")
         done = os.path.join(out, "metrics.json")
         if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \

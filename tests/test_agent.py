@@ -48,12 +48,13 @@ def test_srm_trainer_learns_a_rule():
     assert SrmTrainer(8, "explicit").q == 5 and SrmTrainer(8, "implicit").q == 1  # the paper's q
 
 
-def _module(grid=(10, 10), embed=16, res=8, time_input=True):
+def _module(grid=(10, 10), embed=16, res=8, time_input=True, precision="fp32"):
     obs = gym.spaces.Dict({"obs": gym.spaces.Box(-1e4, 1e4, (embed, res, res), np.float16),
                            "action_mask": gym.spaces.Box(0.0, 1.0, (grid[0] * grid[1],), np.float32),
                            "step": gym.spaces.Box(0.0, 1.0, (1,), np.float32)})
     return AlignSamActorCritic(observation_space=obs, action_space=gym.spaces.Discrete(grid[0] * grid[1]),
-                               model_config={"grid": list(grid), "width": 16, "time_input": time_input})
+                               model_config={"grid": list(grid), "width": 16, "time_input": time_input,
+                                             "precision": precision})
 
 
 def _batch(n_actions, steps):
@@ -93,6 +94,31 @@ def test_critic_sees_time_policy_does_not():
     torch.testing.assert_close(logits[0], logits[2])
     blind = _module(time_input=False).compute_values(batch).detach()
     assert blind.diff().abs().max() < 1e-6
+
+
+def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32():
+    """model.precision=bf16: the trunk runs under bfloat16 autocast in training and sampling (features
+    come back float32, close to fp32's); evaluation/export (masked_logits) stay fp32. The SRM trainer's
+    bf16 updates still learn. fp32 is the default; anything else is refused before Ray starts."""
+    torch.manual_seed(0)
+    fp32 = _module()
+    bf16 = _module(precision="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    batch = _batch(100, [0.0, 0.5])
+    a, b = fp32._features(batch), bf16._features(batch)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)  # computed in bfloat16 ...
+    torch.testing.assert_close(b, a, atol=0.05, rtol=0.05)  # ... to bfloat16's precision
+    obs, mask = batch[Columns.OBS]["obs"], batch[Columns.OBS]["action_mask"]
+    torch.testing.assert_close(bf16.masked_logits(obs, mask), fp32.masked_logits(obs, mask))  # fp32 there
+    rng = np.random.default_rng(0)
+    samples = [(s, None, (s[0] > 0).astype(np.float16))
+               for s in (rng.standard_normal((8, 8, 8)).astype(np.float16) for _ in range(64))]
+    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=30, batch_size=32, bf16=True)
+    first, second = trainer.update(samples), trainer.update(samples)
+    assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
+    assert load_config(None, ["store=somewhere"])["model"]["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="model.precision"):
+        load_config(None, ["store=somewhere", "model.precision=fp16"])
 
 
 def test_paper_values_are_the_defaults():

@@ -82,6 +82,32 @@ def test_ray_chatter_goes_to_a_log_file_errors_still_print(tmp_path):
     assert "an EnvRunner failed" in out.stderr
 
 
+def test_native_lines_go_to_the_log_python_lines_to_the_terminal(tmp_path):
+    """Ray's C++ parts write to fd 2 directly (the token-authentication notice, core-worker notices):
+    inside ``native_to_log`` those land in the log file, while Python's own stderr (progress bars, errors)
+    and everything after the block still reach the terminal; RLlib's import-time handler is taken off."""
+    path = tmp_path / "logs" / "demo.log"
+    code = (
+        "import logging, os, sys\n"
+        "from alignsam_ray.ray_session import native_to_log, route_ray_logs\n"
+        f"route_ray_logs({str(path)!r}, ('ray.rllib',))\n"
+        "with native_to_log():\n"
+        "    os.write(2, b'core_worker.cc: constructor arguments\\n')\n"
+        "    logging.getLogger('ray').handlers.clear()  # as ray.init() does before its token notice\n"
+        "    logging.getLogger('ray._private.auth').warning('Token authentication is enabled')\n"
+        "    print('embedding: 50%', file=sys.stderr)\n"
+        "    logging.getLogger('ray.rllib.env').warning('You are running PPO on the new API stack!')\n"
+        "    logging.getLogger('ray.rllib').error('an EnvRunner failed')\n"
+        "os.write(2, b'after the block\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = path.read_text()
+    for chatter in ("core_worker.cc", "Token authentication", "new API stack"):
+        assert chatter in text and chatter not in out.stderr, chatter
+    assert "embedding: 50%" in out.stderr and "an EnvRunner failed" in out.stderr and "after the block" in out.stderr
+
+
 def test_train_from_a_store_without_yaml(blur_store, tmp_path):
     """`alignsam train --store STORE`: the task is the store's, the paper's SRM branch for it, the paper's
     defaults otherwise; an explicit-branch task whose store lacks its CLIP map is refused before Ray starts."""

@@ -32,6 +32,7 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
         cfg = dict(self.model_config or {})
         width = int(cfg.get("width", 64))
         self.time_input = bool(cfg.get("time_input", True))
+        self.bf16 = cfg.get("precision", "fp32") == "bf16"
         grid = cfg.get("grid")
         n = self.action_space.n
         if grid is None:
@@ -47,11 +48,16 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
         )
+        self.trunk.to(memory_format=torch.channels_last)  # oneDNN's fast layout for these convolutions
         self.pi_head = nn.Conv2d(width, 1, 1)
         self.vf_head = nn.Sequential(nn.Linear(2 * width + 1, width), nn.ReLU(), nn.Linear(width, 1))
 
     def _features(self, batch) -> torch.Tensor:
-        return self.trunk(batch[Columns.OBS]["obs"].float())
+        """(B, E, R, R) observations -> (B, width, R, R) float32 trunk features (bfloat16 autocast inside
+        when model_config precision is bf16: training and sampling; evaluation and export run fp32)."""
+        x = batch[Columns.OBS]["obs"].float().contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.trunk(x).float()
 
     def _logits(self, features: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
         return patch_logits(self.pi_head(features), self.grid, action_mask)

