@@ -195,7 +195,12 @@ class Trainer:
         }
         return row
 
-    def run(self) -> dict:
+    def run(self, report=None) -> dict:
+        """The training loop of `alignsam train` and of every `alignsam tune` trial: iterations until
+        train.iterations, each a progress.csv row and TensorBoard scalars (+ a console line with
+        progress), a checkpoint every train.checkpoint_every and at the end. ``report(row, checkpoint)``
+        (Tune trials: validation metrics + ``tune.report``) is called after each iteration, with the
+        folder saved at that iteration or None. Returns the last row + "checkpoint"."""
         c = self.cfg["train"]
         total = c["iterations"]
         if self.iteration >= total:
@@ -230,8 +235,10 @@ class Trainer:
                     print(f"[train] iter {row['iteration']:>3}/{total}  return {row['episode_return']:6.2f}  "
                           f"hit {row['hit_rate']:.3f}  IoU {row['final_iou']:.3f}  SRM acc {row['srm_pixel_acc']:.3f}  "
                           f"{row['env_steps_per_s']:6.1f} steps/s  ({row['iter_s']:.1f}s)", flush=True)
-                if self.iteration % c["checkpoint_every"] == 0 or self.iteration == total:
-                    last = self.save()
+                saved = self.save() if self.iteration % c["checkpoint_every"] == 0 or self.iteration == total else None
+                last = saved or last
+                if report is not None:
+                    report(row, saved)
                 last_row = row
         writer.close()
         return {**last_row, "checkpoint": last}

@@ -23,9 +23,11 @@ A sweep file (YAML):
     scheduler: none                 # or asha (early stopping; asha: {grace_period, reduction_factor})
     max_concurrent: null            # trials at once (default: as many as the cluster fits)
 
-Each trial is one `alignsam train` run (PPO + SRM, the same ``Trainer``) in its Tune trial folder,
-with its own checkpoints; ``--resume`` continues an interrupted sweep with ``Tuner.restore`` and
-every unfinished trial resumes from its last checkpoint. At the end: ``best_per_task.md`` / ``.csv``
+Each trial is one `alignsam train` run (PPO + SRM: the same ``Trainer.run`` loop, progress.csv and
+TensorBoard in <trial>/run/) in its Tune trial folder; each checkpoint it saves is also reported to
+Tune (``tune.report(..., checkpoint=...)``: a ResultGrid's ``result.checkpoint``); ``--resume``
+continues an interrupted sweep with ``Tuner.restore`` and every unfinished trial resumes from its last
+checkpoint. At the end: ``best_per_task.md`` / ``.csv``
 (the best trial of each task by the last value of ``metric``), ``trials.csv`` and ``sweep.png``.
 
 Model selection: trials train on the store's training images minus the last ``val_images`` of them;
@@ -158,14 +160,14 @@ def _trainable(params: dict, task_configs: dict) -> None:
     run_dir = os.path.join(tune.get_context().get_trial_dir(), "run")
     cfg = trial_config(task_configs[params["task"]], params, run_dir)
     trainer = Trainer(cfg, resume=bool(checkpoints(run_dir)) if os.path.isdir(run_dir) else False, progress=False)
-    total, every = cfg["train"]["iterations"], cfg["train"]["checkpoint_every"]
+
+    def report(row: dict, saved: str | None) -> None:
+        row.update(trainer.validate())  # the selection metric: paper protocol on held-out images
+        tune.report({k: row[k] for k in RESULT_KEYS} | {"task": params["task"]},
+                    checkpoint=tune.Checkpoint.from_directory(saved) if saved else None)
+
     try:
-        while trainer.iteration < total:
-            row = trainer.train_iteration()
-            if trainer.iteration % every == 0 or trainer.iteration == total:
-                trainer.save()
-            row.update(trainer.validate())  # the selection metric: paper protocol on held-out images
-            tune.report({k: row[k] for k in RESULT_KEYS} | {"task": params["task"]})
+        trainer.run(report)  # the same loop as `alignsam train` (progress.csv, TensorBoard, checkpoints)
     finally:
         trainer.stop()
 

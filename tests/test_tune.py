@@ -85,8 +85,12 @@ def test_tiny_sweep_writes_best_per_task_and_restores(tmp_path, blur_store):
     assert float(best[0]["val_miou"]) == max(float(r["val_miou"]) for r in rows)
     assert all(0.0 <= float(r["val_miou"]) <= 1.0 for r in rows)
     assert "| synthetic_blur |" in (out / "best_per_task.md").read_text() and (out / "sweep.png").stat().st_size > 0
-    # every trial trained in its own folder with its own checkpoint
+    # every trial ran `alignsam train`'s loop in its own folder (checkpoint, progress.csv) and reported the
+    # checkpoint to Tune, which keeps its own copy (a ResultGrid's result.checkpoint)
     assert len(glob.glob(str(out / "*" / "run" / "checkpoints" / "iter_000001"))) == 2
+    assert len(glob.glob(str(out / "*" / "run" / "progress.csv"))) == 2
+    tune_copies = glob.glob(str(out / "*" / "checkpoint_000000"))
+    assert len(tune_copies) == 2 and all(os.path.isfile(os.path.join(c, "srm.pt")) for c in tune_copies)
     # --resume restores the (finished) sweep through Tuner.restore and rewrites the same summary
     assert cli_main(["tune", "--config", path, "--quiet", "--resume"]) == 0
     assert len(list(csv.DictReader(open(out / "trials.csv")))) == 2
