@@ -9,61 +9,178 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import yaml
 
-DEFAULTS: dict = {
-    "task": None,            # a name for reports ("synthetic_blur", "blur", "voc_cat", ...)
-    "store": None,           # embedding store of the task (`alignsam embed`); relative = to the cwd
-    "run_dir": None,         # checkpoints, TensorBoard logs; default runs/<task>
-    "env": {
-        "grid": None,        # [rows, cols] or an int; None -> resize // patch_size
-        "patch_size": 80,    # paper: 80x80 patches ...
-        "resize": 800,       # ... of the image resized to 800x800 -> a 10x10 grid
-        "horizon": 15,       # T, steps per episode (paper 15)
-        "obs_res": 16,       # R: state pooled to R x R (see README: memory vs learning)
-        "state": "probability",  # s_t = E_I(x) (.) M_{t-1}, M = SAM's probability map (paper Eq. 11) | binary
-    },
-    "srm": {
-        "branch": "implicit",  # implicit (blur, glass, saliency) | explicit (shadow, classes)
-        "q": None,             # SRM updates per PPO update; None -> paper (1 implicit, 5 explicit)
-        "lr": 1.0e-4,          # paper: Adam 1e-4 for all experiments
-        "batch_size": 64,
-        "text_map": None,      # store map column for the explicit branch (CLIP Surgery maps)
-    },
-    "ppo": {
-        "gamma": 0.99,         # paper
-        "clip_param": 0.2,     # paper
-        "num_epochs": 20,      # paper: K = 20
-        "lr": 1.0e-4,          # paper: Adam 1e-4
-        "lambda_": 1.0,        # paper Eq. 6: the discounted return (GAE with lambda = 1)
-        "entropy_coeff": 0.01,
-        "vf_loss_coeff": 0.5,
-        "vf_clip_param": 20.0,  # returns reach +-T; RLlib's 10 would clip the value loss
-        "use_kl_loss": False,  # RLlib turns a KL penalty on by default; the paper's PPO-clip has none
-        "train_batch_size": 600,   # env steps per PPO update (40 episodes of T = 15)
-        "minibatch_size": 150,
-        "grad_clip": 1.0,
-    },
-    "model": {
-        "width": 64,
-        "time_input": True,    # the critic sees t / T
-        "precision": "fp32",   # bf16: the policy trunk and the SRM train under bfloat16 autocast (2-3x faster
-    },                         # learner on CPUs with AVX512-BF16 and on GPUs; docs/agent.md#precision)
-    "resources": {
-        "num_env_runners": 1,
-        "num_envs_per_env_runner": 4,   # k episodes per EnvRunner, one batched decoder call per step (scripts/bench.py)
-        "num_cpus_per_env_runner": 0.5,  # a trial needs 1 CPU + this per runner; 0.5 fits 2 cores
-        "num_gpus_per_learner": "auto",  # 1 if CUDA is visible, else 0
-        "sample_timeout_s": 600,
-    },
-    "train": {
-        "iterations": 30,
-        "checkpoint_every": 10,
-        "seed": 0,
-        "val_images": 0,     # k > 0: the train split's last k images are held out as a validation split
-    },                       # (episodes never see them; `alignsam tune` selects trials on them)
-}
+
+def _whole(lo=None, hi=None):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _real(lo=None, hi=None, above=None):
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and (lo is None or v >= lo)
+                      and (hi is None or v <= hi) and (above is None or v > above))
+
+
+def _one_of(*values):
+    return lambda v: v in values
+
+
+_BOOL = _one_of(True, False)
+
+
+def _key(default, check=None, want: str = "", doc: str = ""):
+    """A config key: its default (the paper's value where it gives one), the test a value must pass and
+    what it must be (the error message), and what it means."""
+    meta = {"check": check, "want": want, "doc": doc}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvSettings:
+    grid: int | list | None = _key(None, doc="[rows, cols] or an int; None -> resize // patch_size")
+    patch_size: int = _key(80, _whole(1), "a whole number >= 1", "paper: 80x80 patches ...")
+    resize: int = _key(800, _whole(1), "a whole number >= 1", "... of the image resized to 800x800 -> a 10x10 grid")
+    horizon: int = _key(15, _whole(1), "a whole number >= 1 (T, steps per episode)", "T, steps per episode (paper 15)")
+    obs_res: int = _key(16, _whole(1, 64), "a whole number in 1..64 (SAM's embedding grid is 64x64)",
+                        "R: the state pooled to R x R (docs/agent.md: memory vs learning)")
+    state: str = _key("probability", _one_of("probability", "binary"), "'probability' or 'binary'",
+                      "s_t = E_I(x) (.) M_{t-1}, M = SAM's probability map (paper Eq. 11) | binary")
+
+
+@dataclass
+class SrmSettings:
+    branch: str = _key("implicit", _one_of("implicit", "explicit"), "'implicit' or 'explicit'",
+                       "implicit (blur, glass, saliency) | explicit (shadow, classes)")
+    q: int | None = _key(None, lambda v: v is None or _whole(1)(v), "null (the paper's) or a whole number >= 1",
+                         "SRM updates per PPO update; None -> paper (1 implicit, 5 explicit)")
+    lr: float = _key(1.0e-4, _real(above=0), "a number > 0", "paper: Adam 1e-4 for all experiments")
+    batch_size: int = _key(64, _whole(1), "a whole number >= 1", "SRM minibatch")
+    text_map: str | None = _key(None, lambda v: v is None or isinstance(v, str), "null or a map name",
+                                "store map column for the explicit branch (CLIP Surgery maps)")
+
+
+@dataclass
+class PpoSettings:
+    gamma: float = _key(0.99, _real(0, 1), "a number in [0, 1]", "paper")
+    clip_param: float = _key(0.2, _real(above=0), "a number > 0", "paper")
+    num_epochs: int = _key(20, _whole(1), "a whole number >= 1", "paper: K = 20")
+    lr: float = _key(1.0e-4, _real(above=0), "a number > 0 (a negative rate would train by gradient ascent)",
+                     "paper: Adam 1e-4")
+    lambda_: float = _key(1.0, _real(0, 1), "a number in [0, 1]", "paper Eq. 6: the discounted return (GAE lambda 1)")
+    entropy_coeff: float = _key(0.01, _real(0), "a number >= 0")
+    vf_loss_coeff: float = _key(0.5, _real(0), "a number >= 0")
+    vf_clip_param: float = _key(20.0, _real(above=0), "a number > 0", "returns reach +-T; RLlib's 10 would clip")
+    use_kl_loss: bool = _key(False, _BOOL, "true or false", "RLlib turns a KL penalty on; the paper's PPO-clip has none")
+    train_batch_size: int = _key(600, _whole(1), "a whole number >= 1", "env steps per PPO update (40 episodes)")
+    minibatch_size: int = _key(150, _whole(1), "a whole number >= 1")
+    grad_clip: float | None = _key(1.0, lambda v: v is None or _real(above=0)(v), "null or a number > 0")
+
+
+@dataclass
+class ModelSettings:
+    width: int = _key(64, _whole(1), "a whole number >= 1", "channels of the policy trunk")
+    time_input: bool = _key(True, _BOOL, "true or false", "the critic sees t / T")
+    precision: str = _key("fp32", _one_of("fp32", "bf16"), "'fp32' or 'bf16'",
+                          "bf16: the trunk and the SRM train under bfloat16 autocast (docs/agent.md#precision)")
+
+
+@dataclass
+class ResourceSettings:
+    num_env_runners: int = _key(1, _whole(0), "a whole number >= 0")
+    num_envs_per_env_runner: int = _key(4, _whole(1), "a whole number >= 1",
+                                        "k episodes per EnvRunner, one batched decoder call per step")
+    num_cpus_per_env_runner: float = _key(0.5, _real(0), "a number >= 0",
+                                          "a trial needs 1 CPU + this per runner; 0.5 fits 2 cores")
+    num_gpus_per_learner: float | str = _key("auto", lambda v: v == "auto" or _real(0)(v),
+                                             "'auto' or a number >= 0", "auto: 1 if CUDA is visible, else 0")
+    sample_timeout_s: float = _key(600, _real(above=0), "a number > 0 (seconds)")
+
+
+@dataclass
+class TrainSettings:
+    iterations: int = _key(30, _whole(1), "a whole number >= 1")
+    checkpoint_every: int = _key(10, _whole(1), "a whole number >= 1")
+    seed: int = _key(0, _whole(0), "a whole number >= 0")
+    val_images: int = _key(0, _whole(0), "a whole number >= 0",
+                           "k > 0: the train split's last k images are held out (`alignsam tune` selects on them)")
+
+
+@dataclass
+class RunConfig:
+    """A training run: every key of a run config YAML with its default. ``asdict(RunConfig())`` is
+    ``DEFAULTS``; the checks are each key's ``check`` (``CHECKS``)."""
+    task: str | None = _key(None, doc='a name for reports ("synthetic_blur", "blur", "voc_cat", ...)')
+    store: str | None = _key(None, doc="embedding store of the task (`alignsam embed`); relative = to the cwd")
+    run_dir: str | None = _key(None, doc="checkpoints, TensorBoard logs; default runs/<task>")
+    env: EnvSettings = field(default_factory=EnvSettings)
+    srm: SrmSettings = field(default_factory=SrmSettings)
+    ppo: PpoSettings = field(default_factory=PpoSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+@dataclass
+class EnvConfig:
+    """What ``env.make_env`` reads (RLlib's env_config): the run's env and SRM settings (defaults from
+    ``EnvSettings`` / ``SrmSettings``) plus the keys of one env instance."""
+    store: str | None = None
+    store_actor: str | None = None  # name of a published store (zero-copy reads from the object store)
+    split: str = "train"
+    grid: int | list | None = EnvSettings.grid
+    patch_size: int = EnvSettings.patch_size
+    resize: int = EnvSettings.resize
+    horizon: int = EnvSettings.horizon
+    obs_res: int = EnvSettings.obs_res
+    state: str = EnvSettings.state
+    holdout: int = 0  # the split's last k images kept out of episodes (train.val_images)
+    init: str = "gt"  # "gt" (training) | "srm" (evaluation)
+    labels: str = "srm"  # "srm" | "gt" (oracle) | "positive" (w/o SRM)
+    srm_branch: str = SrmSettings.branch
+    text_map: str | None = SrmSettings.text_map
+    collect_srm_samples: bool = False
+    srm_actor: str | None = None  # the run's SrmHolder: a new (or restarted) env loads the latest SRM
+    torch_threads: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class SweepConfig:
+    """An `alignsam tune` sweep file: every key with its default (``SWEEP_DEFAULTS``) and check."""
+    name: str = _key("sweep", lambda v: isinstance(v, str) and v != "", "a non-empty name")
+    storage: str = _key("tune_results", lambda v: isinstance(v, str) and v != "", "a folder or a URI")
+    tasks: list | None = _key(None, lambda v: isinstance(v, list) and len(v) > 0,
+                              "a list of at least one base run config (tune_configs/<task>.yaml)")
+    store_root: str | None = _key(None, lambda v: v is None or isinstance(v, str), "null or a folder / URI")
+    overrides: dict = _key({}, lambda v: isinstance(v, dict), "a mapping of dotted run-config keys")
+    search: dict = _key({}, lambda v: isinstance(v, dict), "a mapping of dotted run-config keys to searched values")
+    num_samples: int = _key(1, _whole(1), "a whole number >= 1")
+    val_images: int = _key(10, _whole(1), "a whole number >= 1 (the held-out validation images)")
+    metric: str = _key("val_miou", _one_of("val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure"),
+                       "one of val_miou, val_iou_dataset, val_fbeta, val_emeasure (measured on the validation split)")
+    scheduler: str = _key("none", _one_of("none", "asha"), "'none' or 'asha'")
+    asha: dict = _key({"grace_period": 5, "reduction_factor": 3}, lambda v: isinstance(v, dict),
+                      "a mapping {grace_period, reduction_factor}")
+    max_concurrent: int | None = _key(None, lambda v: v is None or _whole(1)(v), "null or a whole number >= 1")
+
+
+def checks(schema) -> tuple:
+    """(dotted key, test, what the value must be) for every checked key of a config dataclass."""
+    out = []
+    for f in fields(schema):
+        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory):
+            out += [(f"{f.name}.{k}", ok, want) for k, ok, want in checks(f.default_factory)]
+        elif f.metadata.get("check"):
+            out.append((f.name, f.metadata["check"], f.metadata["want"]))
+    return tuple(out)
+
+
+DEFAULTS: dict = asdict(RunConfig())
+CHECKS = tuple(c for c in checks(RunConfig) if "." in c[0])  # the sections' keys (task/store: checked on use)
 
 
 class ConfigError(ValueError):
@@ -193,58 +310,6 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     return cfg
 
 
-def _whole(lo=None, hi=None):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
-
-
-def _real(lo=None, hi=None, above=None):
-    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and (lo is None or v >= lo)
-                      and (hi is None or v <= hi) and (above is None or v > above))
-
-
-def _one_of(*values):
-    return lambda v: v in values
-
-
-_BOOL = _one_of(True, False)
-CHECKS = (  # dotted key, test, what the value must be
-    ("env.patch_size", _whole(1), "a whole number >= 1"),
-    ("env.resize", _whole(1), "a whole number >= 1"),
-    ("env.horizon", _whole(1), "a whole number >= 1 (T, steps per episode)"),
-    ("env.obs_res", _whole(1, 64), "a whole number in 1..64 (SAM's embedding grid is 64x64)"),
-    ("env.state", _one_of("probability", "binary"), "'probability' or 'binary'"),
-    ("srm.branch", _one_of("implicit", "explicit"), "'implicit' or 'explicit'"),
-    ("srm.q", lambda v: v is None or _whole(1)(v), "null (the paper's) or a whole number >= 1"),
-    ("srm.lr", _real(above=0), "a number > 0"),
-    ("srm.batch_size", _whole(1), "a whole number >= 1"),
-    ("srm.text_map", lambda v: v is None or isinstance(v, str), "null or a map name"),
-    ("ppo.gamma", _real(0, 1), "a number in [0, 1]"),
-    ("ppo.lambda_", _real(0, 1), "a number in [0, 1]"),
-    ("ppo.clip_param", _real(above=0), "a number > 0"),
-    ("ppo.num_epochs", _whole(1), "a whole number >= 1"),
-    ("ppo.lr", _real(above=0), "a number > 0 (a negative rate would train by gradient ascent)"),
-    ("ppo.entropy_coeff", _real(0), "a number >= 0"),
-    ("ppo.vf_loss_coeff", _real(0), "a number >= 0"),
-    ("ppo.vf_clip_param", _real(above=0), "a number > 0"),
-    ("ppo.use_kl_loss", _BOOL, "true or false"),
-    ("ppo.train_batch_size", _whole(1), "a whole number >= 1"),
-    ("ppo.minibatch_size", _whole(1), "a whole number >= 1"),
-    ("ppo.grad_clip", lambda v: v is None or _real(above=0)(v), "null or a number > 0"),
-    ("model.width", _whole(1), "a whole number >= 1"),
-    ("model.time_input", _BOOL, "true or false"),
-    ("model.precision", _one_of("fp32", "bf16"), "'fp32' or 'bf16'"),
-    ("resources.num_env_runners", _whole(0), "a whole number >= 0"),
-    ("resources.num_envs_per_env_runner", _whole(1), "a whole number >= 1"),
-    ("resources.num_cpus_per_env_runner", _real(0), "a number >= 0"),
-    ("resources.num_gpus_per_learner", lambda v: v == "auto" or _real(0)(v), "'auto' or a number >= 0"),
-    ("resources.sample_timeout_s", _real(above=0), "a number > 0 (seconds)"),
-    ("train.iterations", _whole(1), "a whole number >= 1"),
-    ("train.checkpoint_every", _whole(1), "a whole number >= 1"),
-    ("train.seed", _whole(0), "a whole number >= 0"),
-    ("train.val_images", _whole(0), "a whole number >= 0"),
-)
-
-
 def validate(cfg: dict) -> dict:
     """Check every value's type and range, and the values that depend on each other; raise one
     ConfigError with one line per problem. Returns ``cfg``."""
@@ -289,10 +354,6 @@ def save_config(cfg: dict, path: str) -> None:
 def env_config(cfg: dict, **extra) -> dict:
     """The env_config for ``alignsam_ray.env.make_env`` from a run config."""
     e = cfg["env"]
-    out = {
-        "store": cfg["store"], "grid": e["grid"], "patch_size": e["patch_size"], "resize": e["resize"],
-        "horizon": e["horizon"], "obs_res": e["obs_res"], "state": e["state"], "srm_branch": cfg["srm"]["branch"],
-        "text_map": cfg["srm"]["text_map"],
-    }
-    out.update(extra)
-    return out
+    return asdict(EnvConfig(store=cfg["store"], grid=e["grid"], patch_size=e["patch_size"], resize=e["resize"],
+                            horizon=e["horizon"], obs_res=e["obs_res"], state=e["state"],
+                            srm_branch=cfg["srm"]["branch"], text_map=cfg["srm"]["text_map"], **extra))

@@ -41,15 +41,13 @@ from __future__ import annotations
 import copy
 import csv
 import os
+from dataclasses import asdict
 
 import yaml
 
-from .config import ConfigError, _load_yaml, load_config
+from .config import ConfigError, SweepConfig, _load_yaml, checks, load_config
 
-SWEEP_DEFAULTS = {"name": "sweep", "storage": "tune_results", "tasks": None, "store_root": None,
-                  "overrides": {}, "search": {},
-                  "num_samples": 1, "val_images": 10, "metric": "val_miou", "scheduler": "none",
-                  "asha": {"grace_period": 5, "reduction_factor": 3}, "max_concurrent": None}
+SWEEP_DEFAULTS = asdict(SweepConfig())  # every sweep key, its default and its check: config.SweepConfig
 METRICS = ("val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure")  # higher is better, validation split
 RESULT_KEYS = ("iteration", "env_steps", "val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure",
                "episode_return", "hit_rate", "final_iou", "label_accuracy", "env_steps_per_s", "iter_s")
@@ -72,16 +70,9 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; known: {sorted(SWEEP_DEFAULTS)}")
     sweep = {**copy.deepcopy(SWEEP_DEFAULTS), **raw}
-    if not sweep["tasks"]:
-        raise ConfigError(f"{path}: 'tasks' must list at least one base run config (tune_configs/<task>.yaml)")
-    if sweep["metric"] not in METRICS:
-        raise ConfigError(f"{path}: metric must be one of {METRICS} (measured on the validation split), "
-                          f"got {sweep['metric']!r}")
-    if not isinstance(sweep["val_images"], int) or sweep["val_images"] < 1:
-        raise ConfigError(f"{path}: val_images must be a whole number >= 1 (the held-out validation images), "
-                          f"got {sweep['val_images']!r}")
-    if sweep["scheduler"] not in ("none", "asha"):
-        raise ConfigError(f"{path}: scheduler must be 'none' or 'asha', got {sweep['scheduler']!r}")
+    for key, ok, want in checks(SweepConfig):
+        if not ok(sweep[key]):
+            raise ConfigError(f"{path}: {key} must be {want}, got {sweep[key]!r}")
     base = os.path.dirname(os.path.abspath(path))
     tasks = {}
     for p in sweep["tasks"]:

@@ -7,7 +7,7 @@
     terminated   True after T steps; never truncated
     info         {"iou": current IoU, "hit": bool, "label": SRM label of the point, "step": t}
 
-env_config keys (all optional except ``store``; see ``ENV_DEFAULTS``):
+env_config keys (all optional except ``store``; defaults: ``config.EnvConfig``):
     store          path of an embedding store (``alignsam embed``)
     store_actor    name of a published store (``store.loader.publish_store``): workers then read the
                    arrays zero-copy from the object store instead of opening the Parquet files
@@ -32,6 +32,7 @@ slots share one batched decoder call per step.
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 
 import gymnasium as gym
 import numpy as np
@@ -40,6 +41,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from ..agent.srm import SRM, set_srm_state
+from ..config import EnvConfig
 from ..foundation.decoder import SamPromptDecoder
 from ..store.loader import DECODER_KEY, EmbeddingStore, fetch_store
 from .episodes import PromptEpisodes
@@ -47,13 +49,7 @@ from .grid import PatchGrid
 
 OBS_BOUND = float(np.finfo(np.float16).max)  # the observation is float16: its whole finite range
 
-ENV_DEFAULTS = {
-    "store": None, "store_actor": None, "split": "train",
-    "grid": None, "patch_size": 80, "resize": 800,
-    "horizon": 15, "obs_res": 16, "state": "probability", "holdout": 0,
-    "init": "gt", "labels": "srm", "srm_branch": "implicit", "text_map": None,
-    "collect_srm_samples": False, "srm_actor": None, "torch_threads": None, "seed": None,
-}
+ENV_DEFAULTS = asdict(EnvConfig())  # one schema with the run config (config.py)
 
 
 def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
