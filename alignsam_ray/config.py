@@ -148,6 +148,9 @@ class EnvConfig:
     seed: int | None = None
 
 
+VAL_METRICS = ("val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure")  # higher is better
+
+
 @dataclass
 class SweepConfig:
     """An `alignsam tune` sweep file: every key with its default (``SWEEP_DEFAULTS``) and check."""
@@ -160,8 +163,8 @@ class SweepConfig:
     search: dict = _key({}, lambda v: isinstance(v, dict), "a mapping of dotted run-config keys to searched values")
     num_samples: int = _key(1, _whole(1), "a whole number >= 1")
     val_images: int = _key(10, _whole(1), "a whole number >= 1 (the held-out validation images)")
-    metric: str = _key("val_miou", _one_of("val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure"),
-                       "one of val_miou, val_iou_dataset, val_fbeta, val_emeasure (measured on the validation split)")
+    metric: str = _key("val_miou", _one_of(*VAL_METRICS), f"one of {', '.join(VAL_METRICS)} (measured on the "
+                       "validation split)")
     scheduler: str = _key("none", _one_of("none", "asha"), "'none' or 'asha'")
     asha: dict = _key({"grace_period": 5, "reduction_factor": 3}, lambda v: isinstance(v, dict),
                       "a mapping {grace_period, reduction_factor}")
