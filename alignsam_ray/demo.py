@@ -68,14 +68,41 @@ def _nested(base: dict, update: dict) -> dict:
 def run_demo(out: str, tasks: list[str], n_train: int = 50, n_test: int = 50, seed: int = 0,
              iterations: int = DEMO_ITERATIONS, env_runners: int = 2, precision: str = DEMO_PRECISION) -> dict:
     """Every phase for each task; returns the per-phase seconds (also written to out/timing.json)."""
-    from .config import paper_srm
-    from .evaluate import evaluate
-    from .train import train
+    import ray
 
     t0 = time.time()
     out = os.path.abspath(out)
     phases: dict = {"synthesis + embedding": 0.0, "training": 0.0, "evaluation": 0.0}
     summary = {}
+    ray_was_up = ray.is_initialized()
+    try:
+        _run_tasks(out, tasks, n_train, n_test, seed, iterations, env_runners, precision, phases, summary)
+    finally:
+        if not ray_was_up:  # the Ray this demo started (for embedding and training) ends with it
+            ray.shutdown()
+    for task in tasks:  # where training went: each iteration's own seconds (progress.csv)
+        with open(os.path.join(out, "runs", task, "progress.csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        for key, name in (("sample_s", "training: sampling"), ("learn_s", "training: PPO learner"),
+                          ("srm_s", "training: SRM updates")):
+            phases[name] = phases.get(name, 0.0) + sum(float(r.get(key) or "nan") for r in rows)
+    phases["total"] = time.time() - t0
+    text = report(out, summary, phases, n_train, n_test, seed, iterations, precision)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "timing.json"), "w") as f:
+        json.dump({k: round(v, 1) for k, v in phases.items()}, f, indent=2)
+    print("\n" + text)
+    print(f"[demo] done in {phases['total']:.0f}s: {out}/report.md, eval/<task>/ (metrics.json, report.md, figures/), "
+          f"runs/<task>/ (checkpoints, TensorBoard)")
+    return phases
+
+
+def _run_tasks(out, tasks, n_train, n_test, seed, iterations, env_runners, precision, phases, summary) -> None:
+    from .config import paper_srm
+    from .evaluate import evaluate
+    from .train import train
+
     for task in tasks:
         print(f"[demo] {task}: 1/3 synthesising {n_train} + {n_test} images and embedding them with the micro-SAM"
               + (" (+ the micro CLIP's map of the task's text, for the explicit SRM branch)"
@@ -93,22 +120,6 @@ def run_demo(out: str, tasks: list[str], n_train: int = 50, n_test: int = 50, se
         t1 = time.time()
         summary[task] = evaluate(result["checkpoint"], store, os.path.join(out, "eval", task), seed=seed)
         phases["evaluation"] += time.time() - t1
-    for task in tasks:  # where training went: each iteration's own seconds (progress.csv)
-        with open(os.path.join(out, "runs", task, "progress.csv"), newline="") as f:
-            rows = list(csv.DictReader(f))
-        for key, name in (("sample_s", "training: sampling"), ("learn_s", "training: PPO learner"),
-                          ("srm_s", "training: SRM updates")):
-            phases[name] = phases.get(name, 0.0) + sum(float(r.get(key) or "nan") for r in rows)
-    phases["total"] = time.time() - t0
-    text = report(out, summary, phases, n_train, n_test, seed, iterations, precision)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "timing.json"), "w") as f:
-        json.dump({k: round(v, 1) for k, v in phases.items()}, f, indent=2)
-    print("\n" + text)
-    print(f"[demo] done in {phases['total']:.0f}s: {out}/report.md, eval/<task>/ (metrics.json, report.md, figures/), "
-          f"runs/<task>/ (checkpoints, TensorBoard)")
-    return phases
 
 
 def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, seed: int, iterations: int,

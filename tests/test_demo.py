@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import ray
 import yaml
 
 from alignsam_ray.cli import main
@@ -18,6 +19,7 @@ def test_demo_refuses_an_unknown_task(capsys):
 @pytest.mark.integration
 def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tmp_path, capfd):
     out = tmp_path / "demo"
+    ray_was_up = ray.is_initialized()
     assert main(["demo", "--out", str(out), "--n-train", "6", "--n-test", "4", "--iterations", "1",
                  "--env-runners", "1"]) == 0
     terminal = capfd.readouterr()
@@ -37,9 +39,10 @@ def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tm
     figures = sorted(os.listdir(out / "eval" / "synthetic_shapes" / "figures"))
     assert figures and all(f"eval/synthetic_shapes/figures/{f}" in report for f in figures)
     timing = json.loads((out / "timing.json").read_text())
-    for phase in ("synthesis", "embedding", "training", "training: sampling", "training: PPO learner",
+    for phase in ("synthesis + embedding", "training", "training: sampling", "training: PPO learner",
                   "training: SRM updates", "evaluation", "total"):
         assert timing[phase] >= 0, phase
     assert timing["training: sampling"] + timing["training: PPO learner"] <= timing["training"] <= timing["total"]
     metrics = json.loads((out / "eval" / "synthetic_shapes" / "metrics.json").read_text())
     assert set(metrics["paired"]) == {"random_actions", "all_positive", "single_step", "srm_topk", "gt_labels"}
+    assert ray.is_initialized() == ray_was_up  # a Ray the demo started is shut down with it
