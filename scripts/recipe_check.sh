@@ -6,7 +6,7 @@
 #   bash scripts/recipe_check.sh [WORK_DIR]        (about 5 minutes on 2 CPU cores; nothing downloaded)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_setup_venv.sh
+source scripts/_setup_venv.sh dev  # (the [dev] extras; not this script's arguments)
 WORK=$(realpath -m "${1:-/tmp/alignsam_recipe}")
 rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK"
 
