@@ -1,5 +1,10 @@
 """Training configuration: every hyperparameter in one place, the paper's value as default.
 
+One typed schema: ``RunConfig`` (a dataclass per section) holds each key's default, the check a value
+must pass and what it means; ``DEFAULTS`` / ``CHECKS`` derive from it, and ``EnvConfig`` (what an env
+reads) and ``SweepConfig`` (an `alignsam tune` file) sit beside it. Configs travel as plain dicts
+(``asdict``), the form YAML, Ray and Tune take.
+
 A run config is YAML with the sections below (``tune_configs/<task>.yaml``); anything left out
 takes the default. Command-line overrides use dotted keys: ``ppo.lr=3e-4 env.horizon=10``.
 Unknown keys are errors (a typo must not silently train with the default), and ``validate`` checks

@@ -4,7 +4,7 @@ micro-SAM, the paper's hyperparameters.
     prepare_task(task, out, ...)  -> store     synthesise the task and embed it (+ the micro CLIP's CLIP
                                                Surgery map of its text when the paper's SRM branch for it
                                                is explicit)
-    demo_config(task, store, run_dir, ...)     the run config (paper defaults; task + SRM branch from the store)
+    demo_config(store, run_dir, ...)           the run config (paper defaults; task + SRM branch from the store)
     run_demo(out, tasks, ...)                  all of it for each task, then report.md + timing.json
 
 ``scripts/seeds.py --task`` uses the same data, store and config, so its tables are the demo's.
@@ -51,11 +51,9 @@ def demo_config(store: str, run_dir: str, iterations: int = DEMO_ITERATIONS, see
     ``overrides`` (nested dict) on top."""
     from .config import load_config
 
-    cfg = load_config(None, {"run_dir": run_dir, "resources": {"num_env_runners": env_runners},
-                             "model": {"precision": precision},
-                             "train": {"iterations": iterations, "checkpoint_every": iterations, "seed": seed}},
-                      store=store)
-    return load_config(None, {**_nested(cfg, overrides or {})}, store=store) if overrides else cfg
+    demo = {"run_dir": run_dir, "resources": {"num_env_runners": env_runners}, "model": {"precision": precision},
+            "train": {"iterations": iterations, "checkpoint_every": iterations, "seed": seed}}
+    return load_config(None, _nested(demo, overrides or {}), store=store)
 
 
 def _nested(base: dict, update: dict) -> dict:

@@ -38,6 +38,8 @@ def route_ray_logs(path: str, modules: tuple[str, ...] = ()) -> str:
     errors = logging.StreamHandler(_Stderr())
     errors.setLevel(logging.ERROR)
     logging.captureWarnings(True)
+    for h in _QUIET.get("handlers", ()):  # an earlier call's (tests route more than once per process)
+        h.close()
     _QUIET.update(on=True, path=path, handlers=(to_file, errors))
     _apply_routes()
     return path
