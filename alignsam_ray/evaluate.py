@@ -175,12 +175,18 @@ def validation_set(store: str, k: int) -> tuple[dict, dict, SamPromptDecoder]:
     return data, {i: gt[i] for i in data["ids"]}, st.decoder()
 
 
-def validation_metrics(agent: Agent, val_set: tuple, batch: int = 16, seed: int = 0) -> dict:
-    """alignsam (the paper's protocol) on a ``validation_set`` -> {"val_miou", ...}."""
-    data, gt_full, decoder = val_set
+def alignsam_score(agent: Agent, data: dict, gt_full: dict, decoder: SamPromptDecoder, batch: int = 16,
+                   seed: int = 0) -> MetricAccumulator:
+    """The ``alignsam`` method alone (the paper's protocol: SRM start, greedy policy, SRM labels, the
+    run's T) on store arrays -> per-image metrics (model selection, run-to-run comparisons)."""
     T = int(agent.cfg["env"]["horizon"])
     r = rollout(agent, data, decoder, "policy", "srm", T, (T,), batch, seed)
-    summary = score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder).summary()
+    return score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder)
+
+
+def validation_metrics(agent: Agent, val_set: tuple, batch: int = 16, seed: int = 0) -> dict:
+    """alignsam (the paper's protocol) on a ``validation_set`` -> {"val_miou", ...}."""
+    summary = alignsam_score(agent, *val_set, batch=batch, seed=seed).summary()
     return {f"val_{m}": summary[m] for m in METRIC_KEYS}
 
 

@@ -15,18 +15,14 @@ import os
 import sys
 
 from alignsam_ray.checkpoint import Agent
-from alignsam_ray.env.rollout import rollout
-from alignsam_ray.evaluate import METRIC_KEYS, NAMES, check_store, score, verdict
+from alignsam_ray.evaluate import METRIC_KEYS, NAMES, alignsam_score, check_store, verdict
 from alignsam_ray.metrics import confidence_intervals, paired_difference
 from alignsam_ray.store.loader import EmbeddingStore
 
 
 def evaluate_alignsam(agent: Agent, st: EmbeddingStore, store: str, seed: int = 0):
     check_store(agent, st, store)
-    data, gt_full, decoder = st.arrays("test"), st.gt_full("test"), st.decoder()
-    T = int(agent.cfg["env"]["horizon"])
-    r = rollout(agent, data, decoder, "policy", "srm", T, (T,), seed=seed)
-    return score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder)
+    return alignsam_score(agent, st.arrays("test"), st.gt_full("test"), st.decoder(), seed=seed)
 
 
 def main(argv=None) -> int:
