@@ -188,6 +188,44 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _add_reproduce(sub):
+    p = sub.add_parser("reproduce", help="the paper's Tables 2-5 from the public benchmarks: embed, train, evaluate, "
+                       "report beside the paper's figures", description="Find CUHK, SBU, MSD, DUTS and VOC under "
+                       "--data, embed each once, train each task with the paper's settings (Tune trials: spread over "
+                       "a cluster's GPUs), evaluate with the paper's protocol, and write DIR/report.md + report.json "
+                       "(ours with 95%% intervals beside the paper's figures). Resumable: rerun the same command.")
+    p.add_argument("--data", required=True, help="folder holding the benchmark folders (CUHK*, SBU*, MSD*, DUTS*, "
+                   "VOC*/VOCdevkit), each in its public layout; any subset")
+    p.add_argument("--out", required=True, help="output folder (stores/, runs/, eval/, report.md); rerun to resume")
+    p.add_argument("--sam", default="vit_h", choices=["micro", "vit_b", "vit_l", "vit_h"],
+                   help="SAM type (default: vit_h, the paper's)")
+    p.add_argument("--checkpoint", help="official SAM .pth (e.g. sam_vit_h_4b8939.pth)")
+    p.add_argument("--clip-weights", help="local open_clip weights file for CLIP Surgery (the explicit SRM branch of "
+                   "SBU and VOC, and Table 4); without it those tasks cannot run")
+    p.add_argument("--clip-model", help="open_clip model name of --clip-weights (default ViT-B-16; micro-SAM: the "
+                   "embedded micro CLIP)")
+    p.add_argument("--tasks", nargs="+", choices=["blur", "shadow", "glass", "saliency", "voc"],
+                   help="only these benchmarks (default: every one found)")
+    p.add_argument("--voc-classes", nargs="+", help="only these VOC classes (default: the 20)")
+    p.add_argument("--n-train", type=_positive_int, default=50, help="training images per task (paper: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=_positive_int, help="PPO iterations per run (default: the run config's, "
+                   "train.iterations)")
+    p.add_argument("--no-table4", action="store_true", help="skip Table 4's runs with the other SRM branch "
+                   "(halves the training of CUHK, SBU, MSD, DUTS)")
+    p.add_argument("--smoke", action="store_true", help="shrink every stage (3 training + 2 test images per task, "
+                   "1 short iteration) to check the whole path in minutes; the figures mean nothing")
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    reproduce(args.data, args.out, sam=args.sam, checkpoint=args.checkpoint, clip_model=args.clip_model,
+              clip_weights=args.clip_weights, tasks=args.tasks, voc_classes=args.voc_classes, n_train=args.n_train,
+              seed=args.seed, iterations=args.iterations, table4=not args.no_table4, smoke=args.smoke)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .data import SYNTHETIC_TASKS
     from .demo import run_demo
@@ -203,7 +241,8 @@ def cmd_demo(args) -> int:
 
 
 RAY_MODULES = {"embed": ("ray.data",), "train": ("ray.rllib",), "tune": ("ray.rllib", "ray.tune"),
-               "evaluate": ("ray.rllib",), "export": ("ray.rllib",), "demo": ("ray.data", "ray.rllib")}
+               "evaluate": ("ray.rllib",), "export": ("ray.rllib",), "demo": ("ray.data", "ray.rllib"),
+               "reproduce": ("ray.data", "ray.rllib", "ray.tune")}
 
 
 def main(argv=None) -> int:
@@ -234,6 +273,7 @@ def main(argv=None) -> int:
     _add_export(sub)
     _add_tune(sub)
     _add_segment(sub)
+    _add_reproduce(sub)
     args = ap.parse_args(argv)
     if args.cmd != "segment" and not args.verbose:  # segment runs without Ray
         from .ray_session import default_log_path, route_ray_logs
@@ -256,7 +296,7 @@ def main(argv=None) -> int:
 
     try:
         return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate,
-                "export": cmd_export, "tune": cmd_tune}[args.cmd](args)
+                "export": cmd_export, "tune": cmd_tune, "reproduce": cmd_reproduce}[args.cmd](args)
     except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError, ConnectionError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1

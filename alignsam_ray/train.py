@@ -58,8 +58,14 @@ def init_ray(**kwargs) -> None:
 
 
 def num_gpus(cfg: dict) -> float:
+    """The learner's GPUs: "auto" = 1 when the Ray cluster has a GPU (connected), else when this
+    machine has one (a driver on a CPU-only head node still gives its Tune trials a GPU node)."""
     g = cfg["resources"]["num_gpus_per_learner"]
-    return (1 if torch.cuda.is_available() else 0) if g == "auto" else float(g)
+    if g != "auto":
+        return float(g)
+    if ray.is_initialized():
+        return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return 1 if torch.cuda.is_available() else 0
 
 
 def check_cluster_fits(cfg: dict) -> None:

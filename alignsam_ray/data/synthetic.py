@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .samples import TASK_TEXT, DataError
+from .samples import TASK_TEXT, VOC_CLASSES, DataError
 
 __all__ = ["SYNTHETIC_TASKS", "NAMESPACE", "GENERATOR_VERSION", "generate_task", "generate_all"]
 
@@ -381,3 +381,62 @@ def generate_all(root: str, n_train: int = 50, n_test: int = 50, seed: int = 0, 
     """All of ``SYNTHETIC_TASKS`` under ``root/<task>``; returns task -> folder."""
     return {task: generate_task(task, os.path.join(root, task), n_train, n_test, seed, progress)
             for task in SYNTHETIC_TASKS}
+
+
+# synthetic task -> (benchmark layout, folder under ROOT, {split: (image dir, mask dir, image ext)})
+PUBLIC_LAYOUTS = {
+    "synthetic_blur": ("cuhk", "CUHK", {"train": ("train/image", "train/gt", ".jpg"),
+                                        "test": ("test/image", "test/gt", ".jpg")}),
+    "synthetic_shadow": ("sbu", "SBU", {"train": ("SBUTrain4KRecoveredSmall/ShadowImages",
+                                                  "SBUTrain4KRecoveredSmall/ShadowMasks", ".jpg"),
+                                        "test": ("SBU-Test/ShadowImages", "SBU-Test/ShadowMasks", ".jpg")}),
+    "synthetic_glass": ("msd", "MSD", {"train": ("train/image", "train/mask", ".jpg"),
+                                       "test": ("test/image", "test/mask", ".jpg")}),
+    "synthetic_saliency": ("duts", "DUTS", {"train": ("DUTS-TR/DUTS-TR-Image", "DUTS-TR/DUTS-TR-Mask", ".jpg"),
+                                            "test": ("DUTS-TE/DUTS-TE-Image", "DUTS-TE/DUTS-TE-Mask", ".jpg")}),
+    "synthetic_shapes": ("voc", "VOCdevkit/VOC2012", {}),  # JPEGImages/ + SegmentationClass/ + ImageSets/
+}
+VOC_STAND_IN = "aeroplane"  # the VOC class whose index the synthetic target (the star) takes
+
+
+def write_public_layouts(root: str, n_train: int = 4, n_test: int = 2, seed: int = 0,
+                         tasks: tuple = SYNTHETIC_TASKS, progress: bool = False) -> dict[str, str]:
+    """The synthetic tasks laid out as the public benchmarks under ``root`` (CUHK/, SBU/, MSD/, DUTS/,
+    VOCdevkit/VOC2012/), so `alignsam reproduce --data ROOT` can be tried without downloading them.
+    The pictures are the generator's; images are written as JPEG (as released), masks as PNG (VOC:
+    palette PNGs where the star is class ``VOC_STAND_IN``). Returns {layout: folder}."""
+    from .samples import voc_palette
+
+    made = {}
+    for task in tasks:
+        layout, folder, dirs = PUBLIC_LAYOUTS[task]
+        src = generate_task(task, os.path.join(root, ".synthetic", task), n_train, n_test, seed, progress)
+        dst = os.path.join(root, folder)
+        lists: dict[str, list[str]] = {}
+        for split in SPLITS:
+            names = sorted(os.listdir(os.path.join(src, split, "images")))
+            for name in names:
+                stem = f"{split}_{os.path.splitext(name)[0]}"
+                image = Image.open(os.path.join(src, split, "images", name)).convert("RGB")
+                mask = np.asarray(Image.open(os.path.join(src, split, "masks", name)).convert("L")) > 127
+                if layout == "voc":
+                    index = Image.fromarray((mask * VOC_CLASSES.index(VOC_STAND_IN)).astype(np.uint8), mode="P")
+                    index.putpalette(voc_palette().ravel().tolist())
+                    targets = [(image, os.path.join(dst, "JPEGImages", stem + ".jpg")),
+                               (index, os.path.join(dst, "SegmentationClass", stem + ".png"))]
+                else:
+                    image_dir, mask_dir, ext = dirs[split]
+                    targets = [(image, os.path.join(dst, image_dir, stem + ext)),
+                               (Image.fromarray(mask.astype(np.uint8) * 255), os.path.join(dst, mask_dir, stem + ".png"))]
+                for picture, path in targets:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    picture.save(path, quality=95) if path.endswith(".jpg") else picture.save(path)
+                lists.setdefault(split, []).append(stem)
+        if layout == "voc":
+            sets = os.path.join(dst, "ImageSets", "Segmentation")
+            os.makedirs(sets, exist_ok=True)
+            for split, fname in (("train", "train.txt"), ("test", "val.txt")):
+                with open(os.path.join(sets, fname), "w") as f:
+                    f.write("\n".join(lists.get(split, [])) + "\n")
+        made[layout] = dst
+    return made

@@ -253,7 +253,7 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        use_gpu = torch.cuda.is_available()
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1  # the cluster's, not the driver's (ray job submit)
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // max(batch_size, 1)))
         ds = ds.map(_load_row)
         ds = ds.map_batches(
