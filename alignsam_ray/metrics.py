@@ -216,3 +216,19 @@ def paired_difference(acc_a: MetricAccumulator, acc_b: MetricAccumulator, n_boot
     diff = np.array([sa[k] - sb[k] for k in SUMMARY_KEYS])
     ci = _bootstrap(lambda w: _summaries(w, ta) - _summaries(w, tb), len(ta), diff, n_boot, seed, level)
     return {k: {"diff": float(d), "ci95": [float(lo), float(hi)]} for k, d, (lo, hi) in zip(SUMMARY_KEYS, diff, ci)}
+
+
+def mean_of_classes(cells: list[dict]) -> dict:
+    """Mean over classes of per-class values ``{"value", "ci95": [lo, hi] | None}`` (VOC's mean class
+    IoU). Each class has its own test images, so the classes' errors are independent: the mean's 95%
+    interval combines theirs (normal approximation, se_c = half-width_c / 1.96; half-width of the mean
+    = 1.96 sqrt(sum se_c^2) / n). One class: its own cell. Any class without an interval: none."""
+    if len(cells) == 1:
+        return dict(cells[0])
+    mean = float(np.mean([c["value"] for c in cells]))
+    ses = [(c["ci95"][1] - c["ci95"][0]) / (2 * 1.96) for c in cells if c.get("ci95")]
+    if len(ses) != len(cells):
+        return {"value": mean, "ci95": None}
+    half = 1.96 * float(np.sqrt(np.sum(np.square(ses)))) / len(cells)
+    return {"value": mean, "ci95": [mean - half, mean + half]}
+

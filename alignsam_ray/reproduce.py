@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from .config import DEFAULTS, ConfigError, paper_srm
 from .data import DataError
+from .metrics import mean_of_classes
 
 BENCHMARKS = {  # layout -> the task of its tables' column (the paper's order)
     "cuhk": "blur", "sbu": "shadow", "msd": "glass", "duts": "saliency", "voc": "voc"}
 FOLDER_NAMES = {"cuhk": ("cuhk",), "sbu": ("sbu",), "msd": ("msd",), "duts": ("duts",),
                 "voc": ("voc", "pascal")}  # a folder under ROOT whose lower-case name starts with one of these
-TABLE2_ROWS = ("random_actions", "all_positive", "single_step", "alignsam")
 ROW_LABELS = {"random_actions": "w/o RL (random actions)", "all_positive": "w/o SRM (every point positive)",
               "single_step": "w/o multi-step (T = 1)", "alignsam": "AlignSAM",
               "implicit": "implicit V(0, s_t)", "explicit": "explicit V(s_c, s_t)"}
@@ -309,20 +306,6 @@ def _scale(metric: str, units: dict) -> float:
     return 100.0 if units.get(metric) == "percent" else 1.0
 
 
-def _mean_of_classes(cells: list[dict]) -> dict:
-    """Mean of per-class values; its 95% interval combines the classes' intervals (independent test
-    images per class; normal approximation: half-width = 1.96 * sqrt(sum se_c^2) / n)."""
-    if len(cells) == 1:
-        return dict(cells[0])
-    values = [c["value"] for c in cells]
-    ses = [(c["ci95"][1] - c["ci95"][0]) / (2 * 1.96) for c in cells if c.get("ci95")]
-    mean = float(np.mean(values))
-    if len(ses) != len(cells):
-        return {"value": mean, "ci95": None}
-    half = 1.96 * math.sqrt(sum(s * s for s in ses)) / len(cells)
-    return {"value": mean, "ci95": [mean - half, mean + half]}
-
-
 def _ours(evals: dict, run: str, row: str, metric: str, where: str = "methods") -> dict | None:
     """{"value", "ci95"} of one method (or T) of one evaluation, or None."""
     m = evals.get(run)
@@ -337,7 +320,7 @@ def _ours(evals: dict, run: str, row: str, metric: str, where: str = "methods") 
 def _voc_mean(evals: dict, row: str, metric: str, where: str = "methods") -> dict | None:
     cells = [c for c in (_ours(evals, name, row, metric, where) for name in sorted(evals) if name.startswith("voc_"))
              if c is not None]
-    return _mean_of_classes(cells) | {"n_classes": len(cells)} if cells else None
+    return mean_of_classes(cells) | {"n_classes": len(cells)} if cells else None
 
 
 def build_tables(evals: dict, paper: dict) -> dict:

@@ -277,6 +277,7 @@ def test_voc_table_accumulates_per_class_and_means_over_classes():
     assert list(data["classes"]) == ["cat", "dog"]  # VOC's class order
     assert data["mean"]["alignsam"] == pytest.approx(0.7) and data["mean"]["random_actions"] == pytest.approx(0.6)
     assert "mean over 2 of the 20 classes" in text and "| cat | 0.800 [0.600, 0.800]" in text
+    assert "**0.700 [0.629, 0.771]**" in text  # the classes' intervals combined: 1.96 sqrt(2 (0.1/1.96)^2) / 2
     with pytest.raises(ValueError, match="two evaluations"):
         voc_table([evaluation("cat", 0.8), evaluation("cat", 0.7)])
     mixed = evaluation("cat", 0.8)

@@ -1,0 +1,215 @@
+"""`alignsam reproduce`: benchmark discovery, the paper's figures as data, the report's tables, resumability
+checks, clear errors; and (integration) the whole --smoke path on the synthetic tasks laid out as the public
+benchmarks with a random-weight vit_b checkpoint in Meta's format."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from alignsam_ray.cli import main
+from alignsam_ray.config import ConfigError
+from alignsam_ray.data import DataError
+from alignsam_ray.data.samples import VOC_CLASSES
+from alignsam_ray.evaluate import METHODS, T_SWEEP
+from alignsam_ray.metrics import primary_metrics
+from alignsam_ray.reproduce import (
+    BENCHMARKS,
+    _check_settings,
+    build_tables,
+    find_benchmarks,
+    load_paper_figures,
+    report_markdown,
+)
+
+UNITS = ("percent", "fraction")
+
+
+def test_paper_figures_file_is_well_formed():
+    """One data file with table and row names: every cell names a known task and its paper metric,
+    every value is a number in its unit's range or null, and the two VOC figures we have are in it."""
+    paper = load_paper_figures()
+    assert set(paper["tables"]) == {"table2", "table3", "table4", "table5"}
+    assert set(paper["units"].values()) <= set(UNITS)
+    t = paper["tables"]
+    assert list(t["table2"]["rows"]) == ["random_actions", "all_positive", "single_step", "alignsam"]
+    assert set(t["table2"]["rows"]) <= set(METHODS)
+    assert list(t["table3"]["rows"]) == list(VOC_CLASSES[1:]) + ["mean"]
+    assert list(t["table4"]["rows"]) == ["implicit", "explicit"]
+    assert [int(r) for r in t["table5"]["rows"]] == list(T_SWEEP)
+    for key, table in t.items():
+        for col in table["columns"]:
+            if key != "table3":
+                task, metric = col.split(".")
+                assert task in BENCHMARKS.values() and metric in primary_metrics(task), col
+        for row, cells in table["rows"].items():
+            assert set(cells) == set(table["columns"]), (key, row)
+            for col, v in cells.items():
+                unit = paper["units"][col.split(".")[-1]]
+                assert v is None or (isinstance(v, (int, float)) and 0 <= v <= (100 if unit == "percent" else 1)), \
+                    (key, row, col, v)
+    assert t["table2"]["rows"]["alignsam"]["voc.iou_dataset"] == 62.09
+    assert t["table2"]["rows"]["all_positive"]["voc.iou_dataset"] == 27.73
+
+
+def test_find_benchmarks(tmp_path):
+    for name in ("CUHK-blur", "SBU-shadow", "MSD", "voc2012", ".synthetic", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "DUTS.txt").write_text("a file, not a folder")
+    found = find_benchmarks(str(tmp_path))
+    assert list(found) == ["cuhk", "sbu", "msd", "voc"]  # the paper's order
+    assert found["voc"].endswith("voc2012")
+    (tmp_path / "VOCdevkit").mkdir()
+    with pytest.raises(DataError, match="two VOC folders"):
+        find_benchmarks(str(tmp_path))
+    with pytest.raises(DataError, match="no benchmark folder under .*CUHK"):
+        find_benchmarks(str(tmp_path / "notes"))
+    with pytest.raises(DataError, match="is not a folder"):
+        find_benchmarks(str(tmp_path / "missing"))
+
+
+def _metrics(miou: float, ci=(0.05, 0.05), ber: float = 10.0) -> dict:
+    """A metrics.json as `alignsam evaluate` writes it (every method and T alike)."""
+    row = {"miou": miou, "iou_dataset": miou, "fbeta": miou, "emeasure": miou, "mae": 1 - miou, "ber": ber,
+           "ci95": {"miou": [miou - ci[0], miou + ci[1]], "iou_dataset": [miou - ci[0], miou + ci[1]],
+                    "ber": [ber - 1, ber + 1]}}
+    return {"n_images": 10, "methods": {m: dict(row) for m in METHODS}, "t_sweep": {str(t): dict(row) for t in T_SWEEP}}
+
+
+def test_tables_put_ours_beside_the_papers():
+    paper = load_paper_figures()
+    evals = {"shadow": _metrics(0.8), "shadow_implicit": _metrics(0.7), "voc_cat": _metrics(0.60, (0.02, 0.02)),
+             "voc_dog": _metrics(0.70, (0.04, 0.04))}
+    evals["voc_cat"]["methods"]["all_positive"]["iou_dataset"] = 0.2
+    evals["voc_dog"]["methods"]["all_positive"]["iou_dataset"] = 0.3
+    tables = build_tables(evals, paper)
+    voc = tables["table2"]["rows"]["alignsam"]["voc.iou_dataset"]
+    assert voc["ours"] == pytest.approx(65.0) and voc["paper"] == 62.09 and voc["diff"] == pytest.approx(2.91)
+    half = 100 * 1.96 * ((0.02 / 1.96) ** 2 + (0.04 / 1.96) ** 2) ** 0.5 / 2  # the classes' intervals combined
+    assert voc["ci95"] == pytest.approx([65 - half, 65 + half])
+    assert voc["paper_in_ci"] is False  # 62.09 < 65 - 2.24
+    no_srm = tables["table2"]["rows"]["all_positive"]["voc.iou_dataset"]
+    assert no_srm["ours"] == pytest.approx(25.0) and no_srm["diff"] == pytest.approx(25.0 - 27.73)
+    shadow = tables["table2"]["rows"]["alignsam"]
+    assert shadow["shadow.miou"]["ours"] == pytest.approx(80.0) and shadow["shadow.miou"]["paper"] is None
+    assert shadow["shadow.ber"]["ours"] == pytest.approx(10.0)  # BER: percent already
+    assert shadow["blur.miou"]["ours"] is None  # no CUHK run
+    t4 = tables["table4"]["rows"]  # shadow's paper branch is explicit: its own run; implicit: shadow_implicit
+    assert t4["explicit"]["shadow.miou"]["ours"] == pytest.approx(80.0)
+    assert t4["implicit"]["shadow.miou"]["ours"] == pytest.approx(70.0)
+    assert tables["table3"]["rows"]["cat"]["iou_dataset"]["ours"] == pytest.approx(60.0)
+    assert tables["table3"]["rows"]["mean"]["iou_dataset"]["ours"] == pytest.approx(65.0)
+    assert tables["table3"]["rows"]["bus"]["iou_dataset"]["ours"] is None
+    text = report_markdown(tables, paper, "# header")
+    assert "| AlignSAM |" in text and "65.00 [62.76, 67.24] / 62.09 (+2.91)" in text
+    assert "25.00 [" in text and "/ 27.73 (-2.73)" in text
+    assert "| bus | not run |" in text and "80.00 [75.00, 85.00] / n/a" in text
+    outside = next(line for line in text.splitlines() if line.startswith("Paper's figure outside"))
+    assert "alignsam voc.iou_dataset" in outside and "(of 2 comparable cells)" in outside
+    for title in ("Table 2", "Table 3", "Table 4", "Table 5"):
+        assert f"## {title}:" in text
+
+
+def test_settings_of_a_reproduction_are_kept(tmp_path):
+    settings = {"sam": "vit_h", "smoke": False, "n_train": 50}
+    _check_settings(str(tmp_path / "out"), settings)
+    _check_settings(str(tmp_path / "out"), settings)  # the same: resumes
+    with pytest.raises(ConfigError, match="other settings .*smoke: False there, True now"):
+        _check_settings(str(tmp_path / "out"), {**settings, "smoke": True})
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from alignsam_ray.data.synthetic import write_public_layouts
+
+    data = tmp_path / "data"
+    write_public_layouts(str(data), 2, 1, tasks=("synthetic_shadow",))
+    assert main(["reproduce", "--data", str(data), "--out", str(tmp_path / "o")]) == 1
+    assert "--sam vit_h needs --checkpoint" in capsys.readouterr().err
+    assert main(["reproduce", "--data", str(tmp_path / "nowhere"), "--sam", "micro", "--out", str(tmp_path / "o")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    bad = tmp_path / "sam_vit_b.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["reproduce", "--data", str(data), "--sam", "vit_b", "--checkpoint", str(bad), "--clip-weights",
+                 str(bad), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "sam_vit_b.pth" in err and "Traceback" not in err
+    # SBU's paper branch is explicit: without CLIP weights it cannot run, said before any work
+    ckpt = tmp_path / "ok.pth"
+    import torch
+    from segment_anything import sam_model_registry
+
+    torch.save(sam_model_registry["vit_b"]().state_dict(), ckpt)
+    assert main(["reproduce", "--data", str(data), "--sam", "vit_b", "--checkpoint", str(ckpt),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "shadow use the paper's explicit SRM branch" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "stores").exists()
+
+
+def _smoke(tmp_path, capsys, sam_args: list[str], tasks: tuple) -> tuple[dict, str]:
+    """`alignsam reproduce --smoke` on synthetic tasks laid out as the public benchmarks; returns
+    (report.json, what the terminal showed), after checking that a rerun reuses every stage."""
+    from alignsam_ray.data.synthetic import write_public_layouts
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_public_layouts(str(data), tasks=tasks)
+    argv = ["reproduce", "--data", str(data), *sam_args, "--out", str(out), "--smoke"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.md").read_text()
+    assert "SMOKE MODE" in text and "/ 62.09 (" in text
+    n_runs = len(report["runs"])
+    mtimes = {p: os.path.getmtime(p) for p in (out / "eval").glob("*/metrics.json")}
+    assert len(mtimes) == n_runs
+    assert main(argv) == 0  # resumed: every stage already done, nothing recomputed
+    again = capsys.readouterr().out
+    assert f"{len(tasks)} of {len(tasks)} stores already done" in again
+    assert f"{n_runs} of {n_runs} runs already done" in again and f"{n_runs} of {n_runs} runs already evaluated" in again
+    assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
+    return report, first.out + first.err
+
+
+def _check_explicit_and_voc_tables(report: dict) -> None:
+    t2, t3, t4, t5 = (report["tables"][k]["rows"] for k in ("table2", "table3", "table4", "table5"))
+    for row in ("random_actions", "all_positive", "single_step", "alignsam"):
+        assert t2[row]["shadow.miou"]["ours"] is not None and t2[row]["shadow.miou"]["ci95"] is not None
+        assert t2[row]["voc.iou_dataset"]["ours"] is not None and t2[row]["blur.miou"]["ours"] is None
+    voc = t2["alignsam"]["voc.iou_dataset"]
+    assert voc["paper"] == 62.09 and voc["diff"] == pytest.approx(voc["ours"] - 62.09)
+    assert t3["aeroplane"]["iou_dataset"]["ours"] == t3["mean"]["iou_dataset"]["ours"]  # the one class present
+    assert t3["bus"]["iou_dataset"]["ours"] is None
+    assert t4["implicit"]["shadow.ber"]["ours"] is not None and t4["explicit"]["shadow.ber"]["ours"] is not None
+    assert all(t5[t]["voc.iou_dataset"]["ours"] is not None for t in ("1", "5", "10", "15", "20"))
+    assert {r["branch"] for r in report["runs"].values()} == {"explicit", "implicit"}
+    assert set(report["runs"]) == {"shadow", "shadow_implicit", "voc_aeroplane"}
+
+
+@pytest.mark.integration
+def test_smoke_reproduction_micro(tmp_path, capsys):
+    """SBU (explicit branch + Table 4's implicit run) and VOC (per class) with the micro-SAM: every
+    stage, the report's four tables, the progress lines, and a rerun that reuses everything."""
+    report, shown = _smoke(tmp_path, capsys, ["--sam", "micro"], ("synthetic_shadow", "synthetic_shapes"))
+    _check_explicit_and_voc_tables(report)
+    assert "[reproduce] train shadow_implicit: iteration 1/1" in shown and "ETA" in shown
+    assert "Configuration for experiment" not in shown  # Tune's own tables go to its log
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_official_vit_b(tmp_path, capsys):
+    """The five benchmarks in their public layouts with a random-weight vit_b saved as Meta's .pth
+    (loaded through segment_anything's registry), the micro CLIP for the maps. ~20 min on 2 cores."""
+    import torch
+    from segment_anything import sam_model_registry
+
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.manual_seed(0)
+    torch.save(sam_model_registry["vit_b"]().state_dict(), ckpt)
+    report, _ = _smoke(tmp_path, capsys, ["--sam", "vit_b", "--checkpoint", str(ckpt), "--clip-model", "micro"],
+                       ("synthetic_blur", "synthetic_shadow", "synthetic_glass", "synthetic_saliency",
+                        "synthetic_shapes"))
+    assert report["settings"]["sam"] == "vit_b"
+    for cells in report["tables"]["table2"]["rows"].values():
+        assert all(c["ours"] is not None for c in cells.values())  # every benchmark, every ablation
+    for cells in report["tables"]["table4"]["rows"].values():
+        assert all(c["ours"] is not None for c in cells.values())
