@@ -131,7 +131,10 @@ def _add_segment(sub):
     p = sub.add_parser("segment", help="segment images with an exported bundle (no Ray)",
                        description="Ray-free inference: SAM embeds each image, the SRM places the first two points, "
                        "the policy picks T more; writes <stem>_mask.png and <stem>_overlay.png per image.")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="*", help="image files (or --ray FOLDER_OR_URI for a whole collection)")
+    p.add_argument("--ray", metavar="INPUT", help="segment every image under INPUT (a folder or a URI pyarrow opens: "
+                   "s3://, gs://) on the Ray cluster, streaming (Ray Data); --out may be a URI too; writes "
+                   "masks/, index.parquet; a rerun skips finished images")
     p.add_argument("--bundle", required=True, help="folder written by `alignsam export`")
     p.add_argument("--sam-checkpoint", help="the official SAM .pth the policy was trained with (not needed for micro-SAM)")
     p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file the maps were made "
@@ -140,9 +143,26 @@ def _add_segment(sub):
     p.add_argument("--batch", type=_positive_int, default=4, help="images per batched decoder call")
     p.add_argument("--steps", type=_positive_int, default=None, help="T (default: the trained T; at most the grid's "
                    "patches)")
+    p.add_argument("--overlays", action="store_true", help="--ray: also write overlays/ (always written without --ray)")
+    p.add_argument("--strict", action="store_true", help="--ray: stop at the first unreadable image (default: list it "
+                   "in the index and go on)")
+    p.add_argument("--encoders", type=_positive_int, help="--ray: SAM encoder actors (default: one per GPU, else 1)")
+    p.add_argument("--prompters", type=_positive_int, help="--ray: prompting actors (default: the CPUs left)")
 
 
 def cmd_segment(args) -> int:
+    if args.ray:
+        if args.images:
+            raise ValueError("give image files or --ray INPUT, not both")
+        from .batch_segment import segment_collection
+
+        stats = segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
+                                   clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
+                                   strict=args.strict, encoders=args.encoders, prompters=args.prompters,
+                                   batch=args.batch)
+        return 0 if stats is not None else 1
+    if not args.images:
+        raise ValueError("give image files to segment, or --ray INPUT for a whole folder or bucket")
     from PIL import Image
     from tqdm import tqdm
 
@@ -242,7 +262,7 @@ def cmd_demo(args) -> int:
 
 RAY_MODULES = {"embed": ("ray.data",), "train": ("ray.rllib",), "tune": ("ray.rllib", "ray.tune"),
                "evaluate": ("ray.rllib",), "export": ("ray.rllib",), "demo": ("ray.data", "ray.rllib"),
-               "reproduce": ("ray.data", "ray.rllib", "ray.tune")}
+               "reproduce": ("ray.data", "ray.rllib", "ray.tune"), "segment": ("ray.data",)}
 
 
 def main(argv=None) -> int:
@@ -275,20 +295,25 @@ def main(argv=None) -> int:
     _add_segment(sub)
     _add_reproduce(sub)
     args = ap.parse_args(argv)
-    if args.cmd != "segment" and not args.verbose:  # segment runs without Ray
+    ray_free = args.cmd == "segment" and not args.ray
+    if not ray_free and not args.verbose:  # segment (without --ray) runs without Ray
         from .ray_session import default_log_path, route_ray_logs
 
         print(f"[alignsam] Ray's own messages: {route_ray_logs(default_log_path(args.cmd), RAY_MODULES.get(args.cmd, ()))} (--verbose shows them here)",
               file=sys.stderr, flush=True)
-    if args.cmd == "segment":  # Ray-free: none of the Ray-backed modules below may load
+    if args.cmd == "segment":  # without --ray: none of the Ray-backed modules below may load
         from .data.samples import DataError as _DataError
         from .foundation import CheckpointError as _CheckpointError
 
         try:
             return cmd_segment(args)
-        except (_DataError, _CheckpointError, FileNotFoundError, ValueError) as exc:
+        except (_DataError, _CheckpointError, FileNotFoundError, ValueError, ConnectionError) as exc:
             print(f"alignsam segment: error: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("alignsam segment: interrupted; finished masks and index parts are kept (rerun to resume)",
+                  file=sys.stderr)
+            return 130
     from .config import ConfigError
     from .data import DataError
     from .foundation import CheckpointError

@@ -84,7 +84,9 @@ class AlignSAMPredictor:
     """A frozen SAM + an exported policy and SRM (see module docstring)."""
 
     def __init__(self, bundle: str, sam_checkpoint: str | None = None, device: str = "auto",
-                 clip_weights: str | None = None):
+                 clip_weights: str | None = None, encoder: bool = True):
+        """``encoder=False``: only the prompting side (SRM, policy, SAM's decoder), for ``prompt_batch`` on
+        embeddings made elsewhere (``alignsam segment --ray``): neither SAM's image encoder nor CLIP is kept."""
         self.manifest = read_bundle_manifest(bundle)
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
             self.cfg = yaml.safe_load(f)
@@ -98,11 +100,14 @@ class AlignSAMPredictor:
                 raise CheckpointError(f"{ckpt} is not the SAM checkpoint the policy was trained with (sha256 "
                                       f"{sam['checkpoint_sha256'][:12]}... expected)")
         self.device = pick_device(device)
-        self.clip, self.text_map, self.text = None, None, None
+        self.clip, self.text_map, self.text, self.encoder = None, None, None, None
         if self.manifest["srm_branch"] == "explicit":  # the SRM's text-guided input: CLIP Surgery maps
-            self._load_clip(clip_weights)
+            self.text_map = self.manifest["text_map"]
+            if encoder:
+                self._load_clip(clip_weights)
         model = load_sam(sam["sam_type"], sam_checkpoint, random_init=sam["checkpoint_sha256"] == "random-init")
-        self.encoder = SamImageEncoder(model, self.device)
+        if encoder:
+            self.encoder = SamImageEncoder(model, self.device)
         self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
         self.policy = onnxruntime.InferenceSession(os.path.join(bundle, POLICY_ONNX), providers=["CPUExecutionProvider"])
         blob = load_weights(os.path.join(bundle, SRM_FILE), "bundle SRM")
@@ -152,20 +157,38 @@ class AlignSAMPredictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: list[np.ndarray], horizon: int | None = None) -> list[Prediction]:
-        """Several images: one decoder call per step for all of them."""
+        """Several images: one encoder call, then one decoder call per step for all of them."""
         T = self.steps(horizon)
+        return self.prompt_batch(self.embed_batch(images), T)
+
+    @torch.inference_mode()
+    def embed_batch(self, images: list[np.ndarray]) -> dict:
+        """The encoder side: (H, W, 3) uint8 images -> {"embeddings": (B, E, 64, 64) float16,
+        "original_size": (B, 2), "input_size": (B, 2) (h, w after the long side -> 1024), and the CLIP
+        Surgery map "map_<text>": (B, 64, 64) float16 for an explicit-branch policy}."""
+        if self.encoder is None:
+            raise ValueError("this predictor was made with encoder=False: it only prompts (prompt_batch)")
         resized = [self.encoder.resize(im) for im in images]
-        emb = self.encoder.encode(resized).astype(np.float16)
-        data = {"ids": np.arange(len(images)), "embeddings": emb,
+        data = {"embeddings": self.encoder.encode(resized).astype(np.float16),
                 "original_size": np.array([im.shape[:2] for im in images]),
                 "input_size": np.array([r.shape[:2] for r in resized])}
         if self.clip is not None:  # as `alignsam embed` made them: on the resized image, SAM's padding
             data[f"map_{self.text_map}"] = self.clip.maps(resized, [self.text])[:, 0]
-        r = rollout(self, data, self.decoder, "policy", "srm", T, (T,), batch=len(images))
+        return data
+
+    @torch.inference_mode()
+    def prompt_batch(self, data: dict, horizon: int | None = None) -> list[Prediction]:
+        """The prompting side on ``embed_batch``'s output: SRM start, T greedy policy steps with SRM
+        labels, SAM's decoder after each; masks at each image's original size."""
+        T = self.steps(horizon)
+        n = len(data["embeddings"])
+        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, "policy", "srm", T, (T,), batch=n)
         out = []
-        for s, im in enumerate(images):
+        for s in range(n):
             (coords, labels), low = r.points[T][s], r.logits[T][s]
-            scale = np.array(im.shape[1::-1], np.float32) / np.array(resized[s].shape[1::-1], np.float32)
+            hw, input_hw = data["original_size"][s], data["input_size"][s]
+            scale = np.asarray(hw[::-1], np.float32) / np.asarray(input_hw[::-1], np.float32)
             points = (coords * scale).astype(np.float32)  # SAM frame -> image pixels
-            out.append(Prediction(self.decoder.upscale_mask(low, im.shape[:2]), points, labels, low.copy()))
+            out.append(Prediction(self.decoder.upscale_mask(low, tuple(int(v) for v in hw)), points, labels,
+                                  low.copy()))
         return out

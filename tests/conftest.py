@@ -75,3 +75,33 @@ def toy_data(sizes=((300, 600), (500, 250)), seed=0) -> dict:
         "original_size": np.array(sizes, np.int32),
         "input_size": input_size,
     }
+
+
+TINY = ["env.horizon=3", "env.obs_res=8", "model.width=16", "ppo.train_batch_size=48", "ppo.minibatch_size=24",
+        "ppo.num_epochs=2", "train.iterations=1", "train.checkpoint_every=1", "resources.sample_timeout_s=300"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(blur_store, tmp_path_factory):
+    """A run folder trained for one tiny PPO iteration on the blur store."""
+    from alignsam_ray.config import load_config
+    from alignsam_ray.train import Trainer
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    cfg = load_config(None, ["task=synthetic_blur", f"store={blur_store}", f"run_dir={run}"] + TINY)
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    trainer.stop()
+    ray.shutdown()
+    return str(run)
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run, tmp_path_factory):
+    """`alignsam export` of ``trained_run`` (with policy.pt2)."""
+    from alignsam_ray.cli import main
+
+    out = str(tmp_path_factory.mktemp("bundle") / "b")
+    assert main(["export", "--checkpoint", trained_run, "--out", out, "--pt2"]) == 0
+    return out
+

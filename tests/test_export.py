@@ -11,34 +11,11 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import TINY
 from PIL import Image
 
 from alignsam_ray.cli import main as cli_main
 from alignsam_ray.config import load_config
-
-TINY = ["env.horizon=3", "env.obs_res=8", "model.width=16", "ppo.train_batch_size=48", "ppo.minibatch_size=24",
-        "ppo.num_epochs=2", "train.iterations=1", "train.checkpoint_every=1", "resources.sample_timeout_s=300"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(blur_store, tmp_path_factory):
-    """A run folder trained for one tiny PPO iteration on the blur store."""
-    from alignsam_ray.train import Trainer
-
-    run = tmp_path_factory.mktemp("export") / "run"
-    cfg = load_config(None, ["task=synthetic_blur", f"store={blur_store}", f"run_dir={run}"] + TINY)
-    trainer = Trainer(cfg, progress=False)
-    trainer.run()
-    trainer.stop()
-    ray.shutdown()
-    return str(run)
-
-
-@pytest.fixture(scope="module")
-def bundle(trained_run, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("bundle") / "b")
-    assert cli_main(["export", "--checkpoint", trained_run, "--out", out, "--pt2"]) == 0
-    return out
 
 
 def test_bundle_contents(bundle):
@@ -170,3 +147,68 @@ def test_explicit_branch_trains_exports_and_segments(blur_store, tmp_path):
     torch.save(build_micro_clip().state_dict(), other)  # other random weights
     with pytest.raises(CheckpointError, match="not the CLIP weights file"):
         AlignSAMPredictor(out, clip_weights=other)
+
+
+def _collection(blur_store, root) -> list[str]:
+    """A folder to segment: 3 test images at the top, 2 in a subfolder, one corrupt file."""
+    images = sorted(glob.glob(os.path.join(os.path.dirname(blur_store), "data", "test", "images", "*")))
+    (root / "sub").mkdir(parents=True)
+    for k, path in enumerate(images[:5]):
+        dst = root / (f"img{k}.png" if k < 3 else f"sub/img{k}.png")
+        dst.write_bytes(open(path, "rb").read())
+    (root / "sub" / "broken.jpg").write_bytes(b"not a jpeg")
+    return images[:5]
+
+
+def test_segment_ray_collection_matches_ray_free_and_resumes(bundle, blur_store, tmp_path, capsys):
+    """`alignsam segment --ray` (Ray Data, file:// URIs): the same masks as the Ray-free `alignsam segment`,
+    an index row per image (a corrupt file listed with its reason), a rerun that redoes only what is
+    missing, and --strict stopping at the corrupt file."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    _collection(blur_store, src)
+    out = tmp_path / "out"
+    argv = ["segment", "--ray", f"file://{src}", "--bundle", bundle, "--out", f"file://{out}", "--batch", "2",
+            "--overlays"]
+    assert cli_main(argv) == 0
+    shown = capsys.readouterr()
+    assert "6 images" in shown.out and "5 segmented, 1 unreadable" in shown.out and "img/s" in shown.err
+    rows = {r["id"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert sorted(rows) == ["img0.png", "img1.png", "img2.png", "sub/broken.jpg", "sub/img3.png", "sub/img4.png"]
+    bad = rows["sub/broken.jpg"]
+    assert bad["status"] == "error" and "broken.jpg" in bad["error"] and bad["mask"] == ""
+    ray_free = tmp_path / "single"  # a different batch composition from the Ray pipeline's
+    files = [str(src / r) for r in sorted(rows) if rows[r]["status"] == "ok"]
+    assert cli_main(["segment", *files, "--bundle", bundle, "--out", str(ray_free), "--batch", "3"]) == 0
+    for rel, row in rows.items():
+        if row["status"] != "ok":
+            continue
+        stem = os.path.splitext(rel)[0]
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}_mask.png"))
+        assert np.array_equal(mask, np.asarray(Image.open(ray_free / f"{os.path.basename(stem)}_mask.png"))), rel
+        assert row["n_points"] == len(row["labels"]) == len(row["points"]) // 2 == 2 + 3  # T = 3 (TINY)
+        assert (row["height"], row["width"]) == mask.shape and row["seconds"] > 0
+        assert (out / "overlays" / f"{stem}_overlay.png").is_file()
+    os.remove(out / "masks" / "sub" / "img3_mask.png")  # lost output: redone; finished ones are skipped
+    before = os.path.getmtime(out / "masks" / "img0_mask.png")
+    assert cli_main(argv) == 0
+    again = capsys.readouterr().out
+    assert "4 already done; 2 to segment" in again  # img3 (mask gone) and the corrupt file (retried)
+    assert os.path.getmtime(out / "masks" / "img0_mask.png") == before
+    assert (out / "masks" / "sub" / "img3_mask.png").is_file()
+    assert len(pq.read_table(out / "index.parquet")) == 6  # the latest row per image
+    assert cli_main(argv + ["--strict"]) == 1
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_segment_ray_errors(bundle, tmp_path, capsys):
+    assert cli_main(["segment", "--ray", str(tmp_path / "nope"), "--bundle", bundle, "--out", str(tmp_path / "o")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "dup").mkdir()
+    for name in ("a.png", "a.jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "dup" / name)
+    assert cli_main(["segment", "--ray", str(tmp_path / "dup"), "--bundle", bundle, "--out", str(tmp_path / "o")]) == 1
+    assert "would write the same mask" in capsys.readouterr().err
+    assert cli_main(["segment", "--bundle", bundle, "--out", str(tmp_path / "o")]) == 1
+    assert "give image files" in capsys.readouterr().err
