@@ -22,6 +22,11 @@ NAME (JSON key it writes):
                                           `bash scripts/demo.sh` runs) and its phases (synthesis,
                                           embedding, training: sampling / learner / SRM, evaluation)
 
+  segment        (segment_ray_vs_loop)    images/s of `alignsam segment --ray` (Ray Data: encoder and
+                                          prompting actor pools, masks written by the workers, startup
+                                          included) vs the single-process loop of `alignsam segment`
+                                          (AlignSAMPredictor.predict_batch, batch 4), same images and bundle
+
 Everything runs on the embedded default (micro-SAM + synthetic saliency) unless stated. Data and
 stores are cached in --work (embedding is resumable), so a rerun only measures. Prints one table
 per benchmark and writes one JSON object.
@@ -39,7 +44,7 @@ import time
 import numpy as np
 import torch
 
-BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo")
+BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo", "segment")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -409,6 +414,52 @@ def bench_demo(work: str, args) -> dict:
     return {"demo_wall_s": wall, "demo_phases_s": phases, "demo_report_md": report}
 
 
+def bench_segment(work: str, args) -> dict:
+    """Batch inference: the Ray Data pipeline against the single-process loop on the same images."""
+    import glob
+
+    import ray
+    from PIL import Image
+
+    from alignsam_ray.batch_segment import segment_collection
+    from alignsam_ray.export import export_bundle
+    from alignsam_ray.predictor import AlignSAMPredictor
+    from alignsam_ray.train import train
+
+    store = store_of(work, args.segment_images)
+    bundle = os.path.join(work, "segment_bundle")
+    if not os.path.isfile(os.path.join(bundle, "manifest.json")):
+        cfg = run_config(store, **{"run_dir": os.path.join(work, "segment_run"), "train.iterations": 1,
+                                   "ppo.train_batch_size": 60, "ppo.minibatch_size": 30,
+                                   "resources.num_env_runners": 1})
+        export_bundle(train(cfg, progress=False)["checkpoint"], bundle)
+        ray.shutdown()
+    images = sorted(glob.glob(os.path.join(work, f"data_{args.segment_images}", "train", "images", "*")))
+    t0 = time.perf_counter()
+    predictor = AlignSAMPredictor(bundle)
+    out = os.path.join(work, "segment_loop")
+    os.makedirs(out, exist_ok=True)
+    for start in range(0, len(images), 4):  # what `alignsam segment IMAGE...` does
+        batch = [np.asarray(Image.open(p).convert("RGB")) for p in images[start:start + 4]]
+        for path, pred in zip(images[start:start + 4], predictor.predict_batch(batch)):
+            Image.fromarray(pred.mask.astype(np.uint8) * 255).save(
+                os.path.join(out, os.path.basename(path)[:-4] + "_mask.png"))
+    loop_s = time.perf_counter() - t0
+    out_ray = os.path.join(work, "segment_ray")
+    shutil.rmtree(out_ray, ignore_errors=True)
+    t0 = time.perf_counter()
+    stats = segment_collection(os.path.dirname(images[0]), bundle, out_ray, progress=False)
+    ray_s = time.perf_counter() - t0
+    ray.shutdown()
+    n = len(images)
+    assert stats["done"] == n
+    rows = [("single-process loop (alignsam segment)", n / loop_s, loop_s),
+            ("Ray Data pipeline (alignsam segment --ray), startup included", n / ray_s, ray_s)]
+    table(f"batch segmentation, {n} images, micro-SAM bundle", ("pipeline", "images/s", "seconds"), rows)
+    return {"segment_ray_vs_loop": (n / ray_s) / (n / loop_s), "segment_images_per_s": {"loop": n / loop_s,
+            "ray": n / ray_s}, "segment_n_images": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=BENCHES, help="run only these")
@@ -418,6 +469,7 @@ def main() -> None:
     ap.add_argument("--literal-steps", type=int, default=3, help="steps of the re-encoding loop (vit_b: ~16 s each)")
     ap.add_argument("--runner-steps", type=int, default=600, help="env steps per EnvRunner per measurement")
     ap.add_argument("--skip-vit-b", action="store_true", help="env_overhead on the micro-SAM only")
+    ap.add_argument("--segment-images", type=int, default=100, help="images of the segment benchmark")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     command = " ".join(["python", "scripts/bench.py"] + sys.argv[1:])

@@ -166,3 +166,38 @@ def test_unreachable_cluster_address_fails_fast_with_a_clear_error(monkeypatch, 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     with pytest.raises(ConnectionError, match=r"recorded by `ray start`"):
         init_ray()
+
+
+def test_segment_collection_on_a_multi_node_cluster(bundle, blur_store, tmp_path, no_local_ray):
+    """`alignsam segment --ray` on a three-node cluster (ray.cluster_utils.Cluster): the encoder actor and
+    two prompting actors (1 CPU each) cannot all fit on one node; the masks equal the Ray-free ones."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+    from ray.cluster_utils import Cluster
+
+    from alignsam_ray.batch_segment import segment_collection
+    from alignsam_ray.predictor import AlignSAMPredictor
+
+    src = tmp_path / "in"
+    src.mkdir()
+    images = sorted(glob.glob(os.path.join(os.path.dirname(blur_store), "data", "test", "images", "*")))
+    for path in images:
+        shutil.copy(path, src)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address)
+        stats = segment_collection(str(src), bundle, str(tmp_path / "out"), encoders=1, prompters=2, batch=2,
+                                   progress=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert stats["done"] == len(images) and stats["errors"] == 0
+    predictor = AlignSAMPredictor(bundle)
+    for path in images:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        expected = predictor.predict(np.asarray(Image.open(path).convert("RGB"))).mask
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "masks" / f"{stem}_mask.png")) > 0, expected)
