@@ -458,6 +458,8 @@ def reproduce(data: str, out: str, sam: str = "vit_h", checkpoint: str | None = 
     t0 = time.time()
     if sam != "micro" and not checkpoint:
         raise ConfigError(f"--sam {sam} needs --checkpoint (the official sam_{sam}_*.pth file)")
+    if clip_weights and not os.path.isfile(clip_weights):
+        raise ConfigError(f"--clip-weights {clip_weights!r}: no such file (a local open_clip weights file)")
     clip_model = clip_model or ("micro" if sam == "micro" else ("ViT-B-16" if clip_weights else None))
     found = find_benchmarks(data)
     print(f"[reproduce] 1/5 find: {', '.join(f'{COLUMN_NAMES[BENCHMARKS[k]]} ({v})' for k, v in found.items())}",
@@ -476,6 +478,7 @@ def reproduce(data: str, out: str, sam: str = "vit_h", checkpoint: str | None = 
     load_sam(sam, checkpoint)  # a wrong checkpoint fails here, not after an hour
     ckpt_hash = file_sha256(checkpoint or default_checkpoint(sam))
     settings = {"sam": sam, "checkpoint_sha256": ckpt_hash, "clip_model": clip_model,
+                "clip_weights_sha256": file_sha256(clip_weights) if clip_weights else None,
                 "n_train": n_train, "seed": seed, "iterations": iterations, "smoke": smoke}
     _check_settings(out, settings)
     print(f"[reproduce] plan: {len(stores)} stores, {len(runs)} runs ("
