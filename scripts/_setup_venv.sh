@@ -21,4 +21,11 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$PY" -m pip install -q -e "$SPEC"
     touch "$STAMP"
 fi
+# SAM 2.1 backends: the official sam2 package, built against the torch above, without its optional CUDA
+# extension (with build isolation its sdist would fetch a second torch into a throwaway environment)
+if ! "$PY" -c "import sam2" 2>/dev/null; then
+    echo "[setup] installing sam2 (SAM 2.1 backends) into .venv"
+    "$PY" -m pip install -q setuptools wheel
+    SAM2_BUILD_CUDA=0 "$PY" -m pip install -q --no-build-isolation "sam2==1.1.0"
+fi
 export PATH="$VENV/bin:$PATH"

@@ -27,6 +27,10 @@ NAME (JSON key it writes):
                                           included) vs the single-process loop of `alignsam segment`
                                           (AlignSAMPredictor.predict_batch, batch 4), same images and bundle
 
+  encoders       (encoder_s_per_image)    seconds per image of each SAM image encoder on this machine,
+                                          side by side (random weights, one 1024-long-side image,
+                                          batch 1): vit_b and the four SAM 2.1 Hiera sizes (+ ratio to vit_b)
+
 Everything runs on the embedded default (micro-SAM + synthetic saliency) unless stated. Data and
 stores are cached in --work (embedding is resumable), so a rerun only measures. Prints one table
 per benchmark and writes one JSON object.
@@ -44,7 +48,8 @@ import time
 import numpy as np
 import torch
 
-BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo", "segment")
+BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo", "segment",
+           "encoders")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -460,6 +465,30 @@ def bench_segment(work: str, args) -> dict:
             "ray": n / ray_s}, "segment_n_images": n}
 
 
+def bench_encoders(work: str, args) -> dict:
+    """SAM 1 vit_b vs SAM 2.1 Hiera-T/S/B+/L image encoders, seconds per image, interleaved repetitions."""
+    from alignsam_ray.foundation import SamImageEncoder, load_sam
+    from alignsam_ray.foundation.sam2_models import SAM2_TYPES, Sam2ImageEncoder, load_sam2
+
+    image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    encoders = {"vit_b": SamImageEncoder(load_sam("vit_b", random_init=True))}
+    encoders.update({t: Sam2ImageEncoder(load_sam2(t, None, random_init=True)) for t in SAM2_TYPES})
+    calls = {name: (lambda e=e: e.encode([e.resize(image)])) if name == "vit_b" else (lambda e=e: e.encode([image]))
+             for name, e in encoders.items()}
+    times: dict = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up
+        fn()
+    for _ in range(args.encoder_reps):  # interleaved: the machine's noise hits every encoder alike
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    per = {name: float(np.median(v)) for name, v in times.items()}
+    table(f"image encoder, seconds per image (median of {args.encoder_reps}, torch threads {torch.get_num_threads()})",
+          ("encoder", "s/image", "vit_b / this"), [(n, s, per["vit_b"] / s) for n, s in per.items()])
+    return {"encoder_s_per_image": per, "encoder_speedup_vs_vit_b": {n: per["vit_b"] / s for n, s in per.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=BENCHES, help="run only these")
@@ -470,6 +499,7 @@ def main() -> None:
     ap.add_argument("--runner-steps", type=int, default=600, help="env steps per EnvRunner per measurement")
     ap.add_argument("--skip-vit-b", action="store_true", help="env_overhead on the micro-SAM only")
     ap.add_argument("--segment-images", type=int, default=100, help="images of the segment benchmark")
+    ap.add_argument("--encoder-reps", type=int, default=3, help="timed repetitions per encoder")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     command = " ".join(["python", "scripts/bench.py"] + sys.argv[1:])
