@@ -73,6 +73,8 @@ def list_images(uri: str) -> list[str]:
                                                              else ""))
     rels = sorted(os.path.relpath(f.path, root) for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                   if f.type == pafs.FileType.File and f.path.lower().endswith(IMAGE_EXTENSIONS))
+    if not rels:
+        raise DataError(f"no images under {uri} (looked for {', '.join(IMAGE_EXTENSIONS)}, in subfolders too)")
     stems: dict[str, str] = {}
     for rel in rels:
         stem = os.path.splitext(rel)[0]

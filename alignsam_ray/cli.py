@@ -128,7 +128,8 @@ def cmd_export(args) -> int:
 
 
 def _add_segment(sub):
-    p = sub.add_parser("segment", help="segment images with an exported bundle (no Ray)",
+    p = sub.add_parser("segment", help="segment images with an exported bundle (no Ray; --ray: a whole folder or "
+                       "bucket on the Ray cluster)",
                        description="Ray-free inference: SAM embeds each image, the SRM places the first two points, "
                        "the policy picks T more; writes <stem>_mask.png and <stem>_overlay.png per image.")
     p.add_argument("images", nargs="*", help="image files (or --ray FOLDER_OR_URI for a whole collection)")
@@ -156,11 +157,10 @@ def cmd_segment(args) -> int:
             raise ValueError("give image files or --ray INPUT, not both")
         from .batch_segment import segment_collection
 
-        stats = segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
-                                   clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
-                                   strict=args.strict, encoders=args.encoders, prompters=args.prompters,
-                                   batch=args.batch)
-        return 0 if stats is not None else 1
+        segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
+                           clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
+                           strict=args.strict, encoders=args.encoders, prompters=args.prompters, batch=args.batch)
+        return 0
     if not args.images:
         raise ValueError("give image files to segment, or --ray INPUT for a whole folder or bucket")
     from PIL import Image
@@ -329,6 +329,11 @@ def main(argv=None) -> int:
         print(f"alignsam {args.cmd}: interrupted; finished shards and checkpoints are kept (rerun to resume)",
               file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if args.cmd != "reproduce":
+            raise
+        print(f"alignsam reproduce: error: {exc}", file=sys.stderr)  # failed runs: named, with their logs
+        return 1
 
 
 if __name__ == "__main__":

@@ -212,3 +212,6 @@ def test_segment_ray_errors(bundle, tmp_path, capsys):
     assert "would write the same mask" in capsys.readouterr().err
     assert cli_main(["segment", "--bundle", bundle, "--out", str(tmp_path / "o")]) == 1
     assert "give image files" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["segment", "--ray", str(tmp_path / "empty"), "--bundle", bundle, "--out", str(tmp_path / "o")]) == 1
+    assert "no images under" in capsys.readouterr().err
