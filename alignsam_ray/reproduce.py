@@ -181,7 +181,8 @@ def embed_stores(stores: list[Store], sam: str, checkpoint: str | None, clip_mod
     for k, s in enumerate(todo, 1):
         print(f"[reproduce] embed {k}/{len(todo)}: {s.name} ({len(s.samples)} images){_eta(done, total, t0)}",
               flush=True)
-        embed_dataset(s.samples, s.path, sam_type=sam, checkpoint=checkpoint, dataset_spec=s.spec, clip_model=clip_model, clip_weights=clip_weights)
+        embed_dataset(s.samples, s.path, sam_type=sam, checkpoint=checkpoint, dataset_spec=s.spec,
+                      clip_model=clip_model, clip_weights=clip_weights)
         done += len(s.samples)
 
 
