@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from .foundation.sam2_models import SAM2_TYPES
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -24,8 +26,11 @@ def _add_embed(sub):
                        description="Precompute SAM image embeddings once (Ray Data) into resumable Parquet shards.")
     p.add_argument("--data", required=True, help="dataset folder (generic images/ + masks/ layout, or a "
                    "benchmark folder), or LAYOUT:PATH with LAYOUT in generic, cuhk, sbu, msd, duts, voc")
-    p.add_argument("--sam", default="micro", choices=["micro", "vit_b", "vit_l", "vit_h"], help="SAM type (default: micro, embedded)")
-    p.add_argument("--checkpoint", help="official SAM .pth (required for vit_*; micro defaults to the shipped weights)")
+    p.add_argument("--sam", default="micro", choices=["micro", "vit_b", "vit_l", "vit_h", *SAM2_TYPES],
+                   help="SAM type (default: micro, embedded); sam2.1_*: SAM 2.1 through the official sam2 package "
+                   "(stores only, for now: training on them is not implemented yet)")
+    p.add_argument("--checkpoint", help="official SAM .pth (required for vit_*; micro defaults to the shipped weights), "
+                   "or SAM 2.1 .pt (sam2.1_hiera_tiny.pt, ...)")
     p.add_argument("--random-init", action="store_true", help="random SAM weights (timing only)")
     p.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     p.add_argument("--n-train", type=int, default=50, help="training images drawn per task (paper: 50); -1 = all")

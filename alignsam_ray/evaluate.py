@@ -48,7 +48,7 @@ from .metrics import (
     paired_difference,
     primary_metrics,
 )
-from .store.loader import EmbeddingStore
+from .store.loader import EmbeddingStore, refuse_sam2
 from .visualise import overlay
 
 METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
@@ -121,6 +121,7 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     t0 = time.time()
     agent = Agent.load(checkpoint)
     st = EmbeddingStore(store)
+    refuse_sam2(st, store)
     check_store(agent, st, store)
     data = st.arrays(split)
     gt_full = st.gt_full(split)

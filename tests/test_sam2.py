@@ -103,3 +103,49 @@ def test_checkpoint_errors(tiny_checkpoint, tmp_path):
         load_sam2("sam2.1_hiera_t", str(broken))
     with pytest.raises(CheckpointError, match="holds a sam2.1_hiera_t model, but sam2.1_hiera_s was asked for"):
         load_sam2("sam2.1_hiera_s", tiny_checkpoint)
+
+
+@pytest.mark.integration
+def test_embed_a_sam2_store(tiny_checkpoint, reference, tmp_path, capsys):
+    """`alignsam embed --sam sam2.1_hiera_t`: the stored embedding and high-resolution features equal
+    SAM2ImagePredictor.set_image's (fp16), in its frame (1024 x 1024, no padding); the store's decoder
+    file rebuilds the same decoder; training on the store is refused with a clear message."""
+    import os
+
+    from alignsam_ray.cli import main
+    from alignsam_ray.data import generate_task
+    from alignsam_ray.data.samples import read_image
+    from alignsam_ray.store.embed import lowres_mask
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    folder = generate_task("synthetic_shadow", str(tmp_path / "data"), n_train=2, n_test=1, seed=0, progress=False)
+    store = tmp_path / "store"
+    assert main(["embed", "--data", folder, "--sam", "sam2.1_hiera_t", "--checkpoint", tiny_checkpoint,
+                 "--clip-model", "micro", "--out", str(store)]) == 0
+    capsys.readouterr()
+    st = EmbeddingStore(str(store))
+    assert st.manifest["sam_type"] == "sam2.1_hiera_t" and st.manifest["frame"] == "square"
+    data = st.arrays()
+    assert data["high_res_feats_0"].shape[1:] == (32, 256, 256) and data["high_res_feats_1"].shape[1:] == (64, 128, 128)
+    paths = dict(zip(st.table()["id"].to_pylist(), st.table()["image_path"].to_pylist()))
+    for k, i in enumerate(data["ids"]):
+        image = read_image(paths[i])
+        reference.set_image(image)
+        ref = reference._features
+        for mine, theirs in ((data["embeddings"][k], ref["image_embed"][0]),
+                             (data["high_res_feats_0"][k], ref["high_res_feats"][0][0]),
+                             (data["high_res_feats_1"][k], ref["high_res_feats"][1][0])):
+            np.testing.assert_allclose(mine.astype(np.float32), theirs.numpy(), atol=2e-3, rtol=2e-3)
+        assert tuple(data["input_size"][k]) == (1024, 1024) and tuple(data["original_size"][k]) == image.shape[:2]
+    gt = st.gt_full()
+    first = data["ids"][0]
+    assert np.array_equal(data["gt_lowres"][0], lowres_mask(gt[first], (1024, 1024)))
+    dec = st.decoder()
+    assert isinstance(dec, Sam2PromptDecoder)
+    original = Sam2PromptDecoder.from_model(load_sam2("sam2.1_hiera_t", tiny_checkpoint), "sam2.1_hiera_t")
+    for (name, a), (_, b) in zip(dec.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
+    shard_bytes = sum(os.path.getsize(store / n) for n in st.manifest["shards"]) / len(data["ids"])
+    assert shard_bytes > 6e6  # 2 MB embedding + 4 MB + 2 MB high-res features (fp16, zstd barely helps)
+    assert main(["train", "--store", str(store)]) == 1
+    assert "SAM 2.1" in capsys.readouterr().err

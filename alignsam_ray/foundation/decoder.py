@@ -93,7 +93,10 @@ class SamPromptDecoder(nn.Module):
     @classmethod
     def load(cls, path) -> SamPromptDecoder:
         """From a file written by ``save``: a path or a binary file object (e.g. ``io.BytesIO``)."""
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_blob(torch.load(path, map_location="cpu", weights_only=True))
+
+    @classmethod
+    def from_blob(cls, blob: dict) -> SamPromptDecoder:
         dec = cls(blob["sam_type"], *build_decoder_parts(blob["sam_type"]))
         dec.load_state_dict(blob["state_dict"])
         return dec
@@ -145,3 +148,13 @@ class SamPromptDecoder(nn.Module):
         m = F.interpolate(low_res[None].float(), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
         m = m[..., : input_size[0], : input_size[1]]
         return F.interpolate(m, tuple(original_size), mode="bilinear", align_corners=False)[0]
+
+
+def load_prompt_decoder(path):
+    """A store's decoder file (a path or a binary file object) -> ``SamPromptDecoder`` (SAM 1, micro-SAM)
+    or ``Sam2PromptDecoder`` (SAM 2.1), by the ``sam_type`` it records."""
+    from .sam2_models import Sam2PromptDecoder, is_sam2
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return (Sam2PromptDecoder if is_sam2(blob["sam_type"]) else SamPromptDecoder).from_blob(blob)
+

@@ -41,6 +41,10 @@ SAM2_TYPES = {
 FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_feats_0": (32, 256, 256), "high_res_feats_1": (64, 128, 128)}
 
 
+def is_sam2(sam_type: str) -> bool:
+    return sam_type in SAM2_TYPES
+
+
 def _sam2():
     try:
         import sam2.build_sam as build_sam
@@ -147,6 +151,22 @@ class Sam2PromptDecoder(nn.Module):
     def from_model(cls, model, sam_type: str) -> Sam2PromptDecoder:
         return cls(sam_type, copy.deepcopy(model.sam_prompt_encoder), copy.deepcopy(model.sam_mask_decoder),
                    model.image_size)
+
+    def save(self, path) -> None:
+        """{"sam_type", "state_dict"} (tensors only): a store's decoder.pt."""
+        torch.save({"sam_type": self.sam_type, "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path) -> Sam2PromptDecoder:
+        """From ``save``'s file (a path or a binary file object): the parts are rebuilt by sam2's builder
+        from the type's config (so their hyperparameters are the official ones), then the weights loaded."""
+        return cls.from_blob(torch.load(path, map_location="cpu", weights_only=True))
+
+    @classmethod
+    def from_blob(cls, blob: dict) -> Sam2PromptDecoder:
+        dec = cls.from_model(build_sam2_model(blob["sam_type"]), blob["sam_type"])
+        dec.load_state_dict(blob["state_dict"])
+        return dec
 
     def to_frame(self, points_xy: np.ndarray, orig_hw) -> np.ndarray:
         """Image pixels (x, y) -> the model's 1024 x 1024 frame (``SAM2Transforms.transform_coords``)."""

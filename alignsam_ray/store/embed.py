@@ -24,7 +24,9 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
 from ..data import DataError, Sample, load_pair
+from ..data.samples import read_image
 from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
+from ..foundation.sam2_models import FEATURE_SHAPES, is_sam2
 from ..foundation.sam_models import default_checkpoint
 from ..ray_session import init_ray, native_to_log
 from .shards import (
@@ -43,6 +45,7 @@ from .shards import (
 )
 
 IMAGE_SIZE = 1024
+SAM2_FEATURES = {k: v for k, v in FEATURE_SHAPES.items() if k != "image_embed"}  # stored beside the embedding
 
 
 def lowres_mask(mask: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
@@ -58,13 +61,20 @@ def lowres_mask(mask: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
 def _load_row(item: dict) -> dict:
     """Ray Data map: read + resize one image; errors become rows (the driver decides)."""
     sample = Sample(**item["sample"])
-    base = {"order": item["order"], "shard": item["shard"], "id": sample.id, "error": ""}
+    base = {"order": item["order"], "shard": item["shard"], "id": sample.id, "image_path": sample.image_path,
+            "error": ""}
     try:
         image, mask = load_pair(sample)
     except DataError as exc:  # same columns as a good row, so batches keep one schema
         return {**base, "error": str(exc), "frame": np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
                 "input_h": 0, "input_w": 0, "original_h": 0, "original_w": 0,
                 "gt_lowres": np.zeros((LOWRES, LOWRES), np.uint8), "gt_png": b""}
+    if item.get("square"):  # SAM 2.1's frame: the whole image resized to 1024 x 1024 (no padding); the
+        # encoder re-reads the original (SAM2Transforms resize it themselves), CLIP sees this frame
+        frame = np.asarray(Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+        h = w = IMAGE_SIZE
+        return {**base, "frame": frame, "input_h": h, "input_w": w, "original_h": image.shape[0],
+                "original_w": image.shape[1], "gt_lowres": lowres_mask(mask, (h, w)), "gt_png": encode_png(mask)}
     resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
     h, w = resized.shape[:2]
     frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -92,7 +102,13 @@ class SamEncoderActor:
         device = pick_device()
         if device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # this node's cores (the actor runs alone here)
-        self.encoder = SamImageEncoder(load_sam(sam_type, checkpoint, random_init=random_init), device)
+        self.sam2 = is_sam2(sam_type)
+        if self.sam2:
+            from ..foundation.sam2_models import Sam2ImageEncoder, load_sam2
+
+            self.encoder = Sam2ImageEncoder(load_sam2(sam_type, checkpoint, random_init=random_init), device)
+        else:
+            self.encoder = SamImageEncoder(load_sam(sam_type, checkpoint, random_init=random_init), device)
         self.clip, self.texts = None, []
         if clip:
             from ..foundation.clip_surgery import ClipSurgery
@@ -106,9 +122,17 @@ class SamEncoderActor:
         emb = np.empty(n, dtype=object)
         emb[:] = b""
         maps = {t: np.full(n, b"", dtype=object) for t in self.texts}
+        feats = {k: np.full(n, b"", dtype=object) for k in (SAM2_FEATURES if self.sam2 else {})}
         if ok:
             frames = [batch["frame"][i][: batch["input_h"][i], : batch["input_w"][i]] for i in ok]
-            out = self.encoder.encode(frames).astype(np.float16)
+            if self.sam2:  # SAM2ImagePredictor's own transforms, on the original image
+                out = self.encoder.encode([read_image(str(batch["image_path"][i])) for i in ok])
+                for k in feats:
+                    for j, i in enumerate(ok):
+                        feats[k][i] = out[k][j].astype(np.float16).tobytes()
+                out = out["image_embed"].astype(np.float16)
+            else:
+                out = self.encoder.encode(frames).astype(np.float16)
             for j, i in enumerate(ok):
                 emb[i] = out[j].tobytes()
             if self.clip is not None:  # on the image SAM saw (long side 1024), padded like SAM: grids align
@@ -119,6 +143,7 @@ class SamEncoderActor:
         batch = dict(batch)
         batch.pop("frame", None)
         batch["embedding"] = emb
+        batch.update(feats)
         for t in self.texts:
             batch[f"map_{map_name(t)}"] = maps[t]
         return batch
@@ -186,9 +211,16 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
            dataset_spec, clip_model, clip_weights, clip_texts, skipped, progress) -> dict:
     samples = sorted(samples, key=lambda s: (s.split, s.id))
     ckpt_path = checkpoint or default_checkpoint(sam_type)
-    sam = load_sam(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
+    if is_sam2(sam_type):
+        from ..foundation.sam2_models import Sam2PromptDecoder, load_sam2
+
+        model = load_sam2(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
+        embed_dim, decoder, features = model.sam_prompt_embed_dim, Sam2PromptDecoder.from_model(model, sam_type), \
+            SAM2_FEATURES
+    else:
+        model = load_sam(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
+        embed_dim, decoder, features = model.prompt_encoder.embed_dim, SamPromptDecoder.from_sam(model, sam_type), {}
     ckpt_hash = "random-init" if random_init else file_sha256(ckpt_path)
-    embed_dim = sam.prompt_encoder.embed_dim
     digest = samples_digest(samples)
     identity = {"sam_type": sam_type, "checkpoint_sha256": ckpt_hash, "samples_sha256": digest, "shard_size": shard_size,
                 "clip": None}
@@ -221,9 +253,12 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
             "gt_lowres_shape": [LOWRES, LOWRES], "maps": sorted(identity["clip"]["maps"]) if clip else [],
             "decoder": DECODER_FILE,
             "shards": {}, "skipped": {}, "complete": False,
+            # SAM 2.1: the image squashed to 1024 x 1024 (SAM 1: long side 1024, padded) + its decoder's
+            # high-resolution features, name -> (C, H, W) float16
+            "frame": "square" if features else "longest_side", "features": {k: list(v) for k, v in features.items()},
         }
-    write_decoder(out, manifest, SamPromptDecoder.from_sam(sam, sam_type))
-    del sam
+    write_decoder(out, manifest, decoder)
+    del model, decoder
 
     n_shards = (len(samples) + shard_size - 1) // shard_size
     done = set()
@@ -238,12 +273,12 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
     manifest["shards"] = {k: v for k, v in manifest["shards"].items() if v["index"] in done}
     pending = [i for i in range(n_shards) if i not in done]
     items = [
-        {"order": k, "shard": i, "sample": asdict(s)}
+        {"order": k, "shard": i, "sample": asdict(s), "square": bool(features)}
         for i in pending for k, s in enumerate(samples[i * shard_size : (i + 1) * shard_size], start=i * shard_size)
     ]
     if progress and done:
         print(f"[embed] resuming: {len(done)} of {n_shards} shards already done", file=sys.stderr)
-    table_schema = schema(embed_dim, tuple(manifest["maps"]))
+    table_schema = schema(embed_dim, tuple(manifest["maps"]), manifest.get("features"))
     t0 = time.time()
     n_new = 0
     if items:
@@ -314,6 +349,7 @@ def _finish_shard(out, manifest, shard, rows, samples, table_schema, skip_bad) -
             "embedding": bytes(row["embedding"]), "gt_lowres": np.asarray(row["gt_lowres"]).tobytes(),
             "gt_png": bytes(row["gt_png"]),
             **{f"map_{m}": bytes(row[f"map_{m}"]) for m in manifest["maps"]},
+            **{k: bytes(row[k]) for k in manifest.get("features") or {}},
         })
     name = shard_name(shard)
     digest = write_shard(good, os.path.join(out, name), table_schema)

@@ -2,7 +2,8 @@
 
     EmbeddingStore(path).arrays(split) -> dict of numpy arrays (N = images in the split):
         ids (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
-        original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16
+        original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16,
+        SAM 2.1 stores also high_res_feats_0 (N, 32, 256, 256) and high_res_feats_1 (N, 64, 128, 128) float16
     publish_store(path, split) -> actor name   (driver: ray.put every array, a named actor holds the refs;
                                                also "decoder_file" (n_bytes,) uint8, the store's decoder.pt)
     fetch_store(name) -> the same dict, zero-copy read-only views of the object store (workers)
@@ -59,9 +60,9 @@ class EmbeddingStore:
 
     def decoder(self):
         """The store's frozen SAM prompt encoder + mask decoder (a ``SamPromptDecoder``)."""
-        from ..foundation.decoder import SamPromptDecoder
+        from ..foundation.decoder import load_prompt_decoder
 
-        return SamPromptDecoder.load(io.BytesIO(self.decoder_bytes()))
+        return load_prompt_decoder(io.BytesIO(self.decoder_bytes()))
 
     def table(self, split: str | None = None) -> pa.Table:
         names = sorted(self.manifest["shards"])
@@ -86,12 +87,24 @@ class EmbeddingStore:
         }
         for name in self.manifest.get("maps", []):
             out[f"map_{name}"] = _fixed_binary(t[f"map_{name}"], np.float16, (n, GRID, GRID))
+        for name, shape in (self.manifest.get("features") or {}).items():  # SAM 2.1 stores
+            out[name] = _fixed_binary(t[name], np.float16, (n, *shape))
         return out
 
     def gt_full(self, split: str | None = None) -> dict[str, np.ndarray]:
         """id -> full-resolution (H, W) uint8 mask (0/1/255)."""
         t = self.table(split)
         return {i: decode_png(b) for i, b in zip(t["id"].to_pylist(), t["gt_png"].to_pylist())}
+
+
+def refuse_sam2(store: EmbeddingStore, path: str) -> None:
+    """Training and evaluation run on SAM 1 / micro-SAM stores only, for now: say so, not crash later."""
+    from ..config import ConfigError
+
+    if store.manifest.get("features"):
+        raise ConfigError(f"store {path!r} holds {store.manifest['sam_type']} (SAM 2.1) embeddings: embedding with "
+                          "SAM 2.1 works, training and evaluating on such stores is not implemented yet; embed with "
+                          "--sam vit_b / vit_l / vit_h to train")
 
 
 def _fixed_binary(column: pa.ChunkedArray, dtype, shape) -> np.ndarray:

@@ -50,7 +50,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def schema(embed_dim: int, map_names: tuple[str, ...] = ()) -> pa.Schema:
+def schema(embed_dim: int, map_names: tuple[str, ...] = (), features: dict | None = None) -> pa.Schema:
+    """The shard columns; ``features``: extra fp16 feature maps per image, name -> shape (SAM 2.1's
+    high-resolution features: high_res_feats_0 (32, 256, 256), high_res_feats_1 (64, 128, 128))."""
     fields = [
         ("id", pa.string()), ("task", pa.string()), ("split", pa.string()), ("text", pa.string()),
         ("image_path", pa.string()),
@@ -59,6 +61,7 @@ def schema(embed_dim: int, map_names: tuple[str, ...] = ()) -> pa.Schema:
         ("gt_lowres", pa.binary(LOWRES * LOWRES)),
         ("gt_png", pa.binary()),
     ] + [(f"map_{n}", pa.binary(GRID * GRID * 2)) for n in map_names]
+    fields += [(name, pa.binary(int(np.prod(shape)) * 2)) for name, shape in (features or {}).items()]
     return pa.schema(fields)
 
 
