@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from .data.readers import IMAGE_EXTENSIONS
 from .data.samples import DataError
+from .foundation.sam2_models import FEATURE_SHAPES
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()),            # the image's path relative to INPUT
@@ -185,6 +186,8 @@ class EncodeStage:
                 "input_size": np.zeros((n, 2), np.int64)}
         if self.predictor.clip is not None:
             cols[f"map_{self.predictor.text_map}"] = np.zeros((n, 64, 64), np.float16)
+        for key in self.predictor.decoder.extra_keys:  # SAM 2.1's high-resolution features
+            cols[key] = np.zeros((n, *FEATURE_SHAPES[key]), np.float16)
         if ok:
             data = self.predictor.embed_batch([images[i] for i in ok])
             for key, col in cols.items():
@@ -215,8 +218,8 @@ class PromptStage:
         rows = {k: [] for k in INDEX_SCHEMA.names}
         preds = {}
         if ok:
-            data = {k: np.asarray(batch[k])[ok] for k in batch if k in ("embeddings", "original_size", "input_size")
-                    or k.startswith("map_")}
+            keep = ("embeddings", "original_size", "input_size", *self.predictor.decoder.extra_keys)
+            data = {k: np.asarray(batch[k])[ok] for k in batch if k in keep or k.startswith("map_")}
             preds = dict(zip(ok, self.predictor.prompt_batch(data, self.steps)))
         per_image = (time.time() - t0) / max(len(ok), 1)
         for i in range(n):

@@ -48,7 +48,7 @@ from .metrics import (
     paired_difference,
     primary_metrics,
 )
-from .store.loader import EmbeddingStore, refuse_sam2
+from .store.loader import EmbeddingStore
 from .visualise import overlay
 
 METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
@@ -121,7 +121,6 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     t0 = time.time()
     agent = Agent.load(checkpoint)
     st = EmbeddingStore(store)
-    refuse_sam2(st, store)
     check_store(agent, st, store)
     data = st.arrays(split)
     gt_full = st.gt_full(split)
@@ -166,7 +165,8 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(metrics))
-    figs = write_figures(st, split, main, ids, decoder, gt_full, os.path.join(out, "figures"), n_figures)
+    figs = write_figures(st, split, main, ids, data["input_size"], decoder, gt_full, os.path.join(out, "figures"),
+                         n_figures)
     log(f"wrote {out}/metrics.json, report.md and {figs} figure(s) in {metrics['seconds']:.0f}s")
     return metrics
 
@@ -290,7 +290,8 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
     return text, {"classes": table, "mean": mean, "n_classes": len(order)}
 
 
-def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, gt_full: dict, folder: str, n: int) -> int:
+def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, input_sizes, decoder, gt_full: dict, folder: str,
+                  n: int) -> int:
     """Per image: the prompts, the mask (blue) and the ground-truth outline (yellow) after steps 1, 5,
     10 and 15 (green + = positive, red x = negative)."""
     import matplotlib
@@ -309,7 +310,7 @@ def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, decoder, g
             continue
         image = np.asarray(Image.open(path).convert("RGB"))
         h, w = image.shape[:2]
-        scale = max(h, w) / 1024
+        scale = np.array([w, h]) / np.asarray(input_sizes[k][::-1], np.float64)  # SAM's frame -> pixels, per axis
         gt = gt_full[ids[k]] == 1
         fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 4 * h / w + 0.4), squeeze=False)
         for ax, t in zip(axes[0], steps):

@@ -41,6 +41,7 @@ from .foundation import (
     load_weights,
     pick_device,
 )
+from .foundation.sam2_models import Sam2ImageEncoder, Sam2PromptDecoder, is_sam2, load_sam2, square_frame
 
 LOADED = (POLICY_ONNX, SRM_FILE, CONFIG_FILE)  # what the predictor reads from a bundle, besides the manifest
 
@@ -105,10 +106,18 @@ class AlignSAMPredictor:
             self.text_map = self.manifest["text_map"]
             if encoder:
                 self._load_clip(clip_weights)
-        model = load_sam(sam["sam_type"], sam_checkpoint, random_init=sam["checkpoint_sha256"] == "random-init")
-        if encoder:
-            self.encoder = SamImageEncoder(model, self.device)
-        self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
+        random_init = sam["checkpoint_sha256"] == "random-init"
+        self.sam2 = is_sam2(sam["sam_type"])
+        if self.sam2:  # SAM 2.1 through the official sam2 package: its frame, its decoder's high-res features
+            model = load_sam2(sam["sam_type"], sam_checkpoint, random_init=random_init)
+            self.decoder = Sam2PromptDecoder.from_model(model, sam["sam_type"]).eval()  # (copied on CPU, first)
+            if encoder:
+                self.encoder = Sam2ImageEncoder(model, self.device)
+        else:
+            model = load_sam(sam["sam_type"], sam_checkpoint, random_init=random_init)
+            if encoder:
+                self.encoder = SamImageEncoder(model, self.device)
+            self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
         self.policy = onnxruntime.InferenceSession(os.path.join(bundle, POLICY_ONNX), providers=["CPUExecutionProvider"])
         blob = load_weights(os.path.join(bundle, SRM_FILE), "bundle SRM")
         self.srm = SRM(blob["embed_dim"], blob["branch"])
@@ -164,10 +173,20 @@ class AlignSAMPredictor:
     @torch.inference_mode()
     def embed_batch(self, images: list[np.ndarray]) -> dict:
         """The encoder side: (H, W, 3) uint8 images -> {"embeddings": (B, E, 64, 64) float16,
-        "original_size": (B, 2), "input_size": (B, 2) (h, w after the long side -> 1024), and the CLIP
-        Surgery map "map_<text>": (B, 64, 64) float16 for an explicit-branch policy}."""
+        "original_size": (B, 2), "input_size": (B, 2) (h, w after the long side -> 1024; SAM 2.1: 1024, 1024),
+        the CLIP Surgery map "map_<text>": (B, 64, 64) float16 for an explicit-branch policy, and for SAM 2.1
+        "high_res_feats_0" (B, 32, 256, 256), "high_res_feats_1" (B, 64, 128, 128) float16}."""
         if self.encoder is None:
             raise ValueError("this predictor was made with encoder=False: it only prompts (prompt_batch)")
+        if self.sam2:  # as `alignsam embed` stores them: fp16 features, the square 1024 frame
+            feats = self.encoder.encode(images)
+            data = {"embeddings": feats["image_embed"].astype(np.float16),
+                    **{k: feats[k].astype(np.float16) for k in self.decoder.extra_keys},
+                    "original_size": np.array([im.shape[:2] for im in images]),
+                    "input_size": np.full((len(images), 2), 1024)}
+            if self.clip is not None:
+                data[f"map_{self.text_map}"] = self.clip.maps([square_frame(im) for im in images], [self.text])[:, 0]
+            return data
         resized = [self.encoder.resize(im) for im in images]
         data = {"embeddings": self.encoder.encode(resized).astype(np.float16),
                 "original_size": np.array([im.shape[:2] for im in images]),

@@ -38,7 +38,7 @@ from .checkpoint import CHECKPOINTS, checkpoints, resolve_checkpoint  # noqa: F4
 from .config import ConfigError, env_config, save_config, validate
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
-from .store.loader import EmbeddingStore, publish_store, refuse_sam2
+from .store.loader import EmbeddingStore, publish_store
 
 ENV_NAME = "alignsam"
 
@@ -142,7 +142,6 @@ class Trainer:
         self.progress = progress
         self.run_dir = cfg["run_dir"]
         store = EmbeddingStore(cfg["store"], verify=False)
-        refuse_sam2(store, cfg["store"])
         n_train, k = store.manifest.get("counts", {}).get("train", 0), cfg["train"]["val_images"]
         if k >= n_train:
             raise ConfigError(f"train.val_images ({k}) must be smaller than the {n_train} training images of store "

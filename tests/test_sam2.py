@@ -77,7 +77,8 @@ def test_decoder_equals_the_image_predictors_predict(tiny_checkpoint, reference)
             assert ((up > 0) == (masks > 0)).mean() > 0.9999
     # batched over both images in one call (the env's and the rollout's use) == one at a time
     frame = np.stack([decoder.to_frame(p, im.shape[:2]) for p, im in zip(points, images)])
-    batched, _ = decoder.decode(feats, frame, np.stack(labels))
+    batched, _ = decoder.decode(feats["image_embed"], frame, np.stack(labels),
+                                high_res_feats_0=feats["high_res_feats_0"], high_res_feats_1=feats["high_res_feats_1"])
     for b in range(2):
         one, _ = decoder.predict({k: v[b] for k, v in feats.items()}, points[b], labels[b], images[b].shape[:2])
         np.testing.assert_allclose(batched[b].numpy(), one, atol=1e-4, rtol=1e-4)
@@ -106,46 +107,85 @@ def test_checkpoint_errors(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.integration
-def test_embed_a_sam2_store(tiny_checkpoint, reference, tmp_path, capsys):
-    """`alignsam embed --sam sam2.1_hiera_t`: the stored embedding and high-resolution features equal
-    SAM2ImagePredictor.set_image's (fp16), in its frame (1024 x 1024, no padding); the store's decoder
-    file rebuilds the same decoder; training on the store is refused with a clear message."""
+def test_sam2_store_env_train_evaluate_export_segment(tiny_checkpoint, reference, tmp_path, capsys):
+    """A random-weight Hiera-T in the official format, end to end: `alignsam embed --sam sam2.1_hiera_t`
+    stores SAM2ImagePredictor.set_image's features (fp16) in its frame; the env decodes a set of points
+    as SAM2ImagePredictor.predict does (1e-4 on logits, the same stored features given to both); then
+    train 1 iteration -> evaluate -> export -> `alignsam segment` (the masks evaluation computes)."""
     import os
+
+    from PIL import Image
 
     from alignsam_ray.cli import main
     from alignsam_ray.data import generate_task
     from alignsam_ray.data.samples import read_image
+    from alignsam_ray.env.episodes import PromptEpisodes
+    from alignsam_ray.env.grid import PatchGrid
+    from alignsam_ray.foundation.decoder import load_prompt_decoder
     from alignsam_ray.store.embed import lowres_mask
     from alignsam_ray.store.loader import EmbeddingStore
 
-    folder = generate_task("synthetic_shadow", str(tmp_path / "data"), n_train=2, n_test=1, seed=0, progress=False)
+    folder = generate_task("synthetic_shadow", str(tmp_path / "data"), n_train=3, n_test=2, seed=0, progress=False)
     store = tmp_path / "store"
     assert main(["embed", "--data", folder, "--sam", "sam2.1_hiera_t", "--checkpoint", tiny_checkpoint,
                  "--clip-model", "micro", "--out", str(store)]) == 0
-    capsys.readouterr()
     st = EmbeddingStore(str(store))
     assert st.manifest["sam_type"] == "sam2.1_hiera_t" and st.manifest["frame"] == "square"
-    data = st.arrays()
+    data = st.arrays("test")
     assert data["high_res_feats_0"].shape[1:] == (32, 256, 256) and data["high_res_feats_1"].shape[1:] == (64, 128, 128)
     paths = dict(zip(st.table()["id"].to_pylist(), st.table()["image_path"].to_pylist()))
+    gt = st.gt_full("test")
+    dec = load_prompt_decoder(__import__("io").BytesIO(st.decoder_bytes()))  # what an EnvRunner loads
+    assert isinstance(dec, Sam2PromptDecoder)
+    episodes = PromptEpisodes(data, dec, PatchGrid(10, 10), init="gt", labels="gt")
     for k, i in enumerate(data["ids"]):
         image = read_image(paths[i])
         reference.set_image(image)
         ref = reference._features
-        for mine, theirs in ((data["embeddings"][k], ref["image_embed"][0]),
-                             (data["high_res_feats_0"][k], ref["high_res_feats"][0][0]),
-                             (data["high_res_feats_1"][k], ref["high_res_feats"][1][0])):
-            np.testing.assert_allclose(mine.astype(np.float32), theirs.numpy(), atol=2e-3, rtol=2e-3)
+        stored = {"image_embed": data["embeddings"][k], "high_res_feats": [data["high_res_feats_0"][k],
+                                                                           data["high_res_feats_1"][k]]}
+        np.testing.assert_allclose(stored["image_embed"].astype(np.float32), ref["image_embed"][0].numpy(),
+                                   atol=2e-3, rtol=2e-3)
+        for mine, theirs in zip(stored["high_res_feats"], ref["high_res_feats"]):
+            np.testing.assert_allclose(mine.astype(np.float32), theirs[0].numpy(), atol=2e-3, rtol=2e-3)
         assert tuple(data["input_size"][k]) == (1024, 1024) and tuple(data["original_size"][k]) == image.shape[:2]
-    gt = st.gt_full()
-    first = data["ids"][0]
-    assert np.array_equal(data["gt_lowres"][0], lowres_mask(gt[first], (1024, 1024)))
-    dec = st.decoder()
-    assert isinstance(dec, Sam2PromptDecoder)
-    original = Sam2PromptDecoder.from_model(load_sam2("sam2.1_hiera_t", tiny_checkpoint), "sam2.1_hiera_t")
-    for (name, a), (_, b) in zip(dec.state_dict().items(), original.state_dict().items()):
-        assert torch.equal(a, b), name
-    shard_bytes = sum(os.path.getsize(store / n) for n in st.manifest["shards"]) / len(data["ids"])
-    assert shard_bytes > 6e6  # 2 MB embedding + 4 MB + 2 MB high-res features (fp16, zstd barely helps)
-    assert main(["train", "--store", str(store)]) == 1
-    assert "SAM 2.1" in capsys.readouterr().err
+        assert np.array_equal(data["gt_lowres"][k], lowres_mask(gt[i], (1024, 1024)))
+        # the env's decode of these points == the official predictor's, on the same (stored) features
+        reference._features = {"image_embed": torch.from_numpy(stored["image_embed"].astype(np.float32))[None],
+                               "high_res_feats": [torch.from_numpy(f.astype(np.float32))[None]
+                                                  for f in stored["high_res_feats"]]}
+        h, w = image.shape[:2]
+        points, labels = np.array([[w * 0.3, h * 0.4], [w * 0.8, h * 0.1], [w * 0.5, h * 0.9]]), np.array([1, 0, 1])
+        _, _, ref_low = reference.predict(point_coords=points, point_labels=labels, multimask_output=False,
+                                          return_logits=True)
+        episodes.image[0], episodes.t[0] = k, 1
+        episodes.coords[0, :3], episodes.labels[0, :3] = dec.to_input_frame(points, (h, w)), labels
+        episodes._decode(np.array([0]))
+        np.testing.assert_allclose(episodes.logits[0], ref_low[0], atol=1e-4, rtol=1e-4)
+    bytes_per_image = sum(os.path.getsize(store / n) for n in st.manifest["shards"]) / st.manifest["n_images"]
+    assert bytes_per_image > 6e6  # 2 MB embedding + 4 MB + 2 MB high-res features, fp16
+
+    run, ev, bundle, seg = (str(tmp_path / n) for n in ("run", "eval", "bundle", "seg"))
+    tiny = ["env.horizon=3", "env.obs_res=8", "model.width=16", "ppo.train_batch_size=48", "ppo.minibatch_size=24",
+            "ppo.num_epochs=2", "train.iterations=1", "resources.num_env_runners=1", f"run_dir={run}"]
+    assert main(["train", "--store", str(store), *tiny, "--quiet"]) == 0
+    assert main(["evaluate", "--checkpoint", run, "--out", ev, "--figures", "1"]) == 0
+    assert main(["export", "--checkpoint", run, "--out", bundle]) == 0
+    capsys.readouterr()
+    images = [paths[i] for i in data["ids"]]
+    assert main(["segment", *images, "--bundle", bundle, "--sam-checkpoint", tiny_checkpoint, "--out", seg]) == 0
+    # the Ray-free predictor re-embeds the images and gives the masks evaluation computes from the store
+    from alignsam_ray.evaluate import Agent, rollout
+    from alignsam_ray.predictor import AlignSAMPredictor
+
+    agent = Agent.load(run)
+    ref = rollout(agent, data, st.decoder(), "policy", "srm", 3, (3,))
+    preds = AlignSAMPredictor(bundle, sam_checkpoint=tiny_checkpoint).predict_batch([read_image(p) for p in images])
+    for k, pred in enumerate(preds):
+        np.testing.assert_array_equal(pred.labels, ref.points[3][k][1])
+        np.testing.assert_allclose(pred.low_res_logits, ref.logits[3][k], atol=1e-3)
+    metrics = __import__("json").load(open(os.path.join(ev, "metrics.json")))
+    assert metrics["n_images"] == 2 and os.listdir(os.path.join(ev, "figures"))
+    for path in images:
+        mask = np.asarray(Image.open(os.path.join(seg, os.path.splitext(os.path.basename(path))[0] + "_mask.png")))
+        assert mask.shape == read_image(path).shape[:2] and set(np.unique(mask)) <= {0, 255}

@@ -42,7 +42,7 @@ from gymnasium.vector.utils import batch_space
 
 from ..agent.srm import SRM, set_srm_state
 from ..config import EnvConfig
-from ..foundation.decoder import SamPromptDecoder
+from ..foundation.decoder import load_prompt_decoder
 from ..store.loader import DECODER_KEY, EmbeddingStore, fetch_store
 from .episodes import PromptEpisodes
 from .grid import PatchGrid
@@ -87,7 +87,7 @@ def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
     else:
         store = EmbeddingStore(cfg["store"])
         data, decoder_file = store.arrays(cfg["split"]), store.decoder_bytes()
-    decoder = SamPromptDecoder.load(io.BytesIO(decoder_file))
+    decoder = load_prompt_decoder(io.BytesIO(decoder_file))
     grid = PatchGrid.from_env(cfg)
     srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
     srm.eval()

@@ -239,7 +239,9 @@ class PromptEpisodes:
     def _decode(self, slots: np.ndarray) -> None:
         emb = torch.from_numpy(np.ascontiguousarray(self.data["embeddings"][self.image[slots]]))
         n = self.n0 + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
-        low, _ = self.decoder.decode(emb, self.coords[slots, :n], self.labels[slots, :n])
+        extra = {k: torch.from_numpy(np.ascontiguousarray(self.data[k][self.image[slots]]))
+                 for k in self.decoder.extra_keys}  # SAM 2.1: the images' high-resolution features
+        low, _ = self.decoder.decode(emb, self.coords[slots, :n], self.labels[slots, :n], **extra)
         logits = low[:, 0].numpy()
         self.logits[slots] = logits
         self.mask[slots] = logits > 0

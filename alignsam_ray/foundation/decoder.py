@@ -111,6 +111,8 @@ class SamPromptDecoder(nn.Module):
             self._dense_pe = self.prompt_encoder.get_dense_pe()
         return self._dense_pe
 
+    extra_keys: tuple = ()  # per-image store arrays decode() also reads (SAM 2.1: its high-res features)
+
     def to_input_frame(self, points_xy: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(..., 2) x,y pixel coordinates of the original image -> the 1024 input frame."""
         return self.transform.apply_coords(np.asarray(points_xy, dtype=np.float64), tuple(original_size))

@@ -109,6 +109,14 @@ def load_sam2(sam_type: str, checkpoint: str | None, *, random_init: bool = Fals
     return model.eval().requires_grad_(False)
 
 
+def square_frame(image: np.ndarray, size: int = 1024) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3): SAM 2's frame as a picture (what CLIP Surgery maps are made on,
+    so their 64 x 64 grid lines up with SAM 2's embedding). The encoder itself resizes with SAM2Transforms."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
 class Sam2ImageEncoder:
     """The encoder side, as ``SAM2ImagePredictor.set_image_batch`` computes it."""
 
@@ -168,35 +176,54 @@ class Sam2PromptDecoder(nn.Module):
         dec.load_state_dict(blob["state_dict"])
         return dec
 
-    def to_frame(self, points_xy: np.ndarray, orig_hw) -> np.ndarray:
+    extra_keys = ("high_res_feats_0", "high_res_feats_1")  # per-image store arrays decode() also reads
+
+    @property
+    def embed_dim(self) -> int:
+        return self.prompt_encoder.embed_dim
+
+    def to_input_frame(self, points_xy: np.ndarray, orig_hw) -> np.ndarray:
         """Image pixels (x, y) -> the model's 1024 x 1024 frame (``SAM2Transforms.transform_coords``)."""
         h, w = orig_hw
         return np.asarray(points_xy, np.float32) / np.array([w, h], np.float32) * self.image_size
 
+    to_frame = to_input_frame
+
     @torch.inference_mode()
-    def decode(self, features: dict, coords: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched over images, each with its own points (the predictor's ``_predict`` per image)."""
+    def decode(self, embeddings, coords, labels, mask_input=None, multimask: bool = False, *,
+               high_res_feats_0=None, high_res_feats_1=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i of the prompts against row i of the images (the predictor's ``_predict`` per image):
+        embeddings (B, 256, 64, 64), coords (B, N, 2) in the 1024 frame, labels (B, N), the two
+        high-resolution maps (B, 32, 256, 256), (B, 64, 128, 128) -> low-res logits (B, C, 256, 256)
+        clamped to +-32 as the predictor returns them, IoU (B, C)."""
+        if high_res_feats_0 is None or high_res_feats_1 is None:
+            raise ValueError("SAM 2's mask decoder needs the image's high-resolution features (high_res_feats_0/1)")
         coords = torch.as_tensor(coords, dtype=torch.float32)
         labels = torch.as_tensor(labels, dtype=torch.int32)
-        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32)
+        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
         low, iou, _, _ = self.mask_decoder(
-            image_embeddings=torch.as_tensor(features["image_embed"], dtype=torch.float32),
-            image_pe=self.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=multimask, repeat_image=False,
-            high_res_features=[torch.as_tensor(features[k], dtype=torch.float32)
-                               for k in ("high_res_feats_0", "high_res_feats_1")])
+            image_embeddings=torch.as_tensor(embeddings).float(), image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            repeat_image=False, high_res_features=[torch.as_tensor(high_res_feats_0).float(),
+                                                   torch.as_tensor(high_res_feats_1).float()])
         return torch.clamp(low, -32.0, 32.0), iou
 
     def predict(self, features: dict, points_xy: np.ndarray, labels: np.ndarray, orig_hw,
                 multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """One image (features without the batch axis, or with B = 1)."""
+        """One image: ``features`` as ``Sam2ImageEncoder.encode`` gives them (with or without the batch axis)."""
         one = {k: np.asarray(v)[None] if np.asarray(v).ndim == 3 else np.asarray(v) for k, v in features.items()}
-        low, iou = self.decode(one, self.to_frame(points_xy, orig_hw)[None], np.asarray(labels)[None], multimask)
+        low, iou = self.decode(one["image_embed"], self.to_frame(points_xy, orig_hw)[None], np.asarray(labels)[None],
+                               None, multimask, high_res_feats_0=one["high_res_feats_0"],
+                               high_res_feats_1=one["high_res_feats_1"])
         return low[0].numpy(), iou[0].numpy()
 
     @torch.inference_mode()
     def upscale(self, low_res: np.ndarray | torch.Tensor, orig_hw) -> torch.Tensor:
         """(C, 256, 256) -> (C, H, W) logits: ``SAM2Transforms.postprocess_masks`` (bilinear, no holes filled)."""
-        low = torch.as_tensor(low_res, dtype=torch.float32)[None]
+        low = torch.as_tensor(np.asarray(low_res, np.float32))[None]
         return F.interpolate(low, tuple(int(v) for v in orig_hw), mode="bilinear", align_corners=False)[0]
+
+    def upscale_mask(self, low_res, orig_hw) -> np.ndarray:
+        """(256, 256) low-res logits -> the (H, W) bool mask the predictor gives (upscaled logits > 0)."""
+        return self.upscale(np.asarray(low_res, np.float32)[None], orig_hw)[0].numpy() > 0

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..data import DataError, Sample, load_pair
 from ..data.samples import read_image
 from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
-from ..foundation.sam2_models import FEATURE_SHAPES, is_sam2
+from ..foundation.sam2_models import FEATURE_SHAPES, is_sam2, square_frame
 from ..foundation.sam_models import default_checkpoint
 from ..ray_session import init_ray, native_to_log
 from .shards import (
@@ -71,7 +71,7 @@ def _load_row(item: dict) -> dict:
                 "gt_lowres": np.zeros((LOWRES, LOWRES), np.uint8), "gt_png": b""}
     if item.get("square"):  # SAM 2.1's frame: the whole image resized to 1024 x 1024 (no padding); the
         # encoder re-reads the original (SAM2Transforms resize it themselves), CLIP sees this frame
-        frame = np.asarray(Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+        frame = square_frame(image, IMAGE_SIZE)
         h = w = IMAGE_SIZE
         return {**base, "frame": frame, "input_h": h, "input_w": w, "original_h": image.shape[0],
                 "original_w": image.shape[1], "gt_lowres": lowres_mask(mask, (h, w)), "gt_png": encode_png(mask)}

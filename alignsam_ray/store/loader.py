@@ -97,16 +97,6 @@ class EmbeddingStore:
         return {i: decode_png(b) for i, b in zip(t["id"].to_pylist(), t["gt_png"].to_pylist())}
 
 
-def refuse_sam2(store: EmbeddingStore, path: str) -> None:
-    """Training and evaluation run on SAM 1 / micro-SAM stores only, for now: say so, not crash later."""
-    from ..config import ConfigError
-
-    if store.manifest.get("features"):
-        raise ConfigError(f"store {path!r} holds {store.manifest['sam_type']} (SAM 2.1) embeddings: embedding with "
-                          "SAM 2.1 works, training and evaluating on such stores is not implemented yet; embed with "
-                          "--sam vit_b / vit_l / vit_h to train")
-
-
 def _fixed_binary(column: pa.ChunkedArray, dtype, shape) -> np.ndarray:
     """A fixed_size_binary column -> one contiguous numpy array (a single copy)."""
     arr = column.combine_chunks()
