@@ -31,6 +31,10 @@ NAME (JSON key it writes):
                                           side by side (random weights, one 1024-long-side image,
                                           batch 1): vit_b and the four SAM 2.1 Hiera sizes (+ ratio to vit_b)
 
+  store_bytes    (store_bytes_per_image)  a store's bytes per image on disk (Parquet shards) and in the
+                                          object store (the published arrays: what EnvRunners map
+                                          zero-copy), micro-SAM vs vit_b vs SAM 2.1 Hiera-T (random weights)
+
 Everything runs on the embedded default (micro-SAM + synthetic saliency) unless stated. Data and
 stores are cached in --work (embedding is resumable), so a rerun only measures. Prints one table
 per benchmark and writes one JSON object.
@@ -49,7 +53,7 @@ import numpy as np
 import torch
 
 BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo", "segment",
-           "encoders")
+           "encoders", "store_bytes")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -487,6 +491,32 @@ def bench_encoders(work: str, args) -> dict:
     table(f"image encoder, seconds per image (median of {args.encoder_reps}, torch threads {torch.get_num_threads()})",
           ("encoder", "s/image", "vit_b / this"), [(n, s, per["vit_b"] / s) for n, s in per.items()])
     return {"encoder_s_per_image": per, "encoder_speedup_vs_vit_b": {n: per["vit_b"] / s for n, s in per.items()}}
+
+
+def bench_store_bytes(work: str, args) -> dict:
+    """Bytes per image of a store: Parquet on disk, and the arrays `publish_store` puts in the object store."""
+    import ray
+
+    from alignsam_ray.data import generate_task, open_dataset
+    from alignsam_ray.store.embed import embed_dataset
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    folder = generate_task("synthetic_shadow", os.path.join(work, "bytes_data"), n_train=4, n_test=0, seed=3,
+                           progress=False)
+    rows, out = [], {}
+    for sam in ("micro", "vit_b", "sam2.1_hiera_t"):
+        store = os.path.join(work, f"bytes_store_{sam}")
+        m = embed_dataset(open_dataset(folder, n_train=None), store, sam_type=sam, random_init=sam != "micro",
+                          progress=False)
+        n = m["n_images"]
+        disk = sum(os.path.getsize(os.path.join(store, name)) for name in m["shards"]) / n
+        arrays = EmbeddingStore(store).arrays()
+        memory = sum(a.nbytes for a in arrays.values()) / n
+        out[sam] = {"disk": disk, "object_store": memory}
+        rows.append((sam, disk / 2**20, memory / 2**20))
+    ray.shutdown()
+    table("store bytes per image (MiB)", ("SAM", "Parquet on disk", "object store (published arrays)"), rows)
+    return {"store_bytes_per_image": out}
 
 
 def main() -> None:
