@@ -189,3 +189,10 @@ def test_sam2_store_env_train_evaluate_export_segment(tiny_checkpoint, reference
     for path in images:
         mask = np.asarray(Image.open(os.path.join(seg, os.path.splitext(os.path.basename(path))[0] + "_mask.png")))
         assert mask.shape == read_image(path).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    # a whole folder through Ray Data: the same masks
+    assert main(["segment", "--ray", os.path.dirname(images[0]), "--bundle", bundle, "--sam-checkpoint",
+                 tiny_checkpoint, "--out", str(tmp_path / "seg_ray")]) == 0
+    for path in images:
+        name = os.path.splitext(os.path.basename(path))[0] + "_mask.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "seg_ray" / "masks" / name)),
+                              np.asarray(Image.open(os.path.join(seg, name))))
