@@ -196,6 +196,7 @@ def test_smoke_reproduction_micro(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 20 min alone on 2 cores; more when the machine is shared
 def test_smoke_reproduction_official_vit_b(tmp_path, capsys):
     """The five benchmarks in their public layouts with a random-weight vit_b saved as Meta's .pth
     (loaded through segment_anything's registry), the micro CLIP for the maps. ~20 min on 2 cores."""
