@@ -284,6 +284,7 @@ def segment_collection(input_uri: str, bundle: str, out_uri: str, sam_checkpoint
     out_fs.create_dir(out_root.rstrip("/") + "/index", recursive=True)
     stats = {"done": 0, "skipped": len(rels) - len(todo), "errors": 0}
     if todo:
+        ray_was_up = ray.is_initialized()
         init_ray(logging_level="WARNING", log_to_driver=False)
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -300,8 +301,12 @@ def segment_collection(input_uri: str, bundle: str, out_uri: str, sam_checkpoint
                                                               overlays),
                             batch_size=batch, compute=ray.data.ActorPoolStrategy(size=prompters), num_cpus=1,
                             batch_format="numpy")
-        with native_to_log():
-            _drain(ds, out_fs, out_root, len(todo), strict, stats, progress, t0)
+        try:
+            with native_to_log():
+                _drain(ds, out_fs, out_root, len(todo), strict, stats, progress, t0)
+        finally:
+            if not ray_was_up:  # the Ray this call started ends with it
+                ray.shutdown()
     _compact_index(out_fs, out_root)
     stats["seconds"] = time.time() - t0
     if progress:

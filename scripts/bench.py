@@ -263,7 +263,7 @@ def _runner_uss_mb(runner) -> float:
 def _runner_touch_all(runner) -> int:
     """Inside an EnvRunner: read every byte of the store's arrays (all images, not only those sampled)."""
     data = _runner_episodes(runner).data
-    for key in ("embeddings", "gt_lowres"):
+    for key in [k for k, v in data.items() if getattr(v, "ndim", 0) > 1]:  # embeddings, gt, maps, SAM 2 features
         arr = data[key]
         for i in range(0, len(arr), 64):
             float(np.asarray(arr[i:i + 64]).astype(np.float32).sum())
@@ -274,8 +274,9 @@ def bench_uss(work: str, args) -> dict:
     import ray
 
     rows, uss = [], {}
-    for n in (100, 1000):
-        store = store_of(work, n)
+    small, large = args.uss_sizes
+    for n in (small, large):
+        store = store_of(work, n, args.uss_sam)
         algo = build_algo(run_config(store, **{"resources.num_env_runners": 1}))
         images = algo.env_runner_group.foreach_env_runner(_runner_touch_all, local_env_runner=False)[0]
         readings = []
@@ -286,13 +287,19 @@ def bench_uss(work: str, args) -> dict:
         rows.append((n, images, uss[n], max(readings) - min(readings)))
         algo.stop()
         ray.shutdown()
-    emb_mb = 1000 * 64 * 64 * 64 * 2 / 2**20
-    table("EnvRunner private memory (USS, after gc + malloc_trim) vs store size",
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    arrays = EmbeddingStore(store_of(work, large, args.uss_sam)).arrays()
+    per_image_mb = sum(a.nbytes for a in arrays.values()) / len(arrays["ids"]) / 2**20
+    copy_mb = (large - small) * per_image_mb
+    table(f"EnvRunner private memory (USS, after gc + malloc_trim) vs store size ({args.uss_sam})",
           ("store images", "read by runner", "USS MB", "spread MB"), rows)
-    growth = uss[1000] - uss[100]
-    print(f"growth 100 -> 1000 images: {growth:.1f} MB (the 1000 fp16 embeddings alone are {emb_mb:.0f} MB)")
-    return {"uss_growth_mb_100_to_1000": growth, "uss_mb": {str(k): v for k, v in uss.items()},
-            "embeddings_mb_1000": emb_mb}
+    growth = uss[large] - uss[small]
+    print(f"growth {small} -> {large} images: {growth:.1f} MB (a copy of the {large - small} more images' arrays "
+          f"would be {copy_mb:.0f} MB)")
+    key = "" if args.uss_sam == "micro" else f"_{args.uss_sam}"
+    return {f"uss_growth_mb_{small}_to_{large}{key}": growth, f"uss_mb{key}": {str(k): v for k, v in uss.items()},
+            f"store_copy_mb_{small}_to_{large}{key}": copy_mb}
 
 
 def bench_decoder_batch(work: str, args) -> dict:
@@ -530,6 +537,8 @@ def main() -> None:
     ap.add_argument("--skip-vit-b", action="store_true", help="env_overhead on the micro-SAM only")
     ap.add_argument("--segment-images", type=int, default=100, help="images of the segment benchmark")
     ap.add_argument("--encoder-reps", type=int, default=3, help="timed repetitions per encoder")
+    ap.add_argument("--uss-sam", default="micro", help="SAM of the uss benchmark's stores (e.g. sam2.1_hiera_t)")
+    ap.add_argument("--uss-sizes", type=int, nargs=2, default=(100, 1000), help="the uss benchmark's two store sizes")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     command = " ".join(["python", "scripts/bench.py"] + sys.argv[1:])

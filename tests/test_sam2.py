@@ -106,8 +106,14 @@ def test_checkpoint_errors(tiny_checkpoint, tmp_path):
         load_sam2("sam2.1_hiera_s", tiny_checkpoint)
 
 
+@pytest.fixture
+def no_ray_left():
+    yield
+    __import__("ray").shutdown()  # the CLI calls below start a local Ray in this process
+
+
 @pytest.mark.integration
-def test_sam2_store_env_train_evaluate_export_segment(tiny_checkpoint, reference, tmp_path, capsys):
+def test_sam2_store_env_train_evaluate_export_segment(tiny_checkpoint, reference, tmp_path, capsys, no_ray_left):
     """A random-weight Hiera-T in the official format, end to end: `alignsam embed --sam sam2.1_hiera_t`
     stores SAM2ImagePredictor.set_image's features (fp16) in its frame; the env decodes a set of points
     as SAM2ImagePredictor.predict does (1e-4 on logits, the same stored features given to both); then
