@@ -143,6 +143,11 @@ def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, see
             diff = (f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] "
                     f"{verdict(d['miou'], 'miou')}") if d else ""
             lines.append(f"| {label} | " + " | ".join(_cell(m["methods"][name], k) for k in keys) + f" | {diff} |")
+        halves = [(d["miou"]["ci95"][1] - d["miou"]["ci95"][0]) / 2 for d in m["paired"].values()]
+        lines += ["", f"Resolution: with {m['n_images']} test images the paired intervals' half-widths run from "
+                  f"{min(halves):.3f} to {max(halves):.3f}; a true difference smaller than its row's half-width can show "
+                  "as \"no clear difference\". `python scripts/seeds.py --task " + task + " --test-images 300` "
+                  "evaluates the same configuration on 300 test images (docs/results.md, the demo)."]
         lines += ["", "mIoU by the number of steps T (cf. paper Table 5): "
                   + ", ".join(f"T = {t}: {v['miou']:.3f}" for t, v in m["t_sweep"].items()), ""]
         folder = os.path.join(out, "eval", task, "figures")

@@ -1,7 +1,7 @@
 """Train and evaluate one configuration with N seeds; one table of every method across seeds.
 
     python scripts/seeds.py --config tune_configs/synthetic_shapes.yaml [--seeds 0 1 2] [KEY=VALUE ...]
-    python scripts/seeds.py --task synthetic_shapes [--iterations 16] [KEY=VALUE ...]   # the demo's data
+    python scripts/seeds.py --task synthetic_shapes [--iterations 16] [--test-images 300] [KEY=VALUE ...]
 
 --task runs exactly what `alignsam demo --tasks TASK` runs (alignsam_ray/demo.py: 50 train + 50 test
 images, data seed 0, the micro-SAM store with the micro CLIP's map for an explicit-branch task, the
@@ -75,13 +75,22 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per run (default: the config's; "
                     "--task: the demo's)")
     ap.add_argument("--name", help="name of this configuration in the table (default: the task)")
+    ap.add_argument("--test-images", type=int, default=None,
+                    help="--task: evaluate on the demo's test split extended to this many images (default: its 50)")
     ap.add_argument("--work", default="/tmp/alignsam_seeds")
     ap.add_argument("--out", required=True, help="JSON file for the table and every seed's metrics")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. env.state=binary")
     args = ap.parse_args(argv)
 
+    if args.test_images is not None and (not args.task or args.test_images < 1):
+        ap.error("--test-images needs --task and a number >= 1")
     overrides = parse_overrides(args.overrides)
     store = prepare_task(args.task, args.work) if args.task else None
+    test_store, suffix = store, ""
+    if args.test_images:  # the same generator and data seed: test images 0..49 are the demo's
+        suffix = f"_test{args.test_images}"
+        test_store = prepare_task(args.task, os.path.join(args.work, f"test{args.test_images}"), n_train=0,
+                                  n_test=args.test_images)
     name = args.name or args.task or os.path.splitext(os.path.basename(args.config))[0]
     evals, seconds = {}, {}
     for seed in args.seeds:
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
             if args.iterations:
                 run["train"].update(iterations=args.iterations, checkpoint_every=args.iterations)
             cfg = load_config(args.config, run)
-        out = os.path.join(args.work, "eval", name, f"seed_{seed}")
+        out = os.path.join(args.work, "eval", name, f"seed_{seed}{suffix}")
         done = os.path.join(out, "metrics.json")
         if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \
                 os.path.isfile(os.path.join(cfg["run_dir"], "checkpoints", f"iter_{cfg['train']['iterations']:06d}", "state.json")):
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
             continue
         print(f"[seeds] {name} seed {seed}: training {cfg['train']['iterations']} iterations", flush=True)
         result = train(cfg, resume=True)
-        evals[seed] = evaluate(result["checkpoint"], cfg["store"], out, seed=seed)
+        evals[seed] = evaluate(result["checkpoint"], test_store or cfg["store"], out, seed=seed)
         seconds[seed] = round(time.time() - t0, 1)
     table = seed_table(name, evals)
     print("\n" + table)

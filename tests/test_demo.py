@@ -34,7 +34,8 @@ def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tm
     report = (out / "report.md").read_text()
     for row in ("w/o RL (random actions)", "w/o SRM (every point positive)", "w/o multi-step (T = 1)", "**AlignSAM**",
                 "non-RL: the T best SRM cells", "oracle labels", "AlignSAM - method, mIoU [95% CI]",
-                "T = 1:", "T = 15:", "| evaluation |"):
+                "T = 1:", "T = 15:", "| evaluation |", "Resolution: with 4 test images the paired intervals' half-widths run from",
+                "--test-images 300"):
         assert row in report, row
     figures = sorted(os.listdir(out / "eval" / "synthetic_shapes" / "figures"))
     assert figures and all(f"eval/synthetic_shapes/figures/{f}" in report for f in figures)
