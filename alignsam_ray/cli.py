@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from .foundation.sam2_models import SAM2_TYPES
+from .sam_types import SAM2_TYPES
 
 
 def _positive_int(text: str) -> int:

@@ -76,7 +76,7 @@ def test_decoder_equals_the_image_predictors_predict(tiny_checkpoint, reference)
             up = decoder.upscale(mine, image.shape[:2]).numpy()
             assert ((up > 0) == (masks > 0)).mean() > 0.9999
     # batched over both images in one call (the env's and the rollout's use) == one at a time
-    frame = np.stack([decoder.to_frame(p, im.shape[:2]) for p, im in zip(points, images)])
+    frame = np.stack([decoder.to_input_frame(p, im.shape[:2]) for p, im in zip(points, images)])
     batched, _ = decoder.decode(feats["image_embed"], frame, np.stack(labels),
                                 high_res_feats_0=feats["high_res_feats_0"], high_res_feats_1=feats["high_res_feats_1"])
     for b in range(2):

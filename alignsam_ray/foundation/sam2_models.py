@@ -29,15 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sam_types import SAM2_TYPES
 from .sam_models import CheckpointError, load_weights
 
-# type -> (the sam2 package's config, the official checkpoint file name)
-SAM2_TYPES = {
-    "sam2.1_hiera_t": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
-    "sam2.1_hiera_s": ("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
-    "sam2.1_hiera_b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
-    "sam2.1_hiera_l": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
-}
 FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_feats_0": (32, 256, 256), "high_res_feats_1": (64, 128, 128)}
 
 
@@ -153,6 +147,7 @@ class Sam2PromptDecoder(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.image_size = image_size
+        self._dense_pe = None
         self.eval().requires_grad_(False)
 
     @classmethod
@@ -187,7 +182,10 @@ class Sam2PromptDecoder(nn.Module):
         h, w = orig_hw
         return np.asarray(points_xy, np.float32) / np.array([w, h], np.float32) * self.image_size
 
-    to_frame = to_input_frame
+    def dense_pe(self) -> torch.Tensor:
+        if self._dense_pe is None:  # constant for a frozen model: compute once
+            self._dense_pe = self.prompt_encoder.get_dense_pe()
+        return self._dense_pe
 
     @torch.inference_mode()
     def decode(self, embeddings, coords, labels, mask_input=None, multimask: bool = False, *,
@@ -203,7 +201,7 @@ class Sam2PromptDecoder(nn.Module):
         masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32)
         sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
         low, iou, _, _ = self.mask_decoder(
-            image_embeddings=torch.as_tensor(embeddings).float(), image_pe=self.prompt_encoder.get_dense_pe(),
+            image_embeddings=torch.as_tensor(embeddings).float(), image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
             repeat_image=False, high_res_features=[torch.as_tensor(high_res_feats_0).float(),
                                                    torch.as_tensor(high_res_feats_1).float()])
@@ -213,7 +211,7 @@ class Sam2PromptDecoder(nn.Module):
                 multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """One image: ``features`` as ``Sam2ImageEncoder.encode`` gives them (with or without the batch axis)."""
         one = {k: np.asarray(v)[None] if np.asarray(v).ndim == 3 else np.asarray(v) for k, v in features.items()}
-        low, iou = self.decode(one["image_embed"], self.to_frame(points_xy, orig_hw)[None], np.asarray(labels)[None],
+        low, iou = self.decode(one["image_embed"], self.to_input_frame(points_xy, orig_hw)[None], np.asarray(labels)[None],
                                None, multimask, high_res_feats_0=one["high_res_feats_0"],
                                high_res_feats_1=one["high_res_feats_1"])
         return low[0].numpy(), iou[0].numpy()
