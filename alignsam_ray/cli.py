@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from .sam_types import SAM2_TYPES
+from .sam_types import SAM2_TYPES, SAM3_TYPES
 
 
 def _positive_int(text: str) -> int:
@@ -26,10 +26,11 @@ def _add_embed(sub):
                        description="Precompute SAM image embeddings once (Ray Data) into resumable Parquet shards.")
     p.add_argument("--data", required=True, help="dataset folder (generic images/ + masks/ layout, or a "
                    "benchmark folder), or LAYOUT:PATH with LAYOUT in generic, cuhk, sbu, msd, duts, voc")
-    p.add_argument("--sam", default="micro", choices=["micro", "vit_b", "vit_l", "vit_h", *SAM2_TYPES],
-                   help="SAM type (default: micro, embedded); sam2.1_*: SAM 2.1 through the official sam2 package")
+    p.add_argument("--sam", default="micro", choices=["micro", "vit_b", "vit_l", "vit_h", *SAM2_TYPES, *SAM3_TYPES],
+                   help="SAM type (default: micro, embedded); sam2.1_*: SAM 2.1 through the official sam2 package; "
+                   "sam3: SAM 3's point prompts through the official sam3 package (an extra: docs/store.md)")
     p.add_argument("--checkpoint", help="official SAM .pth (required for vit_*; micro defaults to the shipped weights), "
-                   "or SAM 2.1 .pt (sam2.1_hiera_tiny.pt, ...)")
+                   "SAM 2.1 .pt (sam2.1_hiera_tiny.pt, ...) or SAM 3's sam3.pt")
     p.add_argument("--random-init", action="store_true", help="random SAM weights (timing only)")
     p.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     p.add_argument("--n-train", type=int, default=50, help="training images drawn per task (paper: 50); -1 = all")
@@ -141,7 +142,7 @@ def _add_segment(sub):
                    "s3://, gs://) on the Ray cluster, streaming (Ray Data); --out may be a URI too; writes "
                    "masks/, index.parquet; a rerun skips finished images")
     p.add_argument("--bundle", required=True, help="folder written by `alignsam export`")
-    p.add_argument("--sam-checkpoint", help="the official SAM .pth (SAM 2.1: .pt) the policy was trained with (not "
+    p.add_argument("--sam-checkpoint", help="the official SAM .pth (SAM 2.1, SAM 3: .pt) the policy was trained with (not "
                    "needed for micro-SAM)")
     p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file the maps were made "
                    "with (not needed for the micro CLIP)")

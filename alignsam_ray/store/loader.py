@@ -3,6 +3,7 @@
     EmbeddingStore(path).arrays(split) -> dict of numpy arrays (N = images in the split):
         ids (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
         original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16,
+        (SAM 3 stores: 72 x 72 embeddings, 288 x 288 ground truth)
         SAM 2.1 stores also high_res_feats_0 (N, 32, 256, 256) and high_res_feats_1 (N, 64, 128, 128) float16
     publish_store(path, split) -> actor name   (driver: ray.put every array, a named actor holds the refs;
                                                also "decoder_file" (n_bytes,) uint8, the store's decoder.pt)
@@ -75,18 +76,20 @@ class EmbeddingStore:
     def arrays(self, split: str | None = None) -> dict[str, np.ndarray]:
         t = self.table(split)
         n = t.num_rows
+        grid = int(self.manifest.get("embedding_shape", [0, GRID])[1])  # SAM 3 stores: 72 and 288
+        lowres = int(self.manifest.get("gt_lowres_shape", [LOWRES])[0])
         if n == 0:
             raise StoreError(f"store {self.path!r} has no images in split {split!r} "
                              f"(it has {self.manifest.get('counts')})")
         out = {
             "ids": np.asarray(t["id"].to_pylist()),
-            "embeddings": _fixed_binary(t["embedding"], np.float16, (n, self.embed_dim, GRID, GRID)),
-            "gt_lowres": _fixed_binary(t["gt_lowres"], np.uint8, (n, LOWRES, LOWRES)),
+            "embeddings": _fixed_binary(t["embedding"], np.float16, (n, self.embed_dim, grid, grid)),
+            "gt_lowres": _fixed_binary(t["gt_lowres"], np.uint8, (n, lowres, lowres)),
             "original_size": np.stack([t["original_h"].to_numpy(), t["original_w"].to_numpy()], 1).astype(np.int32),
             "input_size": np.stack([t["input_h"].to_numpy(), t["input_w"].to_numpy()], 1).astype(np.int32),
         }
         for name in self.manifest.get("maps", []):
-            out[f"map_{name}"] = _fixed_binary(t[f"map_{name}"], np.float16, (n, GRID, GRID))
+            out[f"map_{name}"] = _fixed_binary(t[f"map_{name}"], np.float16, (n, grid, grid))
         for name, shape in (self.manifest.get("features") or {}).items():  # SAM 2.1 stores
             out[name] = _fixed_binary(t[name], np.float16, (n, *shape))
         return out

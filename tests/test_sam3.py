@@ -1,0 +1,243 @@
+"""SAM 3 backend (foundation/sam3_models.py) against the official ``sam3`` package (an optional extra: the module
+is skipped without it). Fast: the interactive predictor's decoder side on sam3's own tracker (``build_tracker``,
+12M parameters) and the env in SAM 3's frame. Slow: the whole SAM 3 image model (860M parameters, random weights,
+saved in the official format): one build here takes ~145 s and 4.5 GB (measured in docs/store.md)."""
+from __future__ import annotations
+
+import gc
+import io
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sam3", reason="the SAM 3 extra is not installed (docs/store.md: SAM 3)")
+
+from alignsam_ray.foundation import CheckpointError  # noqa: E402
+from alignsam_ray.foundation.decoder import load_prompt_decoder  # noqa: E402
+from alignsam_ray.foundation.sam3_models import (  # noqa: E402
+    FEATURE_SHAPES,
+    Sam3ImageEncoder,
+    Sam3PromptDecoder,
+    _building,
+    bpe_path,
+    load_sam3,
+    text_masks,
+)
+
+TRACKER = "inst_interactive_predictor.model."
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """sam3's own interactive-predictor model (no image backbone), seeded random weights."""
+    from sam3.model_builder import build_tracker
+
+    torch.manual_seed(3)
+    with _building():
+        return build_tracker(apply_temporal_disambiguation=False).eval()
+
+
+def _features(seed: int, b: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn((b, *s), generator=g) for k, s in FEATURE_SHAPES.items()}
+
+
+def _official(tracker, feats: dict, b: int, hw):
+    """SAM3InteractiveImagePredictor on given features, as ``Sam3Image.predict_inst`` sets them."""
+    from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+
+    pred = SAM3InteractiveImagePredictor(tracker)
+    pred._features = {"image_embed": feats["image_embed"][b:b + 1],
+                      "high_res_feats": [feats["high_res_feats_0"][b:b + 1], feats["high_res_feats_1"][b:b + 1]]}
+    pred._is_image_set, pred._orig_hw = True, [hw]
+    return pred
+
+
+def test_decoder_equals_the_interactive_predictors_predict(tracker):
+    dec = load_prompt_decoder(_saved(Sam3PromptDecoder.from_model(tracker)))  # what a store's decoder.pt gives
+    assert isinstance(dec, Sam3PromptDecoder) and (dec.frame_size, dec.grid_size, dec.lowres_size) == (1008, 72, 288)
+    feats = _features(0, 2)
+    sizes = [(300, 500), (480, 260)]
+    points = [np.array([[100.0, 80.0], [400.0, 250.0], [30.5, 290.0]]), np.array([[20.0, 400.0], [200.0, 100.0],
+                                                                                 [130.0, 240.0]])]
+    labels = [np.array([1, 0, 1]), np.array([1, 1, 0])]
+    for b, hw in enumerate(sizes):
+        ref = _official(tracker, feats, b, hw)
+        for multimask in (False, True):
+            masks, iou, low = ref.predict(point_coords=points[b], point_labels=labels[b], multimask_output=multimask,
+                                          return_logits=False)
+            mine, my_iou = dec.predict({k: v[b].numpy() for k, v in feats.items()}, points[b], labels[b], hw, multimask)
+            assert mine.shape == (3 if multimask else 1, 288, 288)
+            np.testing.assert_allclose(mine, low, atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(my_iou, iou, atol=1e-4)
+            for c in range(len(mine)):  # the predictor's binary mask: holes filled, then upscaled
+                assert (dec.upscale_mask(mine[c], hw) == masks[c]).mean() > 0.9999
+    frame = np.stack([dec.to_input_frame(p, hw) for p, hw in zip(points, sizes)])
+    assert frame.max() < 1008 and np.allclose(frame[0, 0], [100 / 500 * 1008, 80 / 300 * 1008])
+    batched, _ = dec.decode(feats["image_embed"], frame, np.stack(labels), high_res_feats_0=feats["high_res_feats_0"],
+                            high_res_feats_1=feats["high_res_feats_1"])
+    for b in range(2):
+        one, _ = dec.predict({k: v[b].numpy() for k, v in feats.items()}, points[b], labels[b], sizes[b])
+        np.testing.assert_allclose(batched[b].numpy(), one, atol=1e-4, rtol=1e-4)
+
+
+def test_hole_filling_is_the_predictors(tracker):
+    """Background islands of <= 256 low-res pixels become foreground before upscaling (as
+    SAM3InteractiveImagePredictor's postprocess_masks with its default max_hole_area); larger ones stay."""
+    from sam3.model.utils.sam1_utils import SAM2Transforms
+
+    low = -np.ones((1, 288, 288), np.float32)
+    low[0, 20:120, 20:120] = 5.0
+    low[0, 50:60, 50:60] = -3.0  # a 100-pixel hole: filled
+    low[0, 150:250, 150:250] = 5.0
+    low[0, 170:230, 170:230] = -3.0  # a 3600-pixel hole: kept
+    mine = Sam3PromptDecoder.from_model(tracker).upscale(low, (400, 600)).numpy() > 0
+    theirs = SAM2Transforms(1008, 0.0, max_hole_area=256.0).postprocess_masks(torch.from_numpy(low)[None], (400, 600))
+    assert np.array_equal(mine, theirs[0].numpy() > 0)
+    assert mine[0, int(55 / 288 * 400), int(55 / 288 * 600)] and not mine[0, int(200 / 288 * 400), int(200 / 288 * 600)]
+
+
+def _saved(decoder) -> io.BytesIO:
+    f = io.BytesIO()
+    decoder.save(f)
+    f.seek(0)
+    return f
+
+
+def test_env_runs_in_sam3s_frame(tracker):
+    """PromptEpisodes on a SAM 3 store's arrays: patch centres in the squashed 1008 frame, 288 x 288 masks,
+    ground truth read at the low-res pixel under each point."""
+    from alignsam_ray.env.episodes import PromptEpisodes
+    from alignsam_ray.env.grid import PatchGrid
+    from alignsam_ray.store.embed import lowres_mask
+
+    dec = Sam3PromptDecoder.from_model(tracker)
+    feats = _features(1, 2)
+    gt = np.zeros((300, 600), np.uint8)
+    gt[:, 300:] = 1  # the right half
+    data = {"ids": np.array(["a", "b"]), "embeddings": feats["image_embed"].numpy().astype(np.float16),
+            "high_res_feats_0": feats["high_res_feats_0"].numpy().astype(np.float16),
+            "high_res_feats_1": feats["high_res_feats_1"].numpy().astype(np.float16),
+            "gt_lowres": np.stack([lowres_mask(gt, (1008, 1008), 1008, 288)] * 2),
+            "original_size": np.array([[300, 600]] * 2), "input_size": np.array([[1008, 1008]] * 2)}
+    assert data["gt_lowres"].shape == (2, 288, 288) and data["gt_lowres"][0, :, 143].max() == 0 and \
+        data["gt_lowres"][0, :, 144].min() == 1
+    grid = PatchGrid(10, 10)
+    ep = PromptEpisodes(data, dec, grid, num_slots=2, horizon=3, obs_res=8, init="gt", labels="gt", seed=0)
+    ep.reset([0, 1], [0, 1])
+    assert ep.logits.shape == (2, 288, 288) and ep.obs.shape == (2, 256, 8, 8)
+    centres = ep.centres_sam(0)
+    np.testing.assert_allclose(centres[99], [0.95 * 1008, 0.95 * 1008], rtol=1e-6)  # bottom right: squashed frame
+    r = ep.step(np.array([9, 90]))  # top right (foreground), bottom left (background)
+    assert r.hit.tolist() == [True, False] and r.reward.tolist() == [1.0, -1.0]
+    coords, labels = ep.points(0)
+    assert coords.shape == (3, 2) and labels.tolist()[2] == 1
+
+
+def test_checkpoint_errors_before_any_build(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_sam3("sam3", str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="needs --checkpoint"):
+        load_sam3("sam3", None)
+    with pytest.raises(CheckpointError, match="unknown SAM 3 type"):
+        load_sam3("sam3_large", None)
+    sam2 = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": {"sam_mask_decoder.x": torch.zeros(1)}}, sam2)
+    with pytest.raises(CheckpointError, match="not a SAM 3 checkpoint.*detector.*tracker"):
+        load_sam3("sam3", str(sam2))
+
+
+# ------------------------------------------------------------------ the whole model (slow)
+def _official_format(model) -> dict:
+    """The image model's state dict as Meta's sam3.pt holds it: detector.* and tracker.* keys."""
+    return {("tracker." + k[len(TRACKER):]) if k.startswith(TRACKER) else "detector." + k: v
+            for k, v in model.state_dict().items()}
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (300, 500, 3), dtype=np.uint8), rng.integers(0, 256, (480, 260, 3), dtype=np.uint8)]
+
+
+POINTS = [np.array([[100.0, 80.0], [400.0, 250.0]]), np.array([[20.0, 400.0], [200.0, 100.0]])]
+LABELS = [np.array([1, 0]), np.array([1, 1])]
+
+
+@pytest.fixture(scope="module")
+def sam3_checkpoint(tmp_path_factory):
+    model = load_sam3("sam3", None, random_init=True)
+    path = tmp_path_factory.mktemp("sam3") / "sam3.pt"
+    torch.save(_official_format(model), path)
+    del model
+    gc.collect()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def official(sam3_checkpoint):
+    """What the official code gives from that file: ``build_sam3_image_model(checkpoint_path=...)``, then per image
+    ``Sam3Processor.set_image`` -> ``predict_inst`` (the features it hands SAM3InteractiveImagePredictor, and its
+    outputs) and ``set_text_prompt``. The model is freed before ours is built (one 4.5 GB model at a time)."""
+    from PIL import Image
+    from sam3.model_builder import build_sam3_image_model
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    with _building():
+        model = build_sam3_image_model(bpe_path=bpe_path(), device="cpu", checkpoint_path=sam3_checkpoint,
+                                       load_from_HF=False, enable_inst_interactivity=True)
+    processor = Sam3Processor(model, device="cpu")
+    predictor, seen = model.inst_interactive_predictor, []
+    predict = predictor.predict
+
+    def recording_predict(**kwargs):  # the official predict, with the features predict_inst set noted
+        seen.append({"image_embed": predictor._features["image_embed"][0].numpy().copy(),
+                     "high_res_feats_0": predictor._features["high_res_feats"][0][0].numpy().copy(),
+                     "high_res_feats_1": predictor._features["high_res_feats"][1][0].numpy().copy()})
+        return predict(**kwargs)
+
+    predictor.predict = recording_predict
+    out = []
+    with torch.inference_mode():
+        for b, image in enumerate(_images()):
+            state = processor.set_image(Image.fromarray(image))
+            masks, iou, low = model.predict_inst(state, point_coords=POINTS[b], point_labels=LABELS[b],
+                                                 multimask_output=False, return_logits=False)
+            state = processor.set_text_prompt("shadow", state)
+            union = state["masks"].any(0)[0].numpy() if len(state["masks"]) else np.zeros(image.shape[:2], bool)
+            out.append({"features": seen[-1], "masks": masks, "iou": iou, "low": low, "text": union})
+    del model, processor, predictor
+    gc.collect()
+    return out
+
+
+@pytest.mark.slow
+def test_sam3_features_and_logits_equal_the_official_predictors(sam3_checkpoint, official):
+    model = load_sam3("sam3", sam3_checkpoint)
+    feats = Sam3ImageEncoder(model).encode(_images())  # one batch (Sam3Processor.set_image_batch's path)
+    assert {k: v.shape[1:] for k, v in feats.items()} == FEATURE_SHAPES
+    decoder = Sam3PromptDecoder.from_model(model)
+    for b, (image, ref) in enumerate(zip(_images(), official)):
+        for k in FEATURE_SHAPES:
+            np.testing.assert_allclose(feats[k][b], ref["features"][k], atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(feats[k][b].astype(np.float16).astype(np.float32), ref["features"][k],
+                                       atol=2e-3, rtol=2e-3)  # as the store keeps them
+        low, iou = decoder.predict({k: v[b] for k, v in feats.items()}, POINTS[b], LABELS[b], image.shape[:2])
+        np.testing.assert_allclose(low, ref["low"], atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(iou, ref["iou"], atol=1e-4)
+        assert (decoder.upscale_mask(low[0], image.shape[:2]) == ref["masks"][0]).mean() > 0.999
+    # sam3_text: the union of the instances Sam3Processor keeps for the text, from the model our loader built
+    for mine, ref in zip(text_masks(model, _images(), "shadow"), official):
+        assert mine.shape == ref["text"].shape and (mine == ref["text"]).mean() > 0.999
+
+
+@pytest.mark.slow
+def test_sam3_checkpoint_that_lacks_a_parameter(sam3_checkpoint, tmp_path):
+    state = torch.load(sam3_checkpoint, weights_only=True)
+    del state["tracker.sam_mask_decoder.iou_token.weight"]
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    del state
+    with pytest.raises(CheckpointError, match="does not fit SAM 3's image model.*missing: "
+                                              "inst_interactive_predictor.model.sam_mask_decoder.iou_token.weight"):
+        load_sam3("sam3", str(broken))
