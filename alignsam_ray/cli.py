@@ -100,6 +100,8 @@ def _add_evaluate(sub):
     p.add_argument("--batch", type=_positive_int, default=16, help="images per batched decoder call")
     p.add_argument("--figures", type=int, default=4, help="images to draw")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sam-checkpoint", help="SAM 3 stores: the sam3.pt they were embedded with, for the sam3_text "
+                   "method (SAM 3 prompted with the task's text: its whole image model, not only the stored decoder)")
 
 
 def cmd_evaluate(args) -> int:
@@ -108,7 +110,7 @@ def cmd_evaluate(args) -> int:
 
     store = args.store or Agent.load(args.checkpoint).cfg["store"]
     m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
-                 seed=args.seed)
+                 seed=args.seed, sam_checkpoint=args.sam_checkpoint)
     print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
     return 0 if m else 1
 

@@ -18,6 +18,8 @@ Methods (rows of the paper's Table 2, plus two references):
                     probability is highest, SRM labels (the T best SRM cells, in order)
     gt_labels       oracle labels: the policy's points labelled from the ground truth (not an upper
                     bound: a correct label can still give SAM a worse mask than the SRM's)
+    sam3_text       SAM 3 stores only: SAM 3's own concept prediction for the task's text (no agent, no
+                    points; ``sam3_text_masks``), with ``sam_checkpoint`` the store's sam3.pt
 T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20} (those <= the grid's size).
 
 Statistics: per method and metric a 95% bootstrap interval over test images (``ci95``), and for
@@ -116,12 +118,49 @@ def check_store(agent: Agent, st: EmbeddingStore, store: str) -> None:
                           f"trained on {run_sam}; evaluate on a store embedded with the run's SAM checkpoint")
 
 
+def check_sam3_checkpoint(st: EmbeddingStore, sam_checkpoint: str | None) -> None:
+    """A SAM 3 store's sam3_text needs the sam3.pt it was embedded with (before any rollout: fail fast)."""
+    from .foundation import file_sha256
+
+    expected = st.manifest["checkpoint_sha256"]
+    if st.manifest.get("sam_type") != "sam3" or expected == "random-init":
+        return
+    if not sam_checkpoint:
+        raise ConfigError("the sam3_text method needs SAM 3's whole image model: pass --sam-checkpoint sam3.pt (the "
+                          f"file store {st.path!r} was embedded with, sha256 {expected[:12]}...)")
+    if file_sha256(sam_checkpoint) != expected:
+        raise ConfigError(f"{sam_checkpoint} is not the SAM 3 checkpoint store {st.path!r} was embedded with "
+                          f"(sha256 {expected[:12]}... expected)")
+
+
+def sam3_text_masks(st: EmbeddingStore, split: str, sam_checkpoint: str | None) -> tuple[list, float]:
+    """The ``sam3_text`` method on a SAM 3 store: per image of ``split`` (in ``arrays`` order), SAM 3's concept
+    prediction for the image's task text (``Sam3Processor.set_text_prompt``: the union of the instances it keeps
+    at its default threshold) -> ((H, W) bool masks, seconds per image). It needs the whole SAM 3 image model
+    (text encoder and detector, not only the decoder in the store): ``sam_checkpoint`` is the sam3.pt the store
+    was embedded with (checked by sha256; a random-init store builds the same seeded random model)."""
+    from .data.samples import read_image
+    from .foundation import pick_device
+    from .foundation.sam3_models import load_sam3, text_masks
+
+    check_sam3_checkpoint(st, sam_checkpoint)
+    device = pick_device()
+    model = load_sam3(st.manifest["sam_type"], sam_checkpoint,
+                      random_init=st.manifest["checkpoint_sha256"] == "random-init")
+    table = st.table(split)
+    t0 = time.time()
+    masks = [text_masks(model, [read_image(path)], text, device)[0]
+             for path, text in zip(table["image_path"].to_pylist(), table["text"].to_pylist())]
+    return masks, (time.time() - t0) / max(len(masks), 1)
+
+
 def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: int = 16, n_figures: int = 4,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, sam_checkpoint: str | None = None) -> dict:
     t0 = time.time()
     agent = Agent.load(checkpoint)
     st = EmbeddingStore(store)
     check_store(agent, st, store)
+    check_sam3_checkpoint(st, sam_checkpoint)
     data = st.arrays(split)
     gt_full = st.gt_full(split)
     decoder = st.decoder()
@@ -153,7 +192,14 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         accs[name] = score(r.logits[h], ids, sizes, gt_full, decoder)
         results[name] = _method_row(accs[name], r, h)
     results = {name: results[name] for name in METHODS}
-    paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in METHODS if name != "alignsam"}
+    if st.manifest.get("sam_type") == "sam3":  # SAM 3 asked with the task's own text, beside the agent
+        log("method sam3_text (SAM 3's concept prediction for the task's text)")
+        masks, seconds = sam3_text_masks(st, split, sam_checkpoint)
+        accs["sam3_text"] = MetricAccumulator()
+        accs["sam3_text"].add(masks, [gt_full[i] for i in ids])
+        results["sam3_text"] = {**accs["sam3_text"].summary(), "ci95": confidence_intervals(accs["sam3_text"]),
+                                "seconds_per_image": round(seconds, 3)}
+    paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in results if name != "alignsam"}
     metrics = {
         "task": agent.cfg["task"], "n_images": int(len(ids)), "split": split, "horizon": T,
         "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
@@ -202,7 +248,7 @@ NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "eme
          "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
 LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
-          "gt_labels": "gt_labels (oracle labels)"}
+          "gt_labels": "gt_labels (oracle labels)", "sam3_text": "sam3_text (SAM 3 given the task's text)"}
 
 
 def _fmt(v: float) -> str:

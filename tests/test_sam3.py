@@ -148,6 +148,93 @@ def test_checkpoint_errors_before_any_build(tmp_path):
         load_sam3("sam3", str(sam2))
 
 
+# ------------------------------------------------------------------ a reduced SAM 3 image model (fast)
+def _reduced_sam3():
+    """SAM 3's image model as ``build_sam3_image_model`` composes it, from sam3's own modules and builder parts,
+    with a 2-block, 64-wide ViT and a 1-layer text encoder (the official ones: 32 x 1024 and 24 x 1024) so it
+    builds in seconds: the frame (1008, 14-px patches -> 72 x 72), the necks, the detector heads and the
+    interactive predictor are the official ones. Seeded random weights."""
+    from sam3 import model_builder as mb
+    from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+    from sam3.model.text_encoder_ve import VETextEncoder
+    from sam3.model.tokenizer_ve import SimpleTokenizer
+    from sam3.model.vitdet import ViT
+
+    torch.manual_seed(5)
+    with _building():
+        vit = ViT(img_size=1008, pretrain_img_size=336, patch_size=14, embed_dim=64, depth=2, num_heads=2,
+                  mlp_ratio=4.625, norm_layer="LayerNorm", drop_path_rate=0.0, qkv_bias=True, use_abs_pos=True,
+                  tile_abs_pos=True, global_att_blocks=(1,), rel_pos_blocks=(), use_rope=True, use_interp_rope=True,
+                  window_size=24, pretrain_use_cls_token=True, retain_cls_token=False, ln_pre=True, ln_post=False,
+                  return_interm_layers=False, bias_patch_embed=False)
+        neck = mb._create_vit_neck(mb._create_position_encoding(precompute_resolution=1008), vit,
+                                   enable_inst_interactivity=True)
+        text = VETextEncoder(tokenizer=SimpleTokenizer(bpe_path=bpe_path()), d_model=256, width=64, heads=2, layers=1)
+        model = mb._create_sam3_model(mb._create_vl_backbone(neck, text), mb._create_sam3_transformer(),
+                                      mb._create_geometry_encoder(), mb._create_segmentation_head(),
+                                      mb._create_dot_product_scoring(),
+                                      SAM3InteractiveImagePredictor(mb.build_tracker(apply_temporal_disambiguation=False)),
+                                      eval_mode=True)
+    return model.eval().requires_grad_(False)
+
+
+def _official_outputs(model, images) -> list[dict]:
+    """What the official code gives: per image ``Sam3Processor.set_image`` -> ``Sam3Image.predict_inst`` (the
+    features it hands SAM3InteractiveImagePredictor, and its outputs) and ``set_text_prompt("shadow")``."""
+    from PIL import Image
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    processor = Sam3Processor(model, device="cpu")
+    predictor, seen = model.inst_interactive_predictor, []
+    predict = predictor.predict
+
+    def recording_predict(**kwargs):  # the official predict, noting the features predict_inst set
+        seen.append({"image_embed": predictor._features["image_embed"][0].numpy().copy(),
+                     "high_res_feats_0": predictor._features["high_res_feats"][0][0].numpy().copy(),
+                     "high_res_feats_1": predictor._features["high_res_feats"][1][0].numpy().copy()})
+        return predict(**kwargs)
+
+    predictor.predict = recording_predict
+    out = []
+    try:
+        with torch.inference_mode():
+            for b, image in enumerate(images):
+                state = processor.set_image(Image.fromarray(image))
+                masks, iou, low = model.predict_inst(state, point_coords=POINTS[b], point_labels=LABELS[b],
+                                                     multimask_output=False, return_logits=False)
+                state = processor.set_text_prompt("shadow", state)
+                union = state["masks"].any(0)[0].numpy() if len(state["masks"]) else np.zeros(image.shape[:2], bool)
+                out.append({"features": seen[-1], "masks": masks, "iou": iou, "low": low, "text": union,
+                            "n_text": len(state["masks"])})
+    finally:
+        predictor.predict = predict
+    return out
+
+
+def _check_against_official(model, official, low_tol: float) -> None:
+    """Our encoder (one batch: Sam3Processor.set_image_batch's path), decoder and sam3_text against ``official``."""
+    feats = Sam3ImageEncoder(model).encode(_images())
+    assert {k: v.shape[1:] for k, v in feats.items()} == FEATURE_SHAPES
+    decoder = Sam3PromptDecoder.from_model(model)
+    for b, (image, ref) in enumerate(zip(_images(), official)):
+        for k in FEATURE_SHAPES:
+            np.testing.assert_allclose(feats[k][b], ref["features"][k], atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(feats[k][b].astype(np.float16).astype(np.float32), ref["features"][k],
+                                       atol=2e-3, rtol=2e-3)  # as the store keeps them
+        low, iou = decoder.predict({k: v[b] for k, v in feats.items()}, POINTS[b], LABELS[b], image.shape[:2])
+        np.testing.assert_allclose(low, ref["low"], atol=low_tol, rtol=low_tol)
+        np.testing.assert_allclose(iou, ref["iou"], atol=1e-4)
+        assert (decoder.upscale_mask(low[0], image.shape[:2]) == ref["masks"][0]).mean() > 0.999
+    for mine, ref in zip(text_masks(model, _images(), "shadow"), official):
+        assert mine.shape == ref["text"].shape and (mine == ref["text"]).mean() > 0.999
+
+
+def test_reduced_sam3_encoder_decoder_and_text_equal_the_official_path():
+    model = _reduced_sam3()
+    official = _official_outputs(model, _images())
+    _check_against_official(model, official, low_tol=1e-4)
+
+
 # ------------------------------------------------------------------ the whole model (slow)
 def _official_format(model) -> dict:
     """The image model's state dict as Meta's sam3.pt holds it: detector.* and tracker.* keys."""
@@ -176,59 +263,24 @@ def sam3_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def official(sam3_checkpoint):
-    """What the official code gives from that file: ``build_sam3_image_model(checkpoint_path=...)``, then per image
-    ``Sam3Processor.set_image`` -> ``predict_inst`` (the features it hands SAM3InteractiveImagePredictor, and its
-    outputs) and ``set_text_prompt``. The model is freed before ours is built (one 4.5 GB model at a time)."""
-    from PIL import Image
+    """The official outputs from that file, loaded by ``build_sam3_image_model(checkpoint_path=...)`` itself; the
+    model is freed before ours is built (one 4.5 GB model at a time)."""
     from sam3.model_builder import build_sam3_image_model
-    from sam3.model.sam3_image_processor import Sam3Processor
 
     with _building():
         model = build_sam3_image_model(bpe_path=bpe_path(), device="cpu", checkpoint_path=sam3_checkpoint,
                                        load_from_HF=False, enable_inst_interactivity=True)
-    processor = Sam3Processor(model, device="cpu")
-    predictor, seen = model.inst_interactive_predictor, []
-    predict = predictor.predict
-
-    def recording_predict(**kwargs):  # the official predict, with the features predict_inst set noted
-        seen.append({"image_embed": predictor._features["image_embed"][0].numpy().copy(),
-                     "high_res_feats_0": predictor._features["high_res_feats"][0][0].numpy().copy(),
-                     "high_res_feats_1": predictor._features["high_res_feats"][1][0].numpy().copy()})
-        return predict(**kwargs)
-
-    predictor.predict = recording_predict
-    out = []
-    with torch.inference_mode():
-        for b, image in enumerate(_images()):
-            state = processor.set_image(Image.fromarray(image))
-            masks, iou, low = model.predict_inst(state, point_coords=POINTS[b], point_labels=LABELS[b],
-                                                 multimask_output=False, return_logits=False)
-            state = processor.set_text_prompt("shadow", state)
-            union = state["masks"].any(0)[0].numpy() if len(state["masks"]) else np.zeros(image.shape[:2], bool)
-            out.append({"features": seen[-1], "masks": masks, "iou": iou, "low": low, "text": union})
-    del model, processor, predictor
+    out = _official_outputs(model, _images())
+    del model
     gc.collect()
     return out
 
 
 @pytest.mark.slow
 def test_sam3_features_and_logits_equal_the_official_predictors(sam3_checkpoint, official):
-    model = load_sam3("sam3", sam3_checkpoint)
-    feats = Sam3ImageEncoder(model).encode(_images())  # one batch (Sam3Processor.set_image_batch's path)
-    assert {k: v.shape[1:] for k, v in feats.items()} == FEATURE_SHAPES
-    decoder = Sam3PromptDecoder.from_model(model)
-    for b, (image, ref) in enumerate(zip(_images(), official)):
-        for k in FEATURE_SHAPES:
-            np.testing.assert_allclose(feats[k][b], ref["features"][k], atol=1e-4, rtol=1e-4)
-            np.testing.assert_allclose(feats[k][b].astype(np.float16).astype(np.float32), ref["features"][k],
-                                       atol=2e-3, rtol=2e-3)  # as the store keeps them
-        low, iou = decoder.predict({k: v[b] for k, v in feats.items()}, POINTS[b], LABELS[b], image.shape[:2])
-        np.testing.assert_allclose(low, ref["low"], atol=1e-3, rtol=1e-3)
-        np.testing.assert_allclose(iou, ref["iou"], atol=1e-4)
-        assert (decoder.upscale_mask(low[0], image.shape[:2]) == ref["masks"][0]).mean() > 0.999
-    # sam3_text: the union of the instances Sam3Processor keeps for the text, from the model our loader built
-    for mine, ref in zip(text_masks(model, _images(), "shadow"), official):
-        assert mine.shape == ref["text"].shape and (mine == ref["text"]).mean() > 0.999
+    """The whole random-weight SAM 3 in the official format through our loader: features within 1e-4, low-res
+    logits within 1e-3 (32 ViT blocks of random weights amplify float32 rounding), sam3_text's masks."""
+    _check_against_official(load_sam3("sam3", sam3_checkpoint), official, low_tol=1e-3)
 
 
 @pytest.mark.slow
@@ -241,3 +293,94 @@ def test_sam3_checkpoint_that_lacks_a_parameter(sam3_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit SAM 3's image model.*missing: "
                                               "inst_interactive_predictor.model.sam_mask_decoder.iou_token.weight"):
         load_sam3("sam3", str(broken))
+
+
+@pytest.fixture
+def no_ray_left():
+    yield
+    __import__("ray").shutdown()  # the CLI calls below start a local Ray in this process
+
+
+@pytest.mark.slow
+def test_sam3_store_env_train_evaluate_export_segment(sam3_checkpoint, tmp_path, capsys, no_ray_left):
+    """The random-weight SAM 3 in the official format, end to end: `alignsam embed --sam sam3` stores the
+    interactive predictor's features (fp16) in its 1008 frame; the env decodes a set of points as
+    SAM3InteractiveImagePredictor.predict does on the stored features (its tracker loaded from the file's
+    tracker.* tensors); train 1 iteration -> evaluate (with sam3_text) -> export -> `alignsam segment` (the masks
+    evaluation computes) and `segment --ray` (the same masks)."""
+    import json
+    import os
+
+    from PIL import Image
+    from sam3.model_builder import build_tracker
+
+    from alignsam_ray.cli import main
+    from alignsam_ray.data import generate_task
+    from alignsam_ray.data.samples import read_image
+    from alignsam_ray.env.episodes import PromptEpisodes
+    from alignsam_ray.env.grid import PatchGrid
+    from alignsam_ray.store.embed import lowres_mask
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    folder = generate_task("synthetic_shadow", str(tmp_path / "data"), n_train=3, n_test=2, seed=0, progress=False)
+    store = tmp_path / "store"
+    assert main(["embed", "--data", folder, "--sam", "sam3", "--checkpoint", sam3_checkpoint, "--out", str(store)]) == 0
+    st = EmbeddingStore(str(store))
+    assert st.manifest["sam_type"] == "sam3" and st.manifest["frame_size"] == 1008
+    data = st.arrays("test")
+    assert data["embeddings"].shape[1:] == (256, 72, 72) and data["gt_lowres"].shape[1:] == (288, 288)
+    assert data["high_res_feats_0"].shape[1:] == (32, 288, 288) and data["high_res_feats_1"].shape[1:] == (64, 144, 144)
+    paths = dict(zip(st.table()["id"].to_pylist(), st.table()["image_path"].to_pylist()))
+    gt = st.gt_full("test")
+    dec = load_prompt_decoder(io.BytesIO(st.decoder_bytes()))  # what an EnvRunner loads
+    assert isinstance(dec, Sam3PromptDecoder)
+    with _building():
+        tracker = build_tracker(apply_temporal_disambiguation=False)
+    tracker.load_state_dict({k[len("tracker."):]: v for k, v in torch.load(sam3_checkpoint, weights_only=True).items()
+                             if k.startswith("tracker.")})
+    episodes = PromptEpisodes(data, dec, PatchGrid(10, 10), init="gt", labels="gt")
+    for k, i in enumerate(data["ids"]):
+        h, w = read_image(paths[i]).shape[:2]
+        assert tuple(data["input_size"][k]) == (1008, 1008) and tuple(data["original_size"][k]) == (h, w)
+        assert np.array_equal(data["gt_lowres"][k], lowres_mask(gt[i], (1008, 1008), 1008, 288))
+        stored = {key: torch.from_numpy(data[name][k:k + 1].astype(np.float32)) for key, name in
+                  (("image_embed", "embeddings"), ("high_res_feats_0", "high_res_feats_0"),
+                   ("high_res_feats_1", "high_res_feats_1"))}
+        points, labels = np.array([[w * 0.3, h * 0.4], [w * 0.8, h * 0.1], [w * 0.5, h * 0.9]]), np.array([1, 0, 1])
+        _, _, ref_low = _official(tracker, stored, 0, (h, w)).predict(point_coords=points, point_labels=labels,
+                                                                       multimask_output=False, return_logits=True)
+        episodes.image[0], episodes.t[0] = k, 1
+        episodes.coords[0, :3], episodes.labels[0, :3] = dec.to_input_frame(points, (h, w)), labels
+        episodes._decode(np.array([0]))
+        np.testing.assert_allclose(episodes.logits[0], ref_low[0], atol=1e-4, rtol=1e-4)
+    bytes_per_image = sum(os.path.getsize(store / n) for n in st.manifest["shards"]) / st.manifest["n_images"]
+    assert bytes_per_image > 8e6  # 2.5 + 5.1 + 2.5 MiB of fp16 features
+
+    run, ev, bundle, seg = (str(tmp_path / n) for n in ("run", "eval", "bundle", "seg"))
+    tiny = ["env.horizon=3", "env.obs_res=8", "model.width=16", "ppo.train_batch_size=48", "ppo.minibatch_size=24",
+            "ppo.num_epochs=2", "train.iterations=1", "resources.num_env_runners=1", f"run_dir={run}"]
+    assert main(["train", "--store", str(store), *tiny, "--quiet"]) == 0
+    assert main(["evaluate", "--checkpoint", run, "--out", ev, "--figures", "1", "--sam-checkpoint",
+                 sam3_checkpoint]) == 0
+    metrics = json.load(open(os.path.join(ev, "metrics.json")))
+    assert metrics["n_images"] == 2 and "sam3_text" in metrics["methods"] and "sam3_text" in metrics["paired"]
+    assert "sam3_text" in open(os.path.join(ev, "report.md")).read()
+    assert main(["export", "--checkpoint", run, "--out", bundle]) == 0
+    capsys.readouterr()
+    images = [paths[i] for i in data["ids"]]
+    assert main(["segment", *images, "--bundle", bundle, "--sam-checkpoint", sam3_checkpoint, "--out", seg]) == 0
+    from alignsam_ray.evaluate import Agent, rollout
+
+    agent = Agent.load(run)
+    ref = rollout(agent, data, st.decoder(), "policy", "srm", 3, (3,))
+    for k, path in enumerate(images):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        mask = np.asarray(Image.open(os.path.join(seg, stem + "_mask.png"))) > 0
+        assert mask.shape == read_image(path).shape[:2]
+        assert (mask == dec.upscale_mask(ref.logits[3][k], mask.shape)).mean() > 0.999
+    assert main(["segment", "--ray", os.path.dirname(images[0]), "--bundle", bundle, "--sam-checkpoint",
+                 sam3_checkpoint, "--out", str(tmp_path / "seg_ray"), "--prompters", "1"]) == 0
+    for path in images:
+        name = os.path.splitext(os.path.basename(path))[0] + "_mask.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "seg_ray" / "masks" / name)),
+                              np.asarray(Image.open(os.path.join(seg, name))))
