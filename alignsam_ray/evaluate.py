@@ -146,7 +146,7 @@ def sam3_text_masks(st: EmbeddingStore, split: str, sam_checkpoint: str | None) 
     check_sam3_checkpoint(st, sam_checkpoint)
     device = pick_device()
     model = load_sam3(st.manifest["sam_type"], sam_checkpoint,
-                      random_init=st.manifest["checkpoint_sha256"] == "random-init")
+                      random_init=st.manifest["checkpoint_sha256"] == "random-init").to(device)
     table = st.table(split)
     t0 = time.time()
     masks = [text_masks(model, [read_image(path)], text, device)[0]

@@ -110,12 +110,14 @@ class AlignSAMPredictor:
         random_init = sam["checkpoint_sha256"] == "random-init"
         self.sam2 = is_sam2(sam["sam_type"]) or is_sam3(sam["sam_type"])  # SAM 3: SAM 2.1's layout, its own frame
         if is_sam3(sam["sam_type"]):  # the interactive predictor's parts and Sam3Processor's encoder side
-            from .foundation.sam3_models import Sam3ImageEncoder, Sam3PromptDecoder, load_sam3
+            from .foundation.sam3_models import Sam3ImageEncoder, Sam3PromptDecoder, load_sam3, load_sam3_decoder
 
-            model = load_sam3(sam["sam_type"], sam_checkpoint, random_init=random_init)
-            self.decoder = Sam3PromptDecoder.from_model(model, sam["sam_type"]).eval()
             if encoder:
+                model = load_sam3(sam["sam_type"], sam_checkpoint, random_init=random_init)
+                self.decoder = Sam3PromptDecoder.from_model(model, sam["sam_type"]).eval()
                 self.encoder = Sam3ImageEncoder(model, self.device)
+            else:  # prompting only: the decoder from the file, without building the 860M-parameter image model
+                self.decoder = load_sam3_decoder(sam["sam_type"], sam_checkpoint, random_init=random_init)
         elif self.sam2:  # SAM 2.1 through the official sam2 package: its frame, its decoder's high-res features
             model = load_sam2(sam["sam_type"], sam_checkpoint, random_init=random_init)
             self.decoder = Sam2PromptDecoder.from_model(model, sam["sam_type"]).eval()  # (copied on CPU, first)

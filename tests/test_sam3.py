@@ -135,6 +135,24 @@ def test_env_runs_in_sam3s_frame(tracker):
     assert coords.shape == (3, 2) and labels.tolist()[2] == 1
 
 
+def test_decoder_alone_from_the_official_file(tracker, tmp_path):
+    """segment --ray's prompting actors: the decoder from sam3.pt's tracker.* tensors, without the image model."""
+    from alignsam_ray.foundation.sam3_models import load_sam3_decoder
+
+    state = {"tracker." + k: v for k, v in tracker.state_dict().items()}
+    path = tmp_path / "sam3.pt"
+    torch.save({**state, "detector.backbone.x": torch.zeros(1)}, path)  # the image model's tensors are not read
+    mine, ref = load_sam3_decoder("sam3", str(path)), Sam3PromptDecoder.from_model(tracker)
+    feats = {k: v[0].numpy() for k, v in _features(2).items()}
+    pts, labels = np.array([[10.0, 20.0], [200.0, 100.0]]), np.array([1, 0])
+    np.testing.assert_array_equal(mine.predict(feats, pts, labels, (240, 320))[0], ref.predict(feats, pts, labels,
+                                                                                                 (240, 320))[0])
+    del state["tracker.sam_mask_decoder.iou_token.weight"]
+    torch.save({**state, "detector.backbone.x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="interactive predictor.*tracker.sam_mask_decoder.iou_token.weight"):
+        load_sam3_decoder("sam3", str(path))
+
+
 def test_checkpoint_errors_before_any_build(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_sam3("sam3", str(tmp_path / "missing.pt"))

@@ -105,6 +105,7 @@ def load_sam3(sam_type: str = "sam3", checkpoint: str | None = None, *, random_i
     weights (tests, timing)."""
     if not is_sam3(sam_type):
         raise CheckpointError(f"unknown SAM 3 type {sam_type!r}; choose one of {', '.join(SAM3_TYPES)}")
+    _builder()  # without the package: say how to install it, whatever else is wrong
     if random_init:
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -127,6 +128,26 @@ def load_sam3(sam_type: str = "sam3", checkpoint: str | None = None, *, random_i
         raise CheckpointError(f"checkpoint {checkpoint!r} does not fit SAM 3's image model ({what})")
     model.load_state_dict(state, strict=False)
     return model.eval().requires_grad_(False)
+
+
+def load_sam3_decoder(sam_type: str, checkpoint: str | None, *, random_init: bool = False) -> Sam3PromptDecoder:
+    """The decoder side alone, for prompting without the image model (``segment --ray``'s prompting actors): the
+    file's tracker.* tensors into sam3's ``build_tracker`` (12M parameters, seconds). ``random_init``: the
+    seeded whole model's (its decoder weights come from the same random stream)."""
+    if random_init or not checkpoint:
+        return Sam3PromptDecoder.from_model(load_sam3(sam_type, checkpoint, random_init=random_init), sam_type)
+    state = official_state_dict(checkpoint)
+    builder = _builder()
+    with _building():
+        tracker = builder.build_tracker(apply_temporal_disambiguation=False)
+    prefix = "inst_interactive_predictor.model."
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing = sorted(k for k, p in tracker.named_parameters() if k not in sub or sub[k].shape != p.shape)
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not fit SAM 3's interactive predictor (missing or "
+                              f"of another shape: tracker.{', tracker.'.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+    tracker.load_state_dict(sub, strict=False)
+    return Sam3PromptDecoder.from_model(tracker.eval(), sam_type)
 
 
 def _pil(images):
