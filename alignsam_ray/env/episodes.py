@@ -8,9 +8,10 @@ one batched call per vector step.
 
 Frames (see ``grid.py``): the image frame (H, W) holds the patch grid; SAM's 1024 frame holds the
 embedding (64x64 grid, 16 px a cell) and the low-res masks (256x256, 4 px a pixel); the image
-occupies the top-left ``input_size`` of it, the rest is padding. The decoder states its frame
-(``frame_size``, ``grid_size``, ``lowres_size``: SAM 3's is 1008, 72, 288, the image squashed onto all of it). Observations are cropped to the
-image and pooled, so the observation grid and the patch grid cover the same area.
+occupies the top-left ``input_size`` of it, the rest is padding. Observations are cropped to the
+image and pooled, so the observation grid and the patch grid cover the same area. The decoder states
+its frame (``frame_size``, ``grid_size``, ``lowres_size``; SAM 3: 1008, 72, 288, the image squashed onto
+all of it, as SAM 2.1 onto 1024) and patch centres go through its ``to_input_frame``.
 
     state s_t  = E_I(x) (.) M_{t-1}        (E, 64, 64) in SAM's frame; M = SAM's previous probability
                                            map sigmoid(low-res logits) pooled to 64x64 (paper Sec. 3.3,
