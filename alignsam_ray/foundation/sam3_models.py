@@ -16,8 +16,9 @@ for the agent, and its concept prediction from text (``Sam3Processor.set_text_pr
 SAM 3's frame is SAM 2's with other sizes: the image is resized to 1008 x 1008 whatever its aspect (no
 padding), the ViT's 14-pixel patches give a 72 x 72 embedding, the mask decoder reads two high-resolution
 maps (288 and 144) and returns 288 x 288 logits. ``sam3`` is an optional dependency (``SAM3_INSTALL``);
-sam3 0.1.4 creates tensors on "cuda" while building (facebookresearch/sam3 issue 587): without a GPU the
-build runs under ``_cuda_to_cpu``, which sends those tensors to the CPU (the package's files are unchanged).
+sam3 0.1.4 creates tensors on "cuda" while building (facebookresearch/sam3 issue 587) and pins memory in its
+text path: without a GPU both run under ``_CudaToCpu``, which makes those tensors on the CPU and skips the
+pinning (the package's files are unchanged).
 """
 from __future__ import annotations
 
@@ -52,9 +53,12 @@ def _builder():
 
 
 class _CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Tensors asked for on "cuda" are made on the CPU (only around the build, only without a GPU)."""
+    """Without a GPU: tensors asked for on "cuda" are made on the CPU, and ``pin_memory`` (which needs CUDA; the
+    text path's geometry encoder calls it) returns the tensor as it is. Only around sam3's calls."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.pin_memory:
+            return args[0]
         kwargs = dict(kwargs or {})
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
@@ -63,6 +67,7 @@ class _CudaToCpu(torch.overrides.TorchFunctionMode):
 
 
 def _building():
+    """The context sam3 0.1.4's build and text path need on a machine without a GPU (``_CudaToCpu``)."""
     return contextlib.nullcontext() if torch.cuda.is_available() else _CudaToCpu()
 
 
@@ -241,7 +246,8 @@ def text_masks(model, images: list[np.ndarray], text: str, device: str | torch.d
     processor = Sam3Processor(model, resolution=IMAGE_SIZE, device=str(device), confidence_threshold=threshold)
     out = []
     for image in _pil(images):
-        state = processor.set_text_prompt(text, processor.set_image(image))
+        with _building():  # its geometry encoder pins memory (CUDA only)
+            state = processor.set_text_prompt(text, processor.set_image(image))
         masks = state["masks"]  # (K, 1, H, W) bool
         out.append(masks.any(0)[0].cpu().numpy() if len(masks) else np.zeros((image.height, image.width), bool))
     return out
