@@ -246,8 +246,9 @@ def text_masks(model, images: list[np.ndarray], text: str, device: str | torch.d
     processor = Sam3Processor(model, resolution=IMAGE_SIZE, device=str(device), confidence_threshold=threshold)
     out = []
     for image in _pil(images):
+        state = processor.set_image(image)
         with _building():  # its geometry encoder pins memory (CUDA only)
-            state = processor.set_text_prompt(text, processor.set_image(image))
+            state = processor.set_text_prompt(text, state)
         masks = state["masks"]  # (K, 1, H, W) bool
         out.append(masks.any(0)[0].cpu().numpy() if len(masks) else np.zeros((image.height, image.width), bool))
     return out
