@@ -237,7 +237,7 @@ def _add_reproduce(sub):
     p.add_argument("--iterations", type=_positive_int, help="PPO iterations per run (default: the run config's, "
                    "train.iterations)")
     p.add_argument("--no-table4", action="store_true", help="skip Table 4's runs with the other SRM branch "
-                   "(halves the training of CUHK, SBU, MSD, DUTS)")
+                   "(halves the training of every benchmark, VOC classes included)")
     p.add_argument("--smoke", action="store_true", help="shrink every stage (3 training + 2 test images per task, "
                    "1 short iteration) to check the whole path in minutes; the figures mean nothing")
 
