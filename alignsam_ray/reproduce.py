@@ -8,14 +8,15 @@ Stages, each resumable (a rerun with the same settings reuses what is finished):
                VOC (the 20 PASCAL classes); any subset
   2. embed     one store per task, one per class for VOC            -> DIR/stores/<task>
   3. train     one run per task with the paper's settings and its SRM branch (Table 4), plus a run with
-               the other branch for Table 4 (VOC: per class, as the paper did); every unfinished run is a Ray Tune trial, so a cluster
-               trains them side by side, each learner on a GPU when the cluster has them
+               the other branch for Table 4 (VOC: per class, as the paper did); every unfinished run is a
+               Ray Tune trial, so a cluster trains them side by side, each learner on a GPU when it has them
                                                                     -> DIR/runs/<run>
   4. evaluate  each run with the paper's protocol and ablations (Ray tasks, in parallel)
                                                                     -> DIR/eval/<run>/metrics.json
   5. report    Tables 2, 3, 4 and 5 in the paper's rows and columns (its competitors as reference lines),
                ours [95% CI] beside every published figure (``paper_figures.json``) and the difference,
-               then our T sweep on every task (an extension the paper does not publish)                                   -> DIR/report.md, DIR/report.json
+               then our T sweep on every task (an extension the paper does not publish)
+                                                                    -> DIR/report.md, DIR/report.json
 
 On a multi-node cluster DIR (and ROOT) must be on a filesystem every node sees: trials and
 evaluations write there.
