@@ -94,14 +94,24 @@ def test_a_second_process_is_refused_and_nothing_is_touched(holder, tmp_path):
 
 
 @pytest.mark.parametrize("command", [
+    ["train", "--config", "{tmp}/run.yaml"],
+    ["embed", "--data", "{tmp}/ds", "--out", "{held}", "--n-train", "-1"],
+    ["tune", "--config", "{tmp}/sweep.yaml", "storage={tmp}", "name=held"],
     ["reproduce", "--data", "{tmp}", "--out", "{held}", "--sam", "micro"],
-    ["segment", "--ray", "{tmp}", "--bundle", "{tmp}/no_bundle", "--out", "{held}"],
+    ["segment", "--ray", "{tmp}/ds/images", "--bundle", "{tmp}/no_bundle", "--out", "{held}"],
 ])
 def test_cli_commands_are_refused_before_any_work(holder, tmp_path, capsys, command):
+    """Each writing command meets the held folder first: exit 1, the holder named, no traceback, and
+    nothing started (the store, sweep and bundle named here need not even exist)."""
     folder, proc = holder
-    argv = [a.format(tmp=tmp_path, held=folder) for a in command]
-    assert main(argv) == 1
+    _dataset(tmp_path / "ds")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"task": "synthetic_blur", "store": str(tmp_path / "none"),
+                                                        "run_dir": str(folder)}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"tasks": [str(tmp_path / "run.yaml")]}))
+    before = sorted(os.listdir(folder))
+    assert main([a.format(tmp=tmp_path, held=folder) for a in command]) == 1
     _refused(capsys, folder, proc.pid)
+    assert sorted(os.listdir(folder)) == before
 
 
 def test_a_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
@@ -136,7 +146,7 @@ def test_a_lock_left_by_another_host_is_refused_with_how_to_clear_it(tmp_path):
 
 
 # -------------------------------------------------------------------------- two real writers at once
-@pytest.mark.integration
+@pytest.mark.slow  # a real training in a second process: over a minute on 2 busy cores
 def test_two_trainings_into_one_run_folder(blur_store, tmp_path, capsys):
     """`alignsam train` twice on one run_dir: the first trains, the second stops at once with the
     message and exit 1; the first's checkpoint and progress.csv are whole and its own."""
@@ -176,6 +186,7 @@ def _dataset(root, n=3):
     return root
 
 
+@pytest.mark.slow  # a real embed (Ray Data) in a second process
 @pytest.mark.integration
 def test_two_embeds_into_one_store(tmp_path, capsys):
     """`alignsam embed` twice into one store: one embeds, the other stops at once; the store is whole."""
