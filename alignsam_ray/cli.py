@@ -268,8 +268,9 @@ def cmd_demo(args) -> int:
     if unknown:
         print(f"alignsam demo: unknown task(s) {unknown}; choose from {list(SYNTHETIC_TASKS)} or 'all'", file=sys.stderr)
         return 2
-    run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed, iterations=args.iterations,
-             env_runners=args.env_runners, precision=args.precision)
+    with folder_lock(args.out, "demo"):
+        run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                 iterations=args.iterations, env_runners=args.env_runners, precision=args.precision)
     return 0
 
 
