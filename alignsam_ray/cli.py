@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from .folder_lock import FolderInUseError, folder_lock
 from .sam_types import SAM2_TYPES
 
 
@@ -82,7 +83,8 @@ def cmd_train(args) -> int:
     if not (args.config or args.store):
         raise ConfigError("give --store STORE (the paper's settings for the store's task) or --config YAML")
     cfg = load_config(args.config, args.overrides, store=args.store)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    with folder_lock(cfg["run_dir"], "train"):
+        result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: result.get(k) for k in ("iteration", "hit_rate", "final_iou", "checkpoint")}, indent=2))
     return 0
 
@@ -106,8 +108,9 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     store = args.store or Agent.load(args.checkpoint).cfg["store"]
-    m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
-                 seed=args.seed)
+    with folder_lock(args.out, "evaluate"):
+        m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
+                     seed=args.seed)
     print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
     return 0 if m else 1
 
@@ -162,9 +165,10 @@ def cmd_segment(args) -> int:
             raise ValueError("give image files or --ray INPUT, not both")
         from .batch_segment import segment_collection
 
-        segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
-                           clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
-                           strict=args.strict, encoders=args.encoders, prompters=args.prompters, batch=args.batch)
+        with folder_lock(args.out, "segment --ray"):
+            segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
+                               clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
+                               strict=args.strict, encoders=args.encoders, prompters=args.prompters, batch=args.batch)
         return 0
     if not args.images:
         raise ValueError("give image files to segment, or --ray INPUT for a whole folder or bucket")
@@ -208,7 +212,9 @@ def _add_tune(sub):
 def cmd_tune(args) -> int:
     from .tune import load_sweep, run_sweep
 
-    summary = run_sweep(load_sweep(args.config, args.overrides), resume=args.resume, progress=not args.quiet)
+    sweep = load_sweep(args.config, args.overrides)
+    with folder_lock(os.path.join(sweep["storage"], sweep["name"]), "tune"):  # the experiment folder
+        summary = run_sweep(sweep, resume=args.resume, progress=not args.quiet)
     print(f"[tune] results in {summary['path']} (best_per_task.md/.csv, trials.csv, sweep.png)")
     return 0
 
@@ -245,9 +251,11 @@ def _add_reproduce(sub):
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
-    reproduce(args.data, args.out, sam=args.sam, checkpoint=args.checkpoint, clip_model=args.clip_model,
-              clip_weights=args.clip_weights, tasks=args.tasks, voc_classes=args.voc_classes, n_train=args.n_train,
-              seed=args.seed, iterations=args.iterations, table4=not args.no_table4, smoke=args.smoke)
+    with folder_lock(args.out, "reproduce"):
+        reproduce(args.data, args.out, sam=args.sam, checkpoint=args.checkpoint, clip_model=args.clip_model,
+                  clip_weights=args.clip_weights, tasks=args.tasks, voc_classes=args.voc_classes,
+                  n_train=args.n_train, seed=args.seed, iterations=args.iterations, table4=not args.no_table4,
+                  smoke=args.smoke)
     return 0
 
 
@@ -260,8 +268,9 @@ def cmd_demo(args) -> int:
     if unknown:
         print(f"alignsam demo: unknown task(s) {unknown}; choose from {list(SYNTHETIC_TASKS)} or 'all'", file=sys.stderr)
         return 2
-    run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed, iterations=args.iterations,
-             env_runners=args.env_runners, precision=args.precision)
+    with folder_lock(args.out, "demo"):
+        run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                 iterations=args.iterations, env_runners=args.env_runners, precision=args.precision)
     return 0
 
 
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
 
         try:
             return cmd_segment(args)
-        except (_DataError, _CheckpointError, FileNotFoundError, ValueError, ConnectionError) as exc:
+        except (_DataError, _CheckpointError, FolderInUseError, FileNotFoundError, ValueError, ConnectionError) as exc:
             print(f"alignsam segment: error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -327,7 +336,8 @@ def main(argv=None) -> int:
     try:
         return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate,
                 "export": cmd_export, "tune": cmd_tune, "reproduce": cmd_reproduce}[args.cmd](args)
-    except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError, ConnectionError) as exc:
+    except (DataError, CheckpointError, StoreError, ConfigError, FolderInUseError, FileNotFoundError,
+            ConnectionError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
