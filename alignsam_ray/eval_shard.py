@@ -52,13 +52,18 @@ MAX_GPU_BATCH = 256
 
 
 def eval_device(name: str = "auto") -> torch.device:
-    """"auto": the GPU when torch sees one, else the CPU; "cuda" without a visible GPU is an error."""
+    """"auto": the GPU when torch sees one, else the CPU; "cuda" without a visible GPU is an error. On a GPU
+    TF32 is switched off (fp32 maths, as on the CPU)."""
     if name not in DEVICES:
         raise ConfigError(f"--device must be one of {DEVICES}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
                           "use --device auto or cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if dev.type == "cuda":  # full fp32 as on the CPU: no TF32 in matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
 
 
 def auto_batch(device: torch.device) -> int:

@@ -12,7 +12,8 @@ mixed sizes (long side 480-640) with an ellipse as ground truth. The decoder's c
 the embedding's values, so images/s measured on it are those of a real store of that SAM type.
 run: the paper's evaluation protocol (every method, the T sweep, T = 15) with a random-weights policy
 and SRM (``--override``: other run settings) on the images [start, stop) of the store's test split -> {"images", "seconds", "images_per_s",
-"peak_rss_mb", "device", "batch"} printed as JSON (and written to --out), and the per-image values'
+"cpu_s_per_image" (this process's CPU time: on a shared machine, the cost a free core would see), "peak_rss_mb",
+"device", "batch"} printed as JSON (and written to --out), and the per-image values'
 digest (to check that two runs gave the same figures).
 
 Needs torch, numpy, pyarrow, pillow, pyyaml, scipy, py_sod_metrics and segment_anything (no Ray):
@@ -118,9 +119,9 @@ def run(store: str, start: int, stop: int | None, device: str, batch: int | None
     agent = random_agent(st.embed_dim, dev, overrides)
     batch = batch or auto_batch(dev)
     decoder = st.decoder().to(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = evaluate_shard(agent, st, "test", start, stop, seed=0, batch=batch, decoder=decoder)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     digest = hashlib.sha256(json.dumps([r["ids"], r["rows"]], sort_keys=True).encode()).hexdigest()
     n = len(r["ids"])
     if records:  # the shard's per-image records, for merge_shards
@@ -128,7 +129,8 @@ def run(store: str, start: int, stop: int | None, device: str, batch: int | None
 
         with open(records, "wb") as f:
             pickle.dump(r, f)
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_rss_mb": peak_rss_mb(),
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "cpu_s_per_image": cpu_seconds / n,
+            "peak_rss_mb": peak_rss_mb(),
             "device": str(dev), "batch": batch, "threads": torch.get_num_threads(), "start": start,
             "stop": r["stop"], "rows_sha256": digest,
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}

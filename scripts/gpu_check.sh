@@ -8,7 +8,8 @@
 # the paper's protocol (every method, the T sweep, T = 15) with a random-weights policy and SRM, on a
 # ViT-H-sized store in the official format (SAM's prompt encoder + mask decoder, random weights; random
 # fp16 256x64x64 embeddings; made here, no download), first --images N images on the GPU (batch from its
-# free memory), then --cpu-images N on the CPU (all cores). Writes DIR/gpu_check.json and prints a table.
+# free memory), then --cpu-images N on the CPU (all cores); the per-image metrics of those N images are
+# compared between the two runs. Writes DIR/gpu_check.json and prints a table.
 # Needs python3 with torch, numpy, pyarrow; missing small packages (segment-anything, pysodmetrics and
 # its cv2/scikit-image/scikit-learn, scipy, pyyaml, pillow) are pip-installed, from --wheels DIR (no
 # index) when given. No Ray, no project install (PYTHONPATH=the repository).
@@ -52,15 +53,22 @@ STORE="$OUT/store_${SAM}_$IMAGES"
 "$PY" scripts/eval_core_bench.py make-store --out "$STORE" --images "$IMAGES" --sam "$SAM" --shard-size 16
 OV=(); [ ${#OVERRIDE[@]} -gt 0 ] && OV=(--override "${OVERRIDE[@]}")
 echo "[gpu_check] $IMAGES images on $DEVICE"
-"$PY" scripts/eval_core_bench.py run --store "$STORE" --device "$DEVICE" --out "$OUT/device.json" "${OV[@]}"
+"$PY" scripts/eval_core_bench.py run --store "$STORE" --device "$DEVICE" --out "$OUT/device.json" --records "$OUT/device.pkl" "${OV[@]}"
 echo "[gpu_check] $CPU_IMAGES images on the CPU (all cores)"
-"$PY" scripts/eval_core_bench.py run --store "$STORE" --device cpu --stop "$CPU_IMAGES" --out "$OUT/cpu.json" "${OV[@]}"
+"$PY" scripts/eval_core_bench.py run --store "$STORE" --device cpu --stop "$CPU_IMAGES" --out "$OUT/cpu.json" --records "$OUT/cpu.pkl" "${OV[@]}"
 
 "$PY" - "$OUT" "$SAM" "$(( $(date +%s) - T0 ))" <<'EOF'
-import json, os, sys
+import json, os, pickle, sys
 out, sam, wall = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dev, cpu = (json.load(open(os.path.join(out, f))) for f in ("device.json", "cpu.json"))
 ratio = dev["images_per_s"] / cpu["images_per_s"]
+# the same images on both: per-image metrics of the device run vs the CPU's (the reference)
+rd, rc = (pickle.load(open(os.path.join(out, f), "rb")) for f in ("device.pkl", "cpu.pkl"))
+n = len(rc["ids"])
+diffs = [abs(a[k] - b[k]) for row in rc["rows"] for a, b in zip(rd["rows"][row][:n], rc["rows"][row])
+         for k in ("iou", "fbeta", "emeasure", "mae")]
+same = sum(d == 0 for d in diffs) / len(diffs)
+agree = {"images": n, "values": len(diffs), "identical_fraction": same, "max_abs_diff": max(diffs)}
 print(f"\n## evaluation images/s, {sam} store, the paper's protocol (random weights)")
 print(f"{'where':>10} | {'images':>7} | {'batch':>5} | {'seconds':>8} | {'images/s':>9} | {'peak RSS MB':>11}")
 for name, r in (("device", dev), ("cpu", cpu)):
@@ -68,6 +76,9 @@ for name, r in (("device", dev), ("cpu", cpu)):
           f"{r['peak_rss_mb']:>11.0f}")
 print(f"{dev['device']} / cpu ({cpu['threads']} threads): {ratio:.1f}x (goal >= 20x on a GPU); whole check {wall} s"
       + (f"; GPU: {dev['gpu']}" if dev.get("gpu") else ""))
-json.dump({"sam": sam, "device": dev, "cpu": cpu, "ratio": ratio, "wall_s": wall}, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
+print(f"the first {n} images on both: {same:.1%} of {len(diffs)} per-image metric values identical, "
+      f"max |difference| {agree['max_abs_diff']:.2e}")
+json.dump({"sam": sam, "device": dev, "cpu": cpu, "ratio": ratio, "agreement": agree, "wall_s": wall},
+          open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 print(f"wrote {os.path.join(out, 'gpu_check.json')}")
 EOF
