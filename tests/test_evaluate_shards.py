@@ -127,3 +127,29 @@ def test_random_streams_are_per_image():
     assert (a == image_rng(0, "test/img1").integers(0, 10**9, 4)).all()
     assert not (a == image_rng(0, "test/img2").integers(0, 10**9, 4)).all()
     assert not (a == image_rng(1, "test/img1").integers(0, 10**9, 4)).all()
+
+
+def test_shards_batches_and_order_do_not_change_the_figures_ray_free(tmp_path):
+    """The Ray-free core on a store in the official format (micro-SAM decoder, random embeddings and agent):
+    1 shard in batches of 4 vs 3 shards in batches of 1, merged in reverse order -> the same per-image
+    values and the same metrics (every CI and paired interval)."""
+    import importlib.util
+
+    from alignsam_ray.eval_shard import evaluate_shard, merge_shards, shard_bounds
+
+    spec = importlib.util.spec_from_file_location("eval_core_bench", os.path.join(
+        os.path.dirname(__file__), "..", "scripts", "eval_core_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = bench.make_store(str(tmp_path / "s"), images=4, sam="micro", shard_size=2)
+    agent = bench.random_agent(64, torch.device("cpu"), ("env.grid=3", "env.horizon=2"))
+    one = [evaluate_shard(agent, store, "test", 0, None, seed=3, batch=4, n_figures=1)]
+    three = [evaluate_shard(agent, store, "test", a, b, seed=3, batch=1, n_figures=1) for a, b in shard_bounds(4, 3)]
+    (m1, p1), (m3, p3) = merge_shards(one, agent.cfg, agent.grid), merge_shards(three[::-1], agent.cfg, agent.grid)
+    assert p1["ids"] == p3["ids"] == [f"test/{k:05d}" for k in range(4)]
+    assert p1["rows"] == p3["rows"] and json.dumps(m1) == json.dumps(m3)
+    assert len(one[0]["figures"]) == 1 and [len(r["figures"]) for r in three] == [1, 0, 0]
+    other_seed = merge_shards([evaluate_shard(agent, store, "test", seed=4, batch=4)], agent.cfg, agent.grid)[1]
+    assert other_seed["rows"]["alignsam"] == p1["rows"]["alignsam"]  # the greedy policy draws nothing
+    with pytest.raises(ValueError, match="do not tile"):
+        merge_shards([three[0], three[2]], agent.cfg, agent.grid)
