@@ -8,7 +8,7 @@
 make-store: a store in the official format (Parquet shards, manifest, decoder.pt) of N test images: the
 SAM type's real prompt encoder + mask decoder architecture (vit_h: SAM's, random weights; micro: the
 embedded micro-SAM's weights), random fp16 embeddings of its width (vit_h 256 x 64 x 64), images of
-mixed sizes (long side 480-640) with an ellipse as ground truth. The decoder's cost does not depend on
+mixed sizes (long side 640, short side 480-640) with an ellipse as ground truth. The decoder's cost does not depend on
 the embedding's values, so images/s measured on it are those of a real store of that SAM type.
 run: the paper's evaluation protocol (every method, the T sweep, T = 15) with a random-weights policy
 and SRM (``--override``: other run settings) on the images [start, stop) of the store's test split -> {"images", "seconds", "images_per_s",
@@ -37,7 +37,9 @@ import torch  # noqa: E402
 EMBED_DIM = {"micro": None, "vit_h": 256}
 
 
-def make_store(out: str, images: int, sam: str, shard_size: int, seed: int = 0) -> str:
+def make_store(out: str, images: int, sam: str, shard_size: int, seed: int = 0, long_side: int = 640) -> str:
+    """The store described in the module docstring; ``long_side``: the images' long side in pixels (the short
+    side 75-100% of it)."""
     from alignsam_ray.foundation.decoder import SamPromptDecoder, build_decoder_parts
     from alignsam_ray.store.shards import (
         encode_png,
@@ -64,7 +66,8 @@ def make_store(out: str, images: int, sam: str, shard_size: int, seed: int = 0) 
     for f, lo in enumerate(range(0, images, shard_size)):
         rows = []
         for k in range(lo, min(images, lo + shard_size)):
-            h, w = (480, int(rng.integers(480, 641))) if k % 2 else (int(rng.integers(480, 641)), 640)
+            short = int(rng.integers(long_side * 3 // 4, long_side + 1))
+            h, w = (short, long_side) if k % 2 else (long_side, short)
             s = 1024 / max(h, w)
             ih, iw = int(h * s + 0.5), int(w * s + 0.5)
             yy, xx = np.mgrid[:h, :w]

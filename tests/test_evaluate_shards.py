@@ -141,7 +141,7 @@ def test_shards_batches_and_order_do_not_change_the_figures_ray_free(tmp_path):
         os.path.dirname(__file__), "..", "scripts", "eval_core_bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    store = bench.make_store(str(tmp_path / "s"), images=4, sam="micro", shard_size=2)
+    store = bench.make_store(str(tmp_path / "s"), images=4, sam="micro", shard_size=2, long_side=64)
     agent = bench.random_agent(64, torch.device("cpu"), ("env.grid=3", "env.horizon=2"))
     one = [evaluate_shard(agent, store, "test", 0, None, seed=3, batch=4, n_figures=1)]
     three = [evaluate_shard(agent, store, "test", a, b, seed=3, batch=1, n_figures=1) for a, b in shard_bounds(4, 3)]
