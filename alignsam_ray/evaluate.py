@@ -170,7 +170,7 @@ class ProgressLine:
 
     def __init__(self, total: int, log, every: float = 10.0):
         self.total, self.log, self.every = total, log, every
-        self.done, self.t0, self.last = 0, time.time(), time.time()
+        self.done, self.shown, self.t0, self.last = 0, -1, time.time(), time.time()
 
     def add(self, n: int) -> None:
         self.done += int(n)
@@ -179,9 +179,9 @@ class ProgressLine:
     def report(self, force: bool = False, done: int | None = None) -> None:
         self.done = self.done if done is None else int(done)
         now = time.time()
-        if not force and now - self.last < self.every:
+        if (not force and now - self.last < self.every) or self.done == self.shown:
             return
-        self.last = now
+        self.last, self.shown = now, self.done
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         self.log(f"{self.done}/{self.total} images, {rate:.2f} images/s, ETA {eta / 60:.1f} min")
