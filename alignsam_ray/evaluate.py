@@ -406,7 +406,8 @@ def write_figures(figures: list[dict], decoder, folder: str) -> int:
         fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 4 * h / w + 0.4), squeeze=False)
         for ax, t in zip(axes[0], steps):
             coords, labels = fig_data["points"][t]
-            ax.imshow(overlay(image, decoder.upscale_mask(fig_data["logits"][t], (h, w)), coords * scale, labels))
+            low = np.array(fig_data["logits"][t])  # a writable copy (a Ray task's results are read-only)
+            ax.imshow(overlay(image, decoder.upscale_mask(low, (h, w)), coords * scale, labels))
             if gt is not None and gt.any() and not gt.all():
                 ax.contour(gt, levels=[0.5], colors="yellow", linewidths=1.2)
             ax.set_title(f"step {t}")
