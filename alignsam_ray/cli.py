@@ -98,9 +98,16 @@ def _add_evaluate(sub):
     p.add_argument("--store", help="embedding store to evaluate on (default: the run's store)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch", type=_positive_int, default=16, help="images per batched decoder call")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=_positive_int, default=None,
+                   help="images per batched decoder call (default: 16 on the CPU; on a GPU from its free memory)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where SAM's decoder, the "
+                   "policy and the SRM run (default: auto, a GPU when one is visible; with --shards: GPU Ray tasks "
+                   "when the cluster has GPUs)")
+    p.add_argument("--shards", type=_positive_int, default=1, help="split the test images into N shards run as "
+                   "Ray tasks across the cluster (default: 1, in this process without Ray tasks); the figures are "
+                   "the same for any N")
     p.add_argument("--figures", type=int, default=4, help="images to draw")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (per image: seed and image id)")
 
 
 def cmd_evaluate(args) -> int:
@@ -110,7 +117,7 @@ def cmd_evaluate(args) -> int:
     store = args.store or Agent.load(args.checkpoint).cfg["store"]
     with folder_lock(args.out, "evaluate"):
         m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
-                     seed=args.seed)
+                     seed=args.seed, device=args.device, shards=args.shards)
     print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
     return 0 if m else 1
 

@@ -11,7 +11,8 @@ Stages, each resumable (a rerun with the same settings reuses what is finished):
                the other branch for Table 4 (VOC: per class, as the paper did); every unfinished run is a
                Ray Tune trial, so a cluster trains them side by side, each learner on a GPU when it has them
                                                                     -> DIR/runs/<run>
-  4. evaluate  each run with the paper's protocol and ablations (Ray tasks, in parallel)
+  4. evaluate  each run with the paper's protocol and ablations (its test images in shards: Ray tasks
+               across the cluster, GPU tasks when it has GPUs)
                                                                     -> DIR/eval/<run>/metrics.json
   5. report    Tables 2, 3, 4 and 5 in the paper's rows and columns (its competitors as reference lines),
                ours [95% CI] beside every published figure (``paper_figures.json``) and the difference,
@@ -273,30 +274,60 @@ def _eval_done(run: Run) -> bool:
     return same and os.path.getmtime(path) >= os.path.getmtime(os.path.join(ckpt, "state.json"))
 
 
-def _evaluate_task(run_dir: str, store: str, out: str, seed: int) -> dict:
-    from .checkpoint import resolve_checkpoint
-    from .evaluate import evaluate
-
-    return evaluate(resolve_checkpoint(run_dir), store, out, seed=seed, progress=False)
+SHARD_IMAGES = 250  # most test images one evaluation shard holds
 
 
 def evaluate_runs(runs: list[Run], seed: int) -> None:
-    """Every run not yet evaluated on its latest checkpoint, as Ray tasks (1 CPU each, in parallel)."""
+    """Every run not yet evaluated on its latest checkpoint: its test images split into shards (at most
+    ``SHARD_IMAGES`` each, and enough shards that the cluster's GPUs, else its CPUs, each get one), all runs'
+    shards Ray tasks at once (``evaluate.run_shards``); a run's metrics.json is written as soon as its last
+    shard is in."""
+    import math
+
     import ray
+
+    from .checkpoint import Agent, resolve_checkpoint
+    from .eval_shard import shard_bounds
+    from .evaluate import check_store, run_shards, write_evaluation
+    from .store.loader import EmbeddingStore
 
     todo = [r for r in runs if not _eval_done(r)]
     print(f"[reproduce] 4/5 evaluate: {len(runs) - len(todo)} of {len(runs)} runs already evaluated; {len(todo)} to "
           "evaluate", flush=True)
-    remote = ray.remote(num_cpus=1)(_evaluate_task)
-    pending = {remote.remote(r.run_dir, r.store, r.eval_dir, seed): r for r in todo}
-    t0, n = time.time(), 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        run = pending.pop(ready[0])
-        m = ray.get(ready[0])
-        n += 1
-        print(f"[reproduce] evaluate {n}/{len(todo)}: {run.name} ({m['n_images']} test images, alignsam mIoU "
-              f"{m['methods']['alignsam']['miou']:.3f}){_eta(n, len(todo), t0)}", flush=True)
+    if not todo:
+        return
+    prepared = []
+    for run in todo:
+        agent = Agent.load(resolve_checkpoint(run.run_dir))
+        st = EmbeddingStore(run.store, verify=False)
+        check_store(agent, st, run.store)
+        prepared.append((run, agent, st, len(st.split_ids("test"))))
+    total = sum(p[3] for p in prepared)
+    res = ray.cluster_resources()
+    slots = int(res.get("GPU", 0)) or int(res.get("CPU", 1))
+    tasks, owner = [], []
+    for k, (run, agent, _, n) in enumerate(prepared):
+        for a, b in shard_bounds(n, max(math.ceil(n / SHARD_IMAGES), math.ceil(slots * n / total))):
+            tasks.append(dict(checkpoint=agent.checkpoint, store=run.store, split="test", start=a, stop=b, seed=seed,
+                              batch=None, n_figures=4))
+            owner.append(k)
+    got: dict = {k: [] for k in range(len(prepared))}
+    t0, finished = time.time(), []
+
+    def on_result(i: int, result: dict) -> None:
+        k = owner[i]
+        got[k].append(result)
+        if len(got[k]) < owner.count(k):
+            return
+        run, agent, st, _ = prepared[k]
+        m = write_evaluation(run.eval_dir, agent, st, run.store, "test", got[k], t0,
+                             sorted({r["device"] for r in got[k]}))
+        got[k] = []
+        finished.append(run.name)
+        print(f"[reproduce] evaluate {len(finished)}/{len(todo)}: {run.name} ({m['n_images']} test images, "
+              f"alignsam mIoU {m['methods']['alignsam']['miou']:.3f}){_eta(len(finished), len(todo), t0)}", flush=True)
+
+    run_shards(tasks, "auto", lambda msg: print(f"[reproduce] evaluate: {msg}", flush=True), on_result, every=60)
 
 
 # ---------------------------------------------------------------------------------------------- report
