@@ -18,6 +18,10 @@ Methods (rows of the paper's Table 2, plus two references):
                     probability is highest, SRM labels (the T best SRM cells, in order)
     gt_labels       oracle labels: the policy's points labelled from the ground truth (not an upper
                     bound: a correct label can still give SAM a worse mask than the SRM's)
+Training-free baselines (``baselines.py``, the same SAM, embeddings and metrics): persam (PerSAM,
+one-shot: the run's first training image), persam_mean (ours: its target averaged over the run's
+training images), clip_points (CLIP Surgery's text-to-points recipe on the store's map). One that does
+not apply (SAM 2.1 store: persam; no map: clip_points) is skipped and named in "skipped".
 T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20} (those <= the grid's size).
 
 Statistics: per method and metric a 95% bootstrap interval over test images (``ci95``), and for
@@ -39,6 +43,7 @@ from .checkpoint import Agent
 from .config import ConfigError
 from .env.alignsam_env import holdout_split
 from .env.rollout import Rollout, rollout
+from .baselines import run_all
 from .foundation.decoder import SamPromptDecoder
 from .metrics import (
     METRIC_DEFINITIONS,
@@ -153,11 +158,15 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         accs[name] = score(r.logits[h], ids, sizes, gt_full, decoder)
         results[name] = _method_row(accs[name], r, h)
     results = {name: results[name] for name in METHODS}
-    paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in METHODS if name != "alignsam"}
+    baselines, skipped = run_all(data, decoder, agent.cfg, log)
+    for name, b in baselines.items():  # per-image low-res logits, scored as every method
+        accs[name] = score(b.logits, ids, sizes, gt_full, decoder)
+        results[name] = {**accs[name].summary(), **b.stats(), "ci95": confidence_intervals(accs[name])}
+    paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in results if name != "alignsam"}
     metrics = {
         "task": agent.cfg["task"], "n_images": int(len(ids)), "split": split, "horizon": T,
         "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
-        "methods": results, "paired": paired,
+        "methods": results, "paired": paired, "skipped": skipped,
         "t_sweep": sweep, "initial_prompts": score(main.logits[0], ids, sizes, gt_full, decoder).summary(),
         "seconds": round(time.time() - t0, 1),
     }
@@ -202,7 +211,8 @@ NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "eme
          "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
 LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
-          "gt_labels": "gt_labels (oracle labels)"}
+          "gt_labels": "gt_labels (oracle labels)", "persam": "persam (PerSAM, 1 shot)",
+          "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)"}
 
 
 def _fmt(v: float) -> str:
@@ -238,7 +248,9 @@ def report_markdown(metrics: dict) -> str:
     lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
-              "(SRM, oracle or all-positive) matches the ground truth.", "",
+              "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points)."]
+    lines += [""] + [f"- skipped: {name}: {why}" for name, why in metrics.get("skipped", {}).items()]
+    lines += ["",
               "## Paired differences: alignsam - method (95% bootstrap interval over the same images)", ""]
     shown = tuple(dict.fromkeys(("miou",) + tuple(prim)))
     lines += ["| method | " + " | ".join(f"{NAMES[k]} diff [95% CI] | " for k in shown).rstrip(" |") + " |",

@@ -1,0 +1,185 @@
+"""Sample efficiency: AlignSAM trained on N images against the training-free baselines, N = 1, 5, 10, 50.
+
+    python scripts/shots.py --task synthetic_shapes --shots 1 5 10 50 [--seeds 0 1 2] [--iterations 12]
+        [--work /tmp/alignsam_shots] [--train-only] --out results/shots_synthetic_shapes.json
+
+Design (fixed before any run):
+* Data: the demo's generator and data seed 0 (alignsam_ray/demo.py ``prepare_task``). Image i of a split
+  is drawn from its own seed (task, data seed, split, i), so the store of N training images holds the
+  first N of the demo's 50 and every N shares them: <work>/data_N/stores/<task> (N training images, no
+  test images). The test set is ONE store of the demo's 50 test images (<work>/test/stores/<task>), the
+  same for every N and every seed, so all cells of the curve are scored on the same images.
+* Training: exactly the demo's run config (``demo_config``: paper hyperparameters, 12 PPO iterations of
+  600 env steps, 2 EnvRunners, bf16 learner), ``train.seed`` = the seed, run dir <work>/runs/shots_N/seed_k.
+  The budget in env steps is the same for every N (fewer images are revisited more often).
+* Evaluation: ``alignsam evaluate`` on the test store (every method, its 95% bootstrap intervals over
+  the test images and the paired differences alignsam - method). The curve shows alignsam, srm_topk,
+  random_actions (they use the run's SRM, trained on the same N images), persam (reference: the run's
+  first training image, so the same for every N) and persam_mean (target embedding averaged over the
+  run's N training images).
+* Order: seed-major (seed 0 for every N, then seed 1, ...), so a partial run still gives whole curves.
+  Finished runs and evaluations are reused; --train-only stops after the trainings.
+* Statistics: per (method, N) the mean and sd of mIoU across seeds; its interval is the mean of the
+  seeds' 95% bootstrap intervals over the test images (conservative for the image error, since the
+  seeds share the images; seed-to-seed spread is the sd column). Paired: per N and method, the mean of
+  alignsam - method across seeds and in how many seeds its 95% interval lies above / below 0.
+
+Output: --out JSON (table, curve, every evaluation's metrics.json), a Markdown table (printed and next
+to --out as .md) and a PNG plot (next to --out as .png): mIoU with its interval against N (log axis).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from alignsam_ray.demo import DEMO_ITERATIONS, demo_config, prepare_task
+
+CURVE_METHODS = ("alignsam", "srm_topk", "random_actions", "persam", "persam_mean")
+
+
+def _done(run_dir: str, iterations: int) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "checkpoints", f"iter_{iterations:06d}", "state.json"))
+
+
+def curve(evals: dict, shots: list[int]) -> dict:
+    """evals: (N, seed) -> metrics.json dict. Returns {method: {N: {"mean", "sd", "ci95", "seeds",
+    "paired": {"diff", "above", "below"} | None}}} over the seeds evaluated for that N."""
+    out: dict = {}
+    for method in CURVE_METHODS:
+        out[method] = {}
+        for n in shots:
+            ms = [m for (k, _), m in sorted(evals.items()) if k == n and method in m["methods"]]
+            if not ms:
+                continue
+            v = np.array([m["methods"][method]["miou"] for m in ms])
+            lo = float(np.mean([m["methods"][method]["ci95"]["miou"][0] for m in ms]))
+            hi = float(np.mean([m["methods"][method]["ci95"]["miou"][1] for m in ms]))
+            cell = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "ci95": [lo, hi],
+                    "seeds": len(ms), "paired": None}
+            if method != "alignsam":
+                d = [m["paired"][method]["miou"] for m in ms]
+                cell["paired"] = {"diff": float(np.mean([x["diff"] for x in d])),
+                                  "above": int(sum(x["ci95"][0] > 0 for x in d)),
+                                  "below": int(sum(x["ci95"][1] < 0 for x in d))}
+            out[method][str(n)] = cell
+    return out
+
+
+def table(cur: dict, shots: list[int], n_images: int) -> str:
+    lines = [f"mIoU on the same {n_images} test images: mean ± sd across seeds [mean of the seeds' 95% intervals]; "
+             "for the baselines also alignsam - method (mean across seeds; seeds with paired CI > 0 / < 0).", "",
+             "| method | " + " | ".join(f"N = {n}" for n in shots) + " |", "|---|" + "---|" * len(shots)]
+    for method, cells in cur.items():
+        row = []
+        for n in shots:
+            c = cells.get(str(n))
+            if c is None:
+                row.append("-")
+                continue
+            s = f"{c['mean']:.3f} ± {c['sd']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] ({c['seeds']} seeds)"
+            if c["paired"]:
+                p = c["paired"]
+                s += f"; diff {p['diff']:+.3f}, {p['above']} / {p['below']}"
+            row.append(s)
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(cur: dict, shots: list[int], path: str, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for j, (method, cells) in enumerate(cur.items()):
+        ns = [n for n in shots if str(n) in cells]
+        if not ns:
+            continue
+        x = np.array(ns, float) * (1 + 0.03 * (j - 2))  # small horizontal offsets so the bars do not overlap
+        y = np.array([cells[str(n)]["mean"] for n in ns])
+        lo = y - np.array([cells[str(n)]["ci95"][0] for n in ns])
+        hi = np.array([cells[str(n)]["ci95"][1] for n in ns]) - y
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=method,
+                    linestyle="--" if method.startswith("persam") else "-")
+    ax.set_xscale("log")
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(n) for n in shots])
+    ax.set_xlabel("training images N")
+    ax.set_ylabel("mIoU (test images)")
+    ax.set_title(f"{task}, micro-SAM: mean over seeds, bars = 95% intervals")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help="a synthetic task, e.g. synthetic_shapes")
+    ap.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 50])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--iterations", type=int, default=DEMO_ITERATIONS)
+    ap.add_argument("--n-test", type=int, default=50, help="test images (the demo's first N)")
+    ap.add_argument("--work", default="/tmp/alignsam_shots")
+    ap.add_argument("--train-only", action="store_true", help="train every run, evaluate none")
+    ap.add_argument("--out", required=True, help="JSON file; the table (.md) and plot (.png) go next to it")
+    args = ap.parse_args(argv)
+    if min(args.shots) < 1:
+        ap.error("--shots must be >= 1")
+    from alignsam_ray.evaluate import evaluate
+    from alignsam_ray.train import train
+
+    shots = sorted(set(args.shots))
+    test_store = prepare_task(args.task, os.path.join(args.work, "test"), n_train=0, n_test=args.n_test)
+    evals, seconds = {}, {}
+    for seed in args.seeds:
+        for n in shots:
+            store = prepare_task(args.task, os.path.join(args.work, f"data_{n}"), n_train=n, n_test=0)
+            run_dir = os.path.join(args.work, "runs", f"shots_{n}", f"seed_{seed}")
+            cfg = demo_config(store, run_dir, args.iterations, seed)
+            t0 = time.time()
+            if not _done(run_dir, args.iterations):
+                print(f"[shots] N = {n}, seed {seed}: training {args.iterations} iterations", flush=True)
+                train(cfg, resume=True)
+                seconds[f"train_{n}_{seed}"] = round(time.time() - t0, 1)
+            if args.train_only:
+                continue
+            out = os.path.join(args.work, "eval", f"shots_{n}", f"seed_{seed}")
+            done = os.path.join(out, "metrics.json")
+            if os.path.isfile(done):
+                evals[(n, seed)] = json.load(open(done))
+                print(f"[shots] N = {n}, seed {seed}: reusing {done}", flush=True)
+                continue
+            t0 = time.time()
+            ckpt = os.path.join(run_dir, "checkpoints", f"iter_{args.iterations:06d}")
+            evals[(n, seed)] = evaluate(ckpt, test_store, out, seed=seed, n_figures=0)
+            seconds[f"eval_{n}_{seed}"] = round(time.time() - t0, 1)
+    if args.train_only:
+        print("[shots] --train-only: every run trained")
+        return 0
+    cur = curve(evals, shots)
+    text = table(cur, shots, next(iter(evals.values()))["n_images"])
+    print("\n" + text)
+    base = os.path.splitext(args.out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    plot(cur, shots, base + ".png", args.task)
+    with open(base + ".md", "w") as f:
+        f.write(text + "\n")
+    with open(args.out, "w") as f:
+        json.dump({"command": "python scripts/shots.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "task": args.task, "shots": shots, "seeds": args.seeds, "iterations": args.iterations,
+                   "seconds": seconds, "table_md": text, "curve": cur,
+                   "metrics": {f"{n}/{s}": m for (n, s), m in sorted(evals.items())}}, f, indent=2)
+    print(f"wrote {args.out}, {base}.md, {base}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
