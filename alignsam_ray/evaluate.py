@@ -39,11 +39,11 @@ import time
 
 import numpy as np
 
+from .baselines import run_all
 from .checkpoint import Agent
 from .config import ConfigError
 from .env.alignsam_env import holdout_split
 from .env.rollout import Rollout, rollout
-from .baselines import run_all
 from .foundation.decoder import SamPromptDecoder
 from .metrics import (
     METRIC_DEFINITIONS,
