@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from .baselines import run_all
+from .baselines import BASELINES, run_all
 from .checkpoint import Agent
 from .config import ConfigError
 from .env.alignsam_env import holdout_split
@@ -285,7 +285,7 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
             raise ValueError(f"two evaluations of VOC class {name!r}")
         rows[name] = m
     order = [c for c in VOC_CLASSES[1:] if c in rows] + sorted(c for c in rows if c not in VOC_CLASSES)
-    methods = list(METHODS)
+    methods = list(METHODS) + [b for b in BASELINES if all(b in rows[c]["methods"] for c in order)]
     lines = ["| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
     table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
     for c in order:

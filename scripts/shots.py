@@ -1,7 +1,7 @@
 """Sample efficiency: AlignSAM trained on N images against the training-free baselines, N = 1, 5, 10, 50.
 
     python scripts/shots.py --task synthetic_shapes --shots 1 5 10 50 [--seeds 0 1 2] [--iterations 12]
-        [--work /tmp/alignsam_shots] [--train-only] --out results/shots_synthetic_shapes.json
+        [--work /tmp/alignsam_shots] [--train-only | --eval-only] --out results/shots_synthetic_shapes.json [KEY=VALUE ...]
 
 Design (fixed before any run):
 * Data: the demo's generator and data seed 0 (alignsam_ray/demo.py ``prepare_task``). Image i of a split
@@ -18,7 +18,9 @@ Design (fixed before any run):
   first training image, so the same for every N) and persam_mean (target embedding averaged over the
   run's N training images).
 * Order: seed-major (seed 0 for every N, then seed 1, ...), so a partial run still gives whole curves.
-  Finished runs and evaluations are reused; --train-only stops after the trainings.
+  Finished runs and evaluations are reused; --train-only stops after the trainings; --eval-only
+  evaluates the finished runs and tabulates them, training none (a partial curve: each cell names its
+  seeds). KEY=VALUE: config overrides on top of the demo's (a tiny test run: ppo.train_batch_size=48 ...).
 * Statistics: per (method, N) the mean and sd of mIoU across seeds; its interval is the mean of the
   seeds' 95% bootstrap intervals over the test images (conservative for the image error, since the
   seeds share the images; seed-to-seed spread is the sd column). Paired: per N and method, the mean of
@@ -128,24 +130,32 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=DEMO_ITERATIONS)
     ap.add_argument("--n-test", type=int, default=50, help="test images (the demo's first N)")
     ap.add_argument("--work", default="/tmp/alignsam_shots")
-    ap.add_argument("--train-only", action="store_true", help="train every run, evaluate none")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--train-only", action="store_true", help="train every run, evaluate none")
+    mode.add_argument("--eval-only", action="store_true", help="evaluate the finished runs, train none")
     ap.add_argument("--out", required=True, help="JSON file; the table (.md) and plot (.png) go next to it")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. ppo.train_batch_size=48")
     args = ap.parse_args(argv)
     if min(args.shots) < 1:
         ap.error("--shots must be >= 1")
+    from alignsam_ray.config import parse_overrides
     from alignsam_ray.evaluate import evaluate
     from alignsam_ray.train import train
 
     shots = sorted(set(args.shots))
+    overrides = parse_overrides(args.overrides)
     test_store = prepare_task(args.task, os.path.join(args.work, "test"), n_train=0, n_test=args.n_test)
     evals, seconds = {}, {}
     for seed in args.seeds:
         for n in shots:
             store = prepare_task(args.task, os.path.join(args.work, f"data_{n}"), n_train=n, n_test=0)
             run_dir = os.path.join(args.work, "runs", f"shots_{n}", f"seed_{seed}")
-            cfg = demo_config(store, run_dir, args.iterations, seed)
+            cfg = demo_config(store, run_dir, args.iterations, seed, overrides=overrides)
             t0 = time.time()
             if not _done(run_dir, args.iterations):
+                if args.eval_only:
+                    print(f"[shots] N = {n}, seed {seed}: not trained; left out", flush=True)
+                    continue
                 print(f"[shots] N = {n}, seed {seed}: training {args.iterations} iterations", flush=True)
                 train(cfg, resume=True)
                 seconds[f"train_{n}_{seed}"] = round(time.time() - t0, 1)
@@ -164,6 +174,9 @@ def main(argv=None) -> int:
     if args.train_only:
         print("[shots] --train-only: every run trained")
         return 0
+    if not evals:
+        print("[shots] no finished run to evaluate")
+        return 1
     cur = curve(evals, shots)
     text = table(cur, shots, next(iter(evals.values()))["n_images"])
     print("\n" + text)

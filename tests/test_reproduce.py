@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from alignsam_ray.baselines import BASELINES
 from alignsam_ray.cli import main
 from alignsam_ray.config import ConfigError
 from alignsam_ray.data import DataError
@@ -33,8 +34,8 @@ def test_paper_figures_file_is_well_formed():
     assert set(paper["tables"]) == {"table2", "table3", "table4", "table5"}
     assert set(paper["units"].values()) <= set(UNITS)
     t = paper["tables"]
-    assert list(t["table2"]["rows"]) == ["random_actions", "all_positive", "single_step", "alignsam"]
-    assert set(t["table2"]["rows"]) <= set(METHODS)
+    assert list(t["table2"]["rows"]) == ["random_actions", "all_positive", "single_step", "alignsam", "persam"]
+    assert set(t["table2"]["rows"]) <= set(METHODS) | set(BASELINES)
     assert list(t["table3"]["rows"]) == list(VOC_CLASSES[1:]) + ["mean"]
     assert list(t["table4"]["rows"]) == ["implicit", "explicit"]
     assert [int(r) for r in t["table5"]["rows"]] == list(T_SWEEP)
@@ -172,7 +173,7 @@ def _smoke(tmp_path, capsys, sam_args: list[str], tasks: tuple) -> tuple[dict, s
 
 def _check_explicit_and_voc_tables(report: dict) -> None:
     t2, t3, t4, t5 = (report["tables"][k]["rows"] for k in ("table2", "table3", "table4", "table5"))
-    for row in ("random_actions", "all_positive", "single_step", "alignsam"):
+    for row in ("random_actions", "all_positive", "single_step", "alignsam", "persam"):
         assert t2[row]["shadow.miou"]["ours"] is not None and t2[row]["shadow.miou"]["ci95"] is not None
         assert t2[row]["voc.iou_dataset"]["ours"] is not None and t2[row]["blur.miou"]["ours"] is None
     voc = t2["alignsam"]["voc.iou_dataset"]
