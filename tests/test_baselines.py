@@ -3,7 +3,6 @@ micro-SAM's real decoder and hand-made store arrays; one check through `alignsam
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -158,11 +157,21 @@ def test_clip_points_on_the_store_map_and_refused_without_one(micro_decoder):
     assert "has none" in B.skip_reason("clip_points", toy_data(), micro_decoder, cfg)
 
 
-def test_persam_refuses_a_sam2_decoder():
-    sam2 = types.SimpleNamespace(sam_type="sam2.1_hiera_t", mask_decoder=types.SimpleNamespace(transformer=None))
+def test_sam2_store_persam_refused_clip_points_run():
+    """A random-weight SAM 2.1 Hiera-T decoder (sam2's own builder): persam is refused, clip_points runs."""
+    from alignsam_ray.foundation.sam2_models import Sam2PromptDecoder, load_sam2
+
+    dec = Sam2PromptDecoder.from_model(load_sam2("sam2.1_hiera_t", None, random_init=True), "sam2.1_hiera_t")
+    data = toy_data()
+    data["embeddings"] = np.random.default_rng(0).standard_normal((2, 256, 64, 64)).astype(np.float16)
+    data["high_res_feats_0"] = np.zeros((2, 32, 256, 256), np.float16)
+    data["high_res_feats_1"] = np.zeros((2, 64, 128, 128), np.float16)
+    data["map_star"] = np.random.default_rng(1).random((2, 64, 64)).astype(np.float16)
     with pytest.raises(ConfigError, match="SAM 2.1"):
-        B.guided_decode(sam2, np.zeros((1, 256, 64, 64)), np.zeros((1, 2, 2)), np.ones((1, 2)))
-    assert "SAM 2.1" in B.skip_reason("persam", {}, sam2, {"srm": {}})
+        B.guided_decode(dec, data["embeddings"][:1], np.zeros((1, 2, 2)), np.ones((1, 2)))
+    assert "SAM 2.1" in B.skip_reason("persam", data, dec, {"srm": {}})
+    r = B.clip_points(data, dec)
+    assert [lo.shape for lo in r.logits] == [(256, 256)] * 2 and np.isfinite(r.logits[0]).all()
 
 
 def test_evaluate_scores_the_baselines_with_paired_intervals(trained_run, blur_store, tmp_path):
