@@ -185,3 +185,31 @@ def test_evaluate_scores_the_baselines_with_paired_intervals(trained_run, blur_s
     report = open(tmp_path / "eval" / "report.md").read()
     assert "persam_mean (PerSAM, mean target, ours)" in report and "skipped: clip_points" in report
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["paired"]["persam"]["miou"]["ci95"]
+
+
+def test_shots_script_curve_and_table(tmp_path):
+    """scripts/shots.py's aggregation: mean, sd and interval across seeds per (method, N); paired counts."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "shots.py")
+    spec = importlib.util.spec_from_file_location("shots", path)
+    shots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shots)
+
+    def metrics(a, p):
+        row = lambda v: {"miou": v, "ci95": {"miou": [v - 0.1, v + 0.1]}}  # noqa: E731
+        return {"n_images": 50, "methods": {"alignsam": row(a), "persam": row(p)},
+                "paired": {"persam": {"miou": {"diff": a - p, "ci95": [a - p - 0.05, a - p + 0.05]}}}}
+
+    evals = {(1, 0): metrics(0.3, 0.4), (1, 1): metrics(0.6, 0.4), (5, 0): metrics(0.6, 0.2)}
+    cur = shots.curve(evals, [1, 5])
+    assert cur["alignsam"]["1"]["mean"] == pytest.approx(0.45) and cur["alignsam"]["1"]["seeds"] == 2
+    assert cur["alignsam"]["1"]["sd"] == pytest.approx(np.std([0.3, 0.6], ddof=1))
+    assert cur["alignsam"]["1"]["ci95"] == pytest.approx([0.35, 0.55])
+    assert cur["persam"]["1"]["paired"] == {"diff": pytest.approx(0.05), "above": 1, "below": 1}
+    assert cur["persam"]["5"]["paired"]["above"] == 1 and cur["srm_topk"] == {}  # not evaluated: no cell
+    text = shots.table(cur, [1, 5], 50)
+    assert "| persam | 0.400 ± 0.000 [0.300, 0.500] (2 seeds); diff +0.050, 1 / 1 |" in text
+    shots.plot(cur, [1, 5], str(tmp_path / "p.png"), "synthetic_shapes")
+    assert (tmp_path / "p.png").stat().st_size > 1000
