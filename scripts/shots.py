@@ -1,7 +1,8 @@
 """Sample efficiency: AlignSAM trained on N images against the training-free baselines, N = 1, 5, 10, 50.
 
     python scripts/shots.py --task synthetic_shapes --shots 1 5 10 50 [--seeds 0 1 2] [--iterations 12]
-        [--work /tmp/alignsam_shots] [--train-only | --eval-only] --out results/shots_synthetic_shapes.json [KEY=VALUE ...]
+        [--work /tmp/alignsam_shots] [--train-only | --eval-only | --baselines-only] --out results/shots_synthetic_shapes.json
+        [KEY=VALUE ...]
 
 Design (fixed before any run):
 * Data: the demo's generator and data seed 0 (alignsam_ray/demo.py ``prepare_task``). Image i of a split
@@ -21,6 +22,9 @@ Design (fixed before any run):
   Finished runs and evaluations are reused; --train-only stops after the trainings; --eval-only
   evaluates the finished runs and tabulates them, training none (a partial curve: each cell names its
   seeds). KEY=VALUE: config overrides on top of the demo's (a tiny test run: ppo.train_batch_size=48 ...).
+* The baselines need no training and no seed: --baselines-only scores persam, persam_mean (with the
+  first N training images as references) and clip_points on the test store for every N (one value per
+  N, 95% bootstrap interval, paired persam_mean - persam), written to --out with "_baselines" added.
 * Statistics: per (method, N) the mean and sd of mIoU across seeds; its interval is the mean of the
   seeds' 95% bootstrap intervals over the test images (conservative for the image error, since the
   seeds share the images; seed-to-seed spread is the sd column). Paired: per N and method, the mean of
@@ -122,6 +126,50 @@ def plot(cur: dict, shots: list[int], path: str, task: str) -> None:
     plt.close(fig)
 
 
+def baselines_only(args, shots: list[int], test_store: str) -> int:
+    """persam / persam_mean / clip_points on the test store with the first N training images as references."""
+    from alignsam_ray.baselines import run_baseline, training_references
+    from alignsam_ray.config import paper_srm
+    from alignsam_ray.evaluate import score
+    from alignsam_ray.metrics import confidence_intervals, paired_difference
+    from alignsam_ray.store.loader import EmbeddingStore
+
+    st = EmbeddingStore(test_store)
+    data, gt, decoder = st.arrays("test"), st.gt_full("test"), st.decoder()
+    ids, sizes = data["ids"], data["original_size"]
+    rows, first, t0 = {}, None, time.time()
+    for n in shots:
+        store = prepare_task(args.task, os.path.join(args.work, f"data_{n}"), n_train=n, n_test=0)
+        cfg = {"store": store, "train": {"val_images": 0}, "srm": {"text_map": paper_srm(args.task).get("text_map")}}
+        refs = training_references(cfg)
+        accs = {}
+        for name in ("persam", "persam_mean", "clip_points"):
+            if name != "persam_mean" and n != shots[0]:
+                continue  # persam (the first image) and clip_points (no reference) do not depend on N
+            print(f"[shots] baselines: {name}, N = {n}", flush=True)
+            accs[name] = score(run_baseline(name, data, decoder, cfg, refs).logits, ids, sizes, gt, decoder)
+            rows[f"{name}@{n}"] = {**accs[name].summary(), "ci95": confidence_intervals(accs[name])}
+        first = accs.get("persam", first)
+        rows[f"persam_mean@{n}"]["paired_vs_persam"] = paired_difference(accs["persam_mean"], first)["miou"]
+    lines = [f"Training-free baselines on the same {len(ids)} test images (micro-SAM), mIoU [95% CI]:", "",
+             "| method | mIoU [95% CI] | persam_mean - persam [95% CI] |", "|---|---|---|"]
+    for key, r in rows.items():
+        p = r.get("paired_vs_persam")
+        lo, hi = r["ci95"]["miou"]
+        lines.append(f"| {key.replace('@', ', N = ')} | {r['miou']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     + (f"{p['diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p else "") + " |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    base = os.path.splitext(args.out)[0] + "_baselines"
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    with open(base + ".json", "w") as f:
+        json.dump({"command": "python scripts/shots.py " + " ".join(sys.argv[1:]), "task": args.task, "shots": shots,
+                   "n_test": int(len(ids)), "seconds": round(time.time() - t0, 1), "table_md": text, "rows": rows},
+                  f, indent=2)
+    print(f"wrote {base}.json")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", required=True, help="a synthetic task, e.g. synthetic_shapes")
@@ -133,6 +181,7 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--train-only", action="store_true", help="train every run, evaluate none")
     mode.add_argument("--eval-only", action="store_true", help="evaluate the finished runs, train none")
+    mode.add_argument("--baselines-only", action="store_true", help="the training-free baselines per N, no run")
     ap.add_argument("--out", required=True, help="JSON file; the table (.md) and plot (.png) go next to it")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. ppo.train_batch_size=48")
     args = ap.parse_args(argv)
@@ -146,7 +195,7 @@ def main(argv=None) -> int:
     overrides = parse_overrides(args.overrides)
     test_store = prepare_task(args.task, os.path.join(args.work, "test"), n_train=0, n_test=args.n_test)
     evals, seconds = {}, {}
-    for seed in args.seeds:
+    for seed in ([] if args.baselines_only else args.seeds):
         for n in shots:
             store = prepare_task(args.task, os.path.join(args.work, f"data_{n}"), n_train=n, n_test=0)
             run_dir = os.path.join(args.work, "runs", f"shots_{n}", f"seed_{seed}")
@@ -174,6 +223,8 @@ def main(argv=None) -> int:
     if args.train_only:
         print("[shots] --train-only: every run trained")
         return 0
+    if args.baselines_only:
+        return baselines_only(args, shots, test_store)
     if not evals:
         print("[shots] no finished run to evaluate")
         return 1
