@@ -249,7 +249,8 @@ def report_markdown(metrics: dict) -> str:
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
               "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points)."]
-    lines += [""] + [f"- skipped: {name}: {why}" for name, why in metrics.get("skipped", {}).items()]
+    skipped = metrics.get("skipped") or {}
+    lines += [""] * bool(skipped) + [f"- skipped: {name}: {why}" for name, why in skipped.items()]
     lines += ["",
               "## Paired differences: alignsam - method (95% bootstrap interval over the same images)", ""]
     shown = tuple(dict.fromkeys(("miou",) + tuple(prim)))
