@@ -137,21 +137,46 @@ def baselines_only(args, shots: list[int], test_store: str) -> int:
     st = EmbeddingStore(test_store)
     data, gt, decoder = st.arrays("test"), st.gt_full("test"), st.decoder()
     ids, sizes = data["ids"], data["original_size"]
-    rows, first, t0 = {}, None, time.time()
+    base = os.path.splitext(args.out)[0] + "_baselines"
+    rows, accs, t0 = {}, {}, time.time()
     for n in shots:
-        store = prepare_task(args.task, os.path.join(args.work, f"data_{n}"), n_train=n, n_test=0)
+        store = _prepare(args.task, os.path.join(args.work, f"data_{n}"), n)
         cfg = {"store": store, "train": {"val_images": 0}, "srm": {"text_map": paper_srm(args.task).get("text_map")}}
         refs = training_references(cfg)
-        accs = {}
         for name in ("persam", "persam_mean", "clip_points"):
             if name != "persam_mean" and n != shots[0]:
                 continue  # persam (the first image) and clip_points (no reference) do not depend on N
             print(f"[shots] baselines: {name}, N = {n}", flush=True)
-            accs[name] = score(run_baseline(name, data, decoder, cfg, refs).logits, ids, sizes, gt, decoder)
-            rows[f"{name}@{n}"] = {**accs[name].summary(), "ci95": confidence_intervals(accs[name])}
-        first = accs.get("persam", first)
-        rows[f"persam_mean@{n}"]["paired_vs_persam"] = paired_difference(accs["persam_mean"], first)["miou"]
-    lines = [f"Training-free baselines on the same {len(ids)} test images (micro-SAM), mIoU [95% CI]:", "",
+            if name == "persam_mean" and n == 1 and "persam" in accs:
+                acc = accs["persam"]  # one reference image: persam_mean is persam
+            else:
+                acc = score(run_baseline(name, data, decoder, cfg, refs).logits, ids, sizes, gt, decoder)
+            accs[name if name != "persam_mean" else f"persam_mean@{n}"] = acc
+            rows[f"{name}@{n}"] = {**acc.summary(), "ci95": confidence_intervals(acc)}
+        rows[f"persam_mean@{n}"]["paired_vs_persam"] = paired_difference(accs[f"persam_mean@{n}"],
+                                                                         accs["persam"])["miou"]
+        _write_baselines(base, args, shots, len(ids), rows, t0)  # after every N: a partial run keeps its rows
+    print("\n" + _write_baselines(base, args, shots, len(ids), rows, t0))
+    return 0
+
+
+def _prepare(task: str, folder: str, n: int, tries: int = 3) -> str:
+    """``prepare_task`` with N training images and no test images; retried when Ray fails to start (a
+    heavily loaded machine times the node out)."""
+    for k in range(tries):
+        try:
+            return prepare_task(task, folder, n_train=n, n_test=0)
+        except Exception as exc:  # noqa: BLE001  (ray.init raises a bare Exception on a start-up timeout)
+            if "timed out during startup" not in str(exc) or k == tries - 1:
+                raise
+            print(f"[shots] Ray did not start ({exc}); retrying", flush=True)
+            import ray
+
+            ray.shutdown()
+
+
+def _write_baselines(base: str, args, shots: list[int], n_test: int, rows: dict, t0: float) -> str:
+    lines = [f"Training-free baselines on the same {n_test} test images (micro-SAM), mIoU [95% CI]:", "",
              "| method | mIoU [95% CI] | persam_mean - persam [95% CI] |", "|---|---|---|"]
     for key, r in rows.items():
         p = r.get("paired_vs_persam")
@@ -159,15 +184,13 @@ def baselines_only(args, shots: list[int], test_store: str) -> int:
         lines.append(f"| {key.replace('@', ', N = ')} | {r['miou']:.3f} [{lo:.3f}, {hi:.3f}] | "
                      + (f"{p['diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p else "") + " |")
     text = "\n".join(lines)
-    print("\n" + text)
-    base = os.path.splitext(args.out)[0] + "_baselines"
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump({"command": "python scripts/shots.py " + " ".join(sys.argv[1:]), "task": args.task, "shots": shots,
-                   "n_test": int(len(ids)), "seconds": round(time.time() - t0, 1), "table_md": text, "rows": rows},
+                   "n_test": n_test, "seconds": round(time.time() - t0, 1), "table_md": text, "rows": rows},
                   f, indent=2)
-    print(f"wrote {base}.json")
-    return 0
+    print(f"[shots] wrote {base}.json", flush=True)
+    return text
 
 
 def main(argv=None) -> int:
@@ -197,7 +220,7 @@ def main(argv=None) -> int:
     evals, seconds = {}, {}
     for seed in ([] if args.baselines_only else args.seeds):
         for n in shots:
-            store = prepare_task(args.task, os.path.join(args.work, f"data_{n}"), n_train=n, n_test=0)
+            store = _prepare(args.task, os.path.join(args.work, f"data_{n}"), n)
             run_dir = os.path.join(args.work, "runs", f"shots_{n}", f"seed_{seed}")
             cfg = demo_config(store, run_dir, args.iterations, seed, overrides=overrides)
             t0 = time.time()
