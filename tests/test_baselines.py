@@ -91,6 +91,36 @@ def test_guided_transformer_without_terms_is_the_official_transformer(micro_deco
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _persam_transformer_forward(transformer, image_embedding, image_pe, point_embedding, target):
+    """PerSAM's ``TwoWayTransformer.forward`` (per_segment_anything/modeling/transformer.py) transcribed
+    for the target term alone, in-place ``+=`` included, on segment_anything's own blocks."""
+    image_embedding = image_embedding.flatten(2).permute(0, 2, 1)
+    image_pe = image_pe.flatten(2).permute(0, 2, 1)
+    queries, keys = point_embedding, image_embedding
+    for layer in transformer.layers:
+        queries += target
+        queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=image_pe)
+    q = queries + point_embedding
+    k = keys + image_pe
+    q += target
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
+    return queries, keys
+
+
+def test_the_target_term_is_what_persam_s_code_computes(micro_decoder):
+    md = micro_decoder.mask_decoder
+    g = torch.Generator().manual_seed(1)
+    src, pe = torch.randn(1, 64, 64, 64, generator=g), torch.randn(1, 64, 64, 64, generator=g)
+    tokens, target = torch.randn(1, 8, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+    with torch.inference_mode():
+        ours = B.guided_transformer(md.transformer, src, pe, tokens, target=target)
+        theirs = _persam_transformer_forward(md.transformer, src, pe, tokens.clone(), target)
+        plain = md.transformer(src, pe, tokens)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (ours[0] - plain[0]).abs().max() > 1e-2
+
+
 def test_persam_runs_both_refinements_and_keeps_the_last(micro_decoder):
     data = toy_data()
     target = B.target_embedding(data["embeddings"][:1], data["gt_lowres"][:1])
