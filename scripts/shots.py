@@ -189,8 +189,39 @@ def _write_baselines(base: str, args, shots: list[int], n_test: int, rows: dict,
         json.dump({"command": "python scripts/shots.py " + " ".join(sys.argv[1:]), "task": args.task, "shots": shots,
                    "n_test": n_test, "seconds": round(time.time() - t0, 1), "table_md": text, "rows": rows},
                   f, indent=2)
-    print(f"[shots] wrote {base}.json", flush=True)
+    plot_baselines(rows, shots, base + ".png", args.task, n_test)
+    print(f"[shots] wrote {base}.json and .png", flush=True)
     return text
+
+
+def plot_baselines(rows: dict, shots: list[int], path: str, task: str, n_test: int) -> None:
+    """persam_mean against N with its 95% intervals; persam and clip_points (independent of N) as bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ns = [n for n in shots if f"persam_mean@{n}" in rows]
+    y = np.array([rows[f"persam_mean@{n}"]["miou"] for n in ns])
+    ci = np.array([rows[f"persam_mean@{n}"]["ci95"]["miou"] for n in ns]).reshape(-1, 2)
+    ax.errorbar(ns, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label="persam_mean (N references)")
+    for j, name in enumerate(("persam", "clip_points")):
+        r = rows.get(f"{name}@{shots[0]}")
+        if r:
+            ax.axhline(r["miou"], color=f"C{j + 1}", label=f"{name} (independent of N)")
+            ax.axhspan(*r["ci95"]["miou"], color=f"C{j + 1}", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(n) for n in shots])
+    ax.set_xlabel("training images N")
+    ax.set_ylabel(f"mIoU ({n_test} test images)")
+    ax.set_title(f"{task}, micro-SAM: training-free baselines, 95% intervals")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
