@@ -243,3 +243,7 @@ def test_shots_script_curve_and_table(tmp_path):
     assert "| persam | 0.400 ± 0.000 [0.300, 0.500] (2 seeds); diff +0.050, 1 / 1 |" in text
     shots.plot(cur, [1, 5], str(tmp_path / "p.png"), "synthetic_shapes")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    row = {"miou": 0.2, "ci95": {"miou": [0.1, 0.3]}}
+    rows = {"persam@1": row, "persam_mean@1": row, "clip_points@1": row, "persam_mean@5": row}
+    shots.plot_baselines(rows, [1, 5], str(tmp_path / "b.png"), "synthetic_shapes", 50)
+    assert (tmp_path / "b.png").stat().st_size > 1000
