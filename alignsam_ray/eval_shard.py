@@ -6,7 +6,10 @@
         on a batch, scored at full resolution and dropped before the next batch is read, so memory is
         bounded by the batch (and one store file), not by the shard or the test set.
         -> {"start", "stop", "ids", "rows": {row: [image_metrics dict per image]}, "hits": {rollout: (n, h)
-            bool}, "label_ok": {rollout: (n, h) bool}, "figures": [...], "device"}
+            bool}, "label_ok": {rollout: (n, h) bool}, "baselines": {name: (points, hits, label_ok) counts},
+            "skipped": {baseline: why}, "figures": [...], "device"}
+        The training-free baselines (``baselines.py``: persam, persam_mean, clip_points) run on each batch
+        too, as rows of their own; one that does not apply to the store is skipped and named.
     merge_shards(results) -> ({"methods", "paired", "t_sweep", "initial_prompts"} of metrics.json, per_image)
         the shards' records concatenated in image order; every summary, 95% interval and paired interval
         is computed once on the merged records, so a split into 1 or k shards gives the same figures.
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import baselines
 from .agent.policy import PolicyNet
 from .agent.srm import SRM
 from .config import ConfigError
@@ -139,9 +143,19 @@ def evaluate_shard(agent, store: str | EmbeddingStore, split: str, start: int = 
            "device": str(device)}
     hits: dict = {}
     label_ok: dict = {}
+    ready = None  # the baselines that apply, and their PerSAM targets (from the first batch)
     position = start
     for data, gt_full, paths in st.iter_rows(split, start, stop, batch):
         ids, sizes = data["ids"], data["original_size"]
+        if ready is None:
+            ready, out["skipped"] = baselines.prepare(data, decoder, agent.cfg, log=lambda msg: None)
+            out["baselines"] = {name: (0, 0, 0) for name in ready}
+            out["rows"].update({name: [] for name in ready})
+        for name, target in ready.items():
+            b = baselines.run_prepared(name, data, decoder, agent.cfg, target)
+            out["rows"][name] += [image_metrics(decoder.upscale_mask(lo, hw), gt_full[i])
+                                  for lo, i, hw in zip(b.logits, ids, sizes)]
+            out["baselines"][name] = tuple(np.add(out["baselines"][name], baselines.point_counts(data, b.points)))
         rolls = {"main": rollout(agent, data, decoder, "policy", "srm", horizon, record, batch, seed)}
         for name, (actions, init, labels, h) in METHODS.items():
             if rows[name][0] == name:
@@ -190,7 +204,8 @@ def merge_shards(results: list[dict], cfg: dict, grid: PatchGrid) -> tuple[dict,
         raise ValueError(f"the first shard starts at image {results[0]['start']}, not 0")
     T, t_sweep, _, _ = plan(cfg, grid)
     rows = row_names(cfg, grid)
-    per_row = {row: [m for r in results for m in r["rows"][row]] for row in rows}
+    ran = [name for name in baselines.BASELINES if all(name in r.get("baselines", {}) for r in results)]
+    per_row = {row: [m for r in results for m in r["rows"][row]] for row in [*rows, *ran]}
     accs = {row: _accumulator(v) for row, v in per_row.items()}
     rolls = {name: Rollout({}, {}, np.concatenate([r["hits"][name] for r in results]),
                            np.concatenate([r["label_ok"][name] for r in results]))
@@ -200,9 +215,17 @@ def merge_shards(results: list[dict], cfg: dict, grid: PatchGrid) -> tuple[dict,
         key, t = rows[row]
         return {**accs[row].summary(), **rolls[key].stats(t), "ci95": confidence_intervals(accs[row])}
 
+    def baseline_row(name: str) -> dict:
+        counts = np.sum([r["baselines"][name] for r in results], axis=0)
+        hit_rate, label_accuracy = baselines.rates(counts)
+        return {**accs[name].summary(), "hit_rate": hit_rate, "label_accuracy": label_accuracy,
+                "ci95": confidence_intervals(accs[name])}
+
+    methods = {**{name: method_row(name) for name in METHODS}, **{name: baseline_row(name) for name in ran}}
     metrics = {
-        "methods": {name: method_row(name) for name in METHODS},
-        "paired": {name: paired_difference(accs["alignsam"], accs[name]) for name in METHODS if name != "alignsam"},
+        "methods": methods,
+        "paired": {name: paired_difference(accs["alignsam"], accs[name]) for name in methods if name != "alignsam"},
+        "skipped": (results[0].get("skipped") or {}) if results else {},
         "t_sweep": {str(t): method_row(f"t={t}") for t in t_sweep},
         "initial_prompts": accs["initial"].summary(),
     }

@@ -18,6 +18,10 @@ Methods (rows of the paper's Table 2, plus two references):
                     probability is highest, SRM labels (the T best SRM cells, in order)
     gt_labels       oracle labels: the policy's points labelled from the ground truth (not an upper
                     bound: a correct label can still give SAM a worse mask than the SRM's)
+Training-free baselines (``baselines.py``, the same SAM, embeddings and metrics): persam (PerSAM,
+one-shot: the run's first training image), persam_mean (ours: its target averaged over the run's
+training images), clip_points (CLIP Surgery's text-to-points recipe on the store's map). One that does
+not apply (SAM 2.1 store: persam; no map: clip_points) is skipped and named in "skipped".
 T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20} (those <= the grid's size).
 
 Statistics: per method and metric a 95% bootstrap interval over test images (``ci95``), and for
@@ -42,6 +46,7 @@ import time
 
 import numpy as np
 
+from .baselines import BASELINES
 from .checkpoint import Agent
 from .config import ConfigError
 from .env.alignsam_env import holdout_split
@@ -295,7 +300,8 @@ NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "eme
          "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
 LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
-          "gt_labels": "gt_labels (oracle labels)"}
+          "gt_labels": "gt_labels (oracle labels)", "persam": "persam (PerSAM, 1 shot)",
+          "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)"}
 
 
 def _fmt(v: float) -> str:
@@ -331,7 +337,10 @@ def report_markdown(metrics: dict) -> str:
     lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
-              "(SRM, oracle or all-positive) matches the ground truth.", "",
+              "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points)."]
+    skipped = metrics.get("skipped") or {}
+    lines += [""] * bool(skipped) + [f"- skipped: {name}: {why}" for name, why in skipped.items()]
+    lines += ["",
               "## Paired differences: alignsam - method (95% bootstrap interval over the same images)", ""]
     shown = tuple(dict.fromkeys(("miou",) + tuple(prim)))
     lines += ["| method | " + " | ".join(f"{NAMES[k]} diff [95% CI] | " for k in shown).rstrip(" |") + " |",
@@ -366,7 +375,7 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
             raise ValueError(f"two evaluations of VOC class {name!r}")
         rows[name] = m
     order = [c for c in VOC_CLASSES[1:] if c in rows] + sorted(c for c in rows if c not in VOC_CLASSES)
-    methods = list(METHODS)
+    methods = list(METHODS) + [b for b in BASELINES if all(b in rows[c]["methods"] for c in order)]
     lines = ["| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
     table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
     for c in order:

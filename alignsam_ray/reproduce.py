@@ -43,7 +43,7 @@ FOLDER_NAMES = {"cuhk": ("cuhk",), "sbu": ("sbu",), "msd": ("msd",), "duts": ("d
                 "voc": ("voc", "pascal")}  # a folder under ROOT whose lower-case name starts with one of these
 REFERENCE_METHODS = {"PerSAM": "persam"}  # a competitor row of the paper's that we also run (same SAM, embeddings)
 ROW_LABELS = {"random_actions": "w/o RL (random actions)", "all_positive": "w/o SRM (every point positive)",
-              "single_step": "w/o multi-step (T = 1)", "alignsam": "AlignSAM",
+              "single_step": "w/o multi-step (T = 1)", "alignsam": "AlignSAM", "persam": "PerSAM (training-free, 1 shot)",
               "implicit": "implicit V(0, s_t)", "explicit": "explicit V(s_c, s_t)"}
 COLUMN_NAMES = {"blur": "CUHK", "shadow": "SBU", "glass": "MSD", "saliency": "DUTS", "voc": "VOC"}
 METRIC_NAMES = {"miou": "mIoU", "iou_dataset": "mIoU", "fbeta": "F_beta", "emeasure": "E_phi", "mae": "MAE",
