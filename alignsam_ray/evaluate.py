@@ -25,10 +25,12 @@ every other method the paired difference alignsam - method with its 95% interval
 
 Outputs in DIR: metrics.json ({"task", "n_images", "methods": {NAME: {metric: value, "ci95":
 {metric: [lo, hi]}}}, "paired": {NAME: {metric: {"diff", "ci95"}}}, "t_sweep": {T: {...}}, ...}),
-report.md, figures/<image>.png (prompts, masks and the ground-truth outline at steps 1, 5, 10, 15).
+report.md, per_image.csv (id, method and each image's iou, fbeta, emeasure, mae, ber: the values behind
+the means), figures/<image>.png (prompts, masks and the ground-truth outline at steps 1, 5, 10, 15).
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -41,6 +43,7 @@ from .env.alignsam_env import holdout_split
 from .env.rollout import Rollout, rollout
 from .foundation.decoder import SamPromptDecoder
 from .metrics import (
+    IMAGE_KEYS,
     METRIC_DEFINITIONS,
     MetricAccumulator,
     confidence_intervals,
@@ -63,6 +66,7 @@ T_SWEEP = (1, 5, 10, 15, 20)
 FIGURE_STEPS = (1, 5, 10, 15)
 METRIC_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image")
 LOWER_IS_BETTER = ("mae", "ber", "ber_per_image")
+PER_IMAGE = "per_image.csv"
 
 
 def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> MetricAccumulator:
@@ -165,10 +169,21 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(metrics))
+    write_per_image(os.path.join(out, PER_IMAGE), ids, accs)
     figs = write_figures(st, split, main, ids, data["input_size"], decoder, gt_full, os.path.join(out, "figures"),
                          n_figures)
     log(f"wrote {out}/metrics.json, report.md and {figs} figure(s) in {metrics['seconds']:.0f}s")
     return metrics
+
+
+def write_per_image(path: str, ids, accs: dict) -> None:
+    """per_image.csv: one row per (image, method) with the image's ``metrics.IMAGE_KEYS`` values."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("id", "method") + IMAGE_KEYS)
+        for name, acc in accs.items():
+            for i, m in zip(ids, acc.per_image):
+                w.writerow((i, name) + tuple(f"{float(m[k]):.6g}" for k in IMAGE_KEYS))
 
 
 def validation_set(store: str, k: int) -> tuple[dict, dict, SamPromptDecoder]:
