@@ -142,7 +142,8 @@ class EvalView:
         out: dict = {}
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                out.setdefault(row.pop("id"), {})[row.pop("method")] = {k: float(v) for k, v in row.items()}
+                image_id, method = row.pop("id"), row.pop("method")
+                out.setdefault(image_id, {})[method] = {k: float(v) for k, v in row.items()}
         return out
 
     def _open_store(self) -> None:
