@@ -15,7 +15,6 @@ The page's work is plain functions and ``EvalView`` (the tests call them directl
 them to Gradio. A handler turns every error into a message in the page (no traceback; the server keeps
 serving); a predictor that cannot load (bundle/SAM mismatch) is shown the same way.
 """
-from __future__ import annotations
 
 import csv
 import json
@@ -350,12 +349,13 @@ def build_app(session: Session):
                                           elem_id="examples")
                     slider = gr.Slider(0, T, value=T, step=1, label="step (0: the SRM's two starting points)",
                                        elem_id="step")
-                    mask_file = gr.File(label="mask PNG at this step", interactive=False, elem_id="mask")
+                    mask_file = gr.File(label="mask PNG at this step", interactive=False, height=90, elem_id="mask")
                 with gr.Column(scale=2):
-                    view = gr.Image(label="prompts and mask", type="numpy", interactive=False, elem_id="view")
+                    view = gr.Image(label="prompts and mask", type="numpy", interactive=False, height=420,
+                                    elem_id="view")
                     caption = gr.Markdown("", elem_id="caption")
-            table = gr.Dataframe(headers=POINT_HEADERS, label="points (x, y in image pixels; step 0: the SRM's "
-                                 "start)", interactive=False, elem_id="points")
+                    table = gr.Dataframe(headers=POINT_HEADERS, label="points (x, y in image pixels; step 0: the "
+                                         "SRM's start)", interactive=False, max_height=260, elem_id="points")
 
             def run(path, t=None):
                 try:
