@@ -274,7 +274,7 @@ class EvalView:
         for name, (h, preds) in rolls.items():
             s = int(min(max(t, 0), h))
             pred = preds[s]
-            pic = overlay(image, pred.mask, pred.points, pred.labels)
+            pic = overlay(image, pred.mask, pred.points, pred.labels).copy()  # (read-only from PIL)
             pic[edge] = (255, 220, 0)
             iou = image_metrics(pred.mask, gt)["iou"]
             views.append(MethodView(name, pic, f"{name}, step {s}: IoU {iou:.3f}, {len(pred.points)} points"))

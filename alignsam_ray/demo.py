@@ -130,11 +130,16 @@ def _run_tasks(out, tasks, n_train, n_test, seed, iterations, env_runners, preci
 def export_demo_bundle(checkpoint: str, bundle: str, data: str) -> None:
     """``alignsam export`` of the demo's run, plus ``N_EXAMPLES`` of its test images in ``bundle/examples/``
     (not in the manifest: the predictor never reads them; ``alignsam app`` offers them)."""
+    import contextlib
+    import io
     import shutil
+    import warnings
 
     from .export import export_bundle
 
-    export_bundle(checkpoint, bundle)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # torch.onnx's progress lines
+        warnings.simplefilter("ignore")
+        export_bundle(checkpoint, bundle)
     images = os.path.join(data, "test", "images")
     os.makedirs(os.path.join(bundle, "examples"), exist_ok=True)
     for name in sorted(os.listdir(images))[:N_EXAMPLES]:
