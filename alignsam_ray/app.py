@@ -93,10 +93,10 @@ def save_mask(mask: np.ndarray, folder: str, stem: str, t: int) -> str:
 
 def gt_outline(gt: np.ndarray) -> np.ndarray:
     """(H, W) 0/1/255 ground truth -> (H, W) bool outline of its foreground (2 px)."""
-    from scipy.ndimage import binary_dilation
+    from scipy.ndimage import binary_dilation, binary_erosion
 
     fg = gt == 1
-    return binary_dilation(fg, iterations=1) & ~fg | fg & ~binary_dilation(~fg, iterations=1)
+    return binary_dilation(fg) & ~binary_erosion(fg)  # the pixel rings just outside and just inside
 
 
 def format_cell(m: dict, key: str) -> str:
@@ -443,12 +443,16 @@ def _eval_tab(gr, session: Session, app) -> None:
 
 
 def serve(bundle: str, sam_checkpoint: str | None = None, clip_weights: str | None = None, eval_dir: str | None = None,
-          host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Build and launch the page; returns (the Blocks, its URL). ``block=False``: serve in a thread (tests)."""
+          host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Build the page and serve it until Ctrl-C: Gradio mounted on FastAPI, run by uvicorn (Gradio's own
+    ``launch`` gives up when its first request to itself takes over 3 s, as on a loaded machine)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import fastapi
+    import gradio as gr
+    import uvicorn
+
     session = Session(bundle, sam_checkpoint, clip_weights, eval_dir)
-    app = build_app(session)
+    app = gr.mount_gradio_app(fastapi.FastAPI(), build_app(session), path="/", server_name=host, server_port=port,
+                              show_error=False, max_file_size=MAX_UPLOAD, ssr_mode=False, footer_links=[])
     print(f"[app] serving on http://{host}:{port} (Ctrl-C stops it)", flush=True)
-    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False,
-                           quiet=True, max_file_size=MAX_UPLOAD, ssr_mode=False, footer_links=[])
-    return app, url
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -55,6 +55,15 @@ def test_points_table_and_step_view():
     assert step_view(image, steps, 99)[2].startswith("step 3 of 3")  # clipped to 0..T
 
 
+def test_gt_outline_is_a_ring():
+    from alignsam_ray.app import gt_outline
+
+    gt = np.zeros((9, 9), np.uint8)
+    gt[2:7, 2:7] = 1
+    edge = gt_outline(gt)
+    assert edge[1, 4] and edge[2, 4] and not edge[4, 4] and not edge[0, 4]  # outside + inside ring, not the middle
+
+
 def _fake_eval(folder, per_image=True):
     """A metrics.json (+ per_image.csv) as `alignsam evaluate` writes them, with no reachable store."""
     os.makedirs(folder, exist_ok=True)
@@ -239,8 +248,8 @@ def test_browser_upload_slider_points_table(bundle, blur_store, tmp_path):
         cells = wait.until(lambda d: [r.find_elements(By.CSS_SELECTOR, "td") for r in
                                       d.find_elements(By.CSS_SELECTOR, "#points tbody tr")] or None)
         assert len(cells) == 2 + T - 1
-        for row, expected in zip(cells, points_rows(ref)):
-            assert [c.text for c in row[:4]] == [str(v) for v in expected]
+        for row, (x, y, label, step) in zip(cells, points_rows(ref)):
+            assert [float(row[0].text), float(row[1].text), row[2].text, int(row[3].text)] == [x, y, label, step]
         assert driver.find_element(By.CSS_SELECTOR, "#view img").get_attribute("src")
         assert server.poll() is None  # still serving after the bad upload
     finally:
