@@ -245,9 +245,12 @@ def test_browser_upload_slider_points_table(bundle, blur_store, tmp_path):
         slider.send_keys(Keys.ARROW_LEFT)
         wait.until(lambda d: text_of("#caption").startswith(f"step {T - 1} of {T}"))
         ref = AlignSAMPredictor(bundle).predict_steps(read_upload(image))[T - 1]
-        cells = wait.until(lambda d: [r.find_elements(By.CSS_SELECTOR, "td") for r in
-                                      d.find_elements(By.CSS_SELECTOR, "#points tbody tr")] or None)
-        assert len(cells) == 2 + T - 1
+        n = 2 + T - 1  # the SRM's two points and one per step (+ 1: the header row)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#points [role=grid]").get_attribute("aria-rowcount")
+                   == str(n + 1))
+        cells = [r.find_elements(By.CSS_SELECTOR, "[role=gridcell]") for r in
+                 driver.find_elements(By.CSS_SELECTOR, "#points [role=row]")[1:]]
+        assert len(cells) == n
         for row, (x, y, label, step) in zip(cells, points_rows(ref)):
             assert [float(row[0].text), float(row[1].text), row[2].text, int(row[3].text)] == [x, y, label, step]
         assert driver.find_element(By.CSS_SELECTOR, "#view img").get_attribute("src")
