@@ -108,6 +108,13 @@ def test_app_refuses_a_missing_bundle_folder(tmp_path, capsys):
     assert "--bundle " + str(tmp_path / "nope") + " is not a folder" in capsys.readouterr().err
 
 
+def test_app_without_gradio_names_the_extra(tmp_path):
+    code = ("import sys; sys.modules['gradio'] = None; from alignsam_ray.cli import main; "
+            f"sys.exit(main(['app', '--bundle', {str(tmp_path)!r}]))")  # None in sys.modules: ImportError
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and "the app needs Gradio: pip install 'alignsam_ray[app]'" in proc.stderr
+
+
 # ---- with a real bundle (trained and exported on Ray: the integration layer) ----
 
 def _test_images(blur_store):
