@@ -6,6 +6,7 @@
     result = p.predict(image)          # image: (H, W, 3) uint8 RGB
     result.mask                        # (H, W) bool
     result.points, result.labels       # (2 + T, 2) x, y in image pixels; (2 + T,) 1 positive / 0 negative
+    p.predict_steps(image)             # [Prediction after step t for t = 0 .. T] (`alignsam app`); [T] = predict's
 
 The paper's inference: SAM embeds the image once; the SRM places one positive and one negative point
 at its highest and lowest scores; the policy then picks T patches greedily, each labelled by the SRM,
