@@ -206,6 +206,40 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _add_app(sub):
+    p = sub.add_parser("app", help="a local web page: a bundle's clicks step by step, an evaluation's methods side "
+                       "by side (needs the app extra: pip install 'alignsam_ray[app]')",
+                       description="Gradio page on this machine (docs/app.md): Segment (upload an image, step "
+                       "through the prompts and masks) and, with --eval, Evaluation (metrics, per-image IoU, methods "
+                       "side by side).")
+    p.add_argument("--bundle", required=True, help="folder written by `alignsam export` (the demo's: DEMO/bundles/TASK)")
+    p.add_argument("--sam-checkpoint", help="the official SAM .pth (SAM 2.1: .pt) the policy was trained with (not "
+                   "needed for micro-SAM)")
+    p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file (not needed for the "
+                   "micro CLIP)")
+    p.add_argument("--eval", help="a folder written by `alignsam evaluate` (metrics.json, per_image.json, figures/)")
+    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+
+
+def cmd_app(args) -> int:
+    for flag, path in (("--bundle", args.bundle), ("--eval", args.eval)):
+        if path is not None and not os.path.isdir(path):
+            print(f"alignsam app: error: {flag} {path} is not a folder", file=sys.stderr)
+            return 1
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("alignsam app: error: the app needs Gradio: pip install 'alignsam_ray[app]' (from a checkout: "
+              "pip install -e '.[app]')", file=sys.stderr)
+        return 1
+    from .app import serve
+
+    serve(args.bundle, sam_checkpoint=args.sam_checkpoint, clip_weights=args.clip_weights, eval_dir=args.eval,
+          host=args.host, port=args.port)
+    return 0
+
+
 def _add_tune(sub):
     p = sub.add_parser("tune", help="Ray Tune sweep over tasks and hyperparameters -> best-per-task table",
                        description="Each trial is one training run; see alignsam_ray/tune.py for the sweep file.")
@@ -315,7 +349,10 @@ def main(argv=None) -> int:
     _add_tune(sub)
     _add_segment(sub)
     _add_reproduce(sub)
+    _add_app(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "app":  # Ray-free; bad input is reported in the page
+        return cmd_app(args)
     ray_free = args.cmd == "segment" and not args.ray
     if not ray_free and not args.verbose:  # segment (without --ray) runs without Ray
         from .ray_session import default_log_path, route_ray_logs
