@@ -262,8 +262,9 @@ class EvalView:
         return out
 
     def methods_at(self, image_id: str, t: int) -> list[MethodView]:
-        """Each method's prompts and mask on ``image_id`` after step ``t`` (a method with fewer steps, such as
-        single_step, at its last), the ground-truth outline in yellow, the image's IoU in the caption."""
+        """Each rollout method's prompts and mask on ``image_id`` after step ``t`` (a method with fewer steps, such
+        as single_step, at its last), the ground-truth outline in yellow, the image's IoU in the caption. The
+        training-free baselines (persam, clip_points) are not re-run here: their IoUs are in the per-image list."""
         from .metrics import image_metrics
 
         if self.data is None:

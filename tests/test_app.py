@@ -182,7 +182,10 @@ def test_evaluation_tab_per_image_values_and_methods_side_by_side(bundle, evalua
         metrics["methods"]["alignsam"]["miou"], abs=1e-5)  # per_image.json holds the values behind the mean
     worst = rows[0][0]
     views = ev.methods_at(worst, ev.T)
-    assert [v.method for v in views] == list(metrics["methods"])
+    from alignsam_ray.evaluate import METHODS
+
+    assert [v.method for v in views] == list(METHODS)  # the rollouts (the baselines: in the per-image list only)
+    assert {"persam", "persam_mean"} <= set(metrics["methods"]) and headers[-1] == "IoU persam_mean"
     alignsam = views[0]
     assert float(alignsam.caption.split("IoU ")[1].split(",")[0]) == pytest.approx(
         ev.per_image[worst]["alignsam"]["iou"], abs=0.01)  # the bundle's rerun = what evaluate scored
