@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     d.add_argument("--iterations", type=_positive_int, default=DEMO_ITERATIONS, help="PPO iterations per task "
                    "(default: %(default)s)")
     d.add_argument("--precision", choices=["fp32", "bf16"], default=DEMO_PRECISION, help="the learner's precision "
-                   "(model.precision; default: %(default)s, 2x faster learner on this kind of CPU)")
+                   "(model.precision; default here: %(default)s: bf16 where the CPU has native bf16, else fp32)")
     d.add_argument("--env-runners", type=int, default=2, help="EnvRunners (0.5 CPU each)")
     _add_embed(sub)
     _add_train(sub)
