@@ -16,10 +16,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from conftest import folder_dataset
 
 from alignsam_ray.cli import main
 from alignsam_ray.folder_lock import HOLDER_NAME, LOCK_NAME, FolderInUseError, folder_lock, read_holder
@@ -104,7 +103,7 @@ def test_cli_commands_are_refused_before_any_work(holder, tmp_path, capsys, comm
     """Each writing command meets the held folder first: exit 1, the holder named, no traceback, and
     nothing started (the store, sweep and bundle named here need not even exist)."""
     folder, proc = holder
-    _dataset(tmp_path / "ds")
+    folder_dataset(tmp_path / "ds", n=3)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"task": "synthetic_blur", "store": str(tmp_path / "none"),
                                                         "run_dir": str(folder)}))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"tasks": [str(tmp_path / "run.yaml")]}))
@@ -174,25 +173,13 @@ def test_two_trainings_into_one_run_folder(blur_store, tmp_path, capsys):
     assert sorted(os.listdir(run / "checkpoints")) == ["iter_000001"] and not (run / HOLDER_NAME).exists()
 
 
-def _dataset(root, n=3):
-    rng = np.random.default_rng(0)
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
-        mask = np.zeros((24, 32), np.uint8)
-        mask[4:12, 4:20] = 255
-        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
-    return root
-
-
 @pytest.mark.slow  # a real embed (Ray Data) in a second process
 @pytest.mark.integration
 def test_two_embeds_into_one_store(tmp_path, capsys):
     """`alignsam embed` twice into one store: one embeds, the other stops at once; the store is whole."""
     from alignsam_ray.store import EmbeddingStore
 
-    ds, store = _dataset(tmp_path / "ds"), tmp_path / "store"
+    ds, store = folder_dataset(tmp_path / "ds", n=3), tmp_path / "store"
     args = ["embed", "--data", str(ds), "--out", str(store), "--n-train", "-1", "--shard-size", "2"]
     first = subprocess.Popen([sys.executable, "-m", "alignsam_ray.cli", *args], env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
