@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from .folder_lock import FolderInUseError, folder_lock
 from .sam_types import SAM2_TYPES, SAM3_TYPES
 
 
@@ -83,7 +84,8 @@ def cmd_train(args) -> int:
     if not (args.config or args.store):
         raise ConfigError("give --store STORE (the paper's settings for the store's task) or --config YAML")
     cfg = load_config(args.config, args.overrides, store=args.store)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    with folder_lock(cfg["run_dir"], "train"):
+        result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: result.get(k) for k in ("iteration", "hit_rate", "final_iou", "checkpoint")}, indent=2))
     return 0
 
@@ -97,9 +99,16 @@ def _add_evaluate(sub):
     p.add_argument("--store", help="embedding store to evaluate on (default: the run's store)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch", type=_positive_int, default=16, help="images per batched decoder call")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=_positive_int, default=None,
+                   help="images per batched decoder call (default: 16 on the CPU; on a GPU from its free memory)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where SAM's decoder, the "
+                   "policy and the SRM run (default: auto, a GPU when one is visible; with --shards: GPU Ray tasks "
+                   "when the cluster has GPUs)")
+    p.add_argument("--shards", type=_positive_int, default=1, help="split the test images into N shards run as "
+                   "Ray tasks across the cluster (default: 1, in this process without Ray tasks); the figures are "
+                   "the same for any N")
     p.add_argument("--figures", type=int, default=4, help="images to draw")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (per image: seed and image id)")
     p.add_argument("--sam-checkpoint", help="SAM 3 stores: the sam3.pt they were embedded with, for the sam3_text "
                    "method (SAM 3 prompted with the task's text: its whole image model, not only the stored decoder)")
 
@@ -109,8 +118,9 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     store = args.store or Agent.load(args.checkpoint).cfg["store"]
-    m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
-                 seed=args.seed, sam_checkpoint=args.sam_checkpoint)
+    with folder_lock(args.out, "evaluate"):
+        m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
+                     seed=args.seed, device=args.device, shards=args.shards, sam_checkpoint=args.sam_checkpoint)
     print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
     return 0 if m else 1
 
@@ -165,9 +175,10 @@ def cmd_segment(args) -> int:
             raise ValueError("give image files or --ray INPUT, not both")
         from .batch_segment import segment_collection
 
-        segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
-                           clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
-                           strict=args.strict, encoders=args.encoders, prompters=args.prompters, batch=args.batch)
+        with folder_lock(args.out, "segment --ray"):
+            segment_collection(args.ray, args.bundle, args.out, sam_checkpoint=args.sam_checkpoint,
+                               clip_weights=args.clip_weights, steps=args.steps, overlays=args.overlays,
+                               strict=args.strict, encoders=args.encoders, prompters=args.prompters, batch=args.batch)
         return 0
     if not args.images:
         raise ValueError("give image files to segment, or --ray INPUT for a whole folder or bucket")
@@ -198,6 +209,40 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _add_app(sub):
+    p = sub.add_parser("app", help="a local web page: a bundle's clicks step by step, an evaluation's methods side "
+                       "by side (needs the app extra: pip install 'alignsam_ray[app]')",
+                       description="Gradio page on this machine (docs/app.md): Segment (upload an image, step "
+                       "through the prompts and masks) and, with --eval, Evaluation (metrics, per-image IoU, methods "
+                       "side by side).")
+    p.add_argument("--bundle", required=True, help="folder written by `alignsam export` (the demo's: DEMO/bundles/TASK)")
+    p.add_argument("--sam-checkpoint", help="the official SAM .pth (SAM 2.1: .pt) the policy was trained with (not "
+                   "needed for micro-SAM)")
+    p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file (not needed for the "
+                   "micro CLIP)")
+    p.add_argument("--eval", help="a folder written by `alignsam evaluate` (metrics.json, per_image.json, figures/)")
+    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+
+
+def cmd_app(args) -> int:
+    for flag, path in (("--bundle", args.bundle), ("--eval", args.eval)):
+        if path is not None and not os.path.isdir(path):
+            print(f"alignsam app: error: {flag} {path} is not a folder", file=sys.stderr)
+            return 1
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("alignsam app: error: the app needs Gradio: pip install 'alignsam_ray[app]' (from a checkout: "
+              "pip install -e '.[app]')", file=sys.stderr)
+        return 1
+    from .app import serve
+
+    serve(args.bundle, sam_checkpoint=args.sam_checkpoint, clip_weights=args.clip_weights, eval_dir=args.eval,
+          host=args.host, port=args.port)
+    return 0
+
+
 def _add_tune(sub):
     p = sub.add_parser("tune", help="Ray Tune sweep over tasks and hyperparameters -> best-per-task table",
                        description="Each trial is one training run; see alignsam_ray/tune.py for the sweep file.")
@@ -211,7 +256,9 @@ def _add_tune(sub):
 def cmd_tune(args) -> int:
     from .tune import load_sweep, run_sweep
 
-    summary = run_sweep(load_sweep(args.config, args.overrides), resume=args.resume, progress=not args.quiet)
+    sweep = load_sweep(args.config, args.overrides)
+    with folder_lock(os.path.join(sweep["storage"], sweep["name"]), "tune"):  # the experiment folder
+        summary = run_sweep(sweep, resume=args.resume, progress=not args.quiet)
     print(f"[tune] results in {summary['path']} (best_per_task.md/.csv, trials.csv, sweep.png)")
     return 0
 
@@ -240,7 +287,7 @@ def _add_reproduce(sub):
     p.add_argument("--iterations", type=_positive_int, help="PPO iterations per run (default: the run config's, "
                    "train.iterations)")
     p.add_argument("--no-table4", action="store_true", help="skip Table 4's runs with the other SRM branch "
-                   "(halves the training of CUHK, SBU, MSD, DUTS)")
+                   "(halves the training of every benchmark, VOC classes included)")
     p.add_argument("--smoke", action="store_true", help="shrink every stage (3 training + 2 test images per task, "
                    "1 short iteration) to check the whole path in minutes; the figures mean nothing")
 
@@ -248,9 +295,11 @@ def _add_reproduce(sub):
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
-    reproduce(args.data, args.out, sam=args.sam, checkpoint=args.checkpoint, clip_model=args.clip_model,
-              clip_weights=args.clip_weights, tasks=args.tasks, voc_classes=args.voc_classes, n_train=args.n_train,
-              seed=args.seed, iterations=args.iterations, table4=not args.no_table4, smoke=args.smoke)
+    with folder_lock(args.out, "reproduce"):
+        reproduce(args.data, args.out, sam=args.sam, checkpoint=args.checkpoint, clip_model=args.clip_model,
+                  clip_weights=args.clip_weights, tasks=args.tasks, voc_classes=args.voc_classes,
+                  n_train=args.n_train, seed=args.seed, iterations=args.iterations, table4=not args.no_table4,
+                  smoke=args.smoke)
     return 0
 
 
@@ -263,8 +312,9 @@ def cmd_demo(args) -> int:
     if unknown:
         print(f"alignsam demo: unknown task(s) {unknown}; choose from {list(SYNTHETIC_TASKS)} or 'all'", file=sys.stderr)
         return 2
-    run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed, iterations=args.iterations,
-             env_runners=args.env_runners, precision=args.precision)
+    with folder_lock(args.out, "demo"):
+        run_demo(args.out, tasks, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                 iterations=args.iterations, env_runners=args.env_runners, precision=args.precision)
     return 0
 
 
@@ -293,7 +343,7 @@ def main(argv=None) -> int:
     d.add_argument("--iterations", type=_positive_int, default=DEMO_ITERATIONS, help="PPO iterations per task "
                    "(default: %(default)s)")
     d.add_argument("--precision", choices=["fp32", "bf16"], default=DEMO_PRECISION, help="the learner's precision "
-                   "(model.precision; default: %(default)s, 2x faster learner on this kind of CPU)")
+                   "(model.precision; default here: %(default)s: bf16 where the CPU has native bf16, else fp32)")
     d.add_argument("--env-runners", type=int, default=2, help="EnvRunners (0.5 CPU each)")
     _add_embed(sub)
     _add_train(sub)
@@ -302,7 +352,10 @@ def main(argv=None) -> int:
     _add_tune(sub)
     _add_segment(sub)
     _add_reproduce(sub)
+    _add_app(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "app":  # Ray-free; bad input is reported in the page
+        return cmd_app(args)
     ray_free = args.cmd == "segment" and not args.ray
     if not ray_free and not args.verbose:  # segment (without --ray) runs without Ray
         from .ray_session import default_log_path, route_ray_logs
@@ -315,7 +368,7 @@ def main(argv=None) -> int:
 
         try:
             return cmd_segment(args)
-        except (_DataError, _CheckpointError, FileNotFoundError, ValueError, ConnectionError) as exc:
+        except (_DataError, _CheckpointError, FolderInUseError, FileNotFoundError, ValueError, ConnectionError) as exc:
             print(f"alignsam segment: error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -330,7 +383,8 @@ def main(argv=None) -> int:
     try:
         return {"demo": cmd_demo, "embed": cmd_embed, "train": cmd_train, "evaluate": cmd_evaluate,
                 "export": cmd_export, "tune": cmd_tune, "reproduce": cmd_reproduce}[args.cmd](args)
-    except (DataError, CheckpointError, StoreError, ConfigError, FileNotFoundError, ConnectionError) as exc:
+    except (DataError, CheckpointError, StoreError, ConfigError, FolderInUseError, FileNotFoundError,
+            ConnectionError) as exc:
         print(f"alignsam {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

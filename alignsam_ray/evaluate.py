@@ -18,8 +18,13 @@ Methods (rows of the paper's Table 2, plus two references):
                     probability is highest, SRM labels (the T best SRM cells, in order)
     gt_labels       oracle labels: the policy's points labelled from the ground truth (not an upper
                     bound: a correct label can still give SAM a worse mask than the SRM's)
-    sam3_text       SAM 3 stores only: SAM 3's own concept prediction for the task's text (no agent, no
-                    points; ``sam3_text_masks``), with ``sam_checkpoint`` the store's sam3.pt
+Training-free baselines (``baselines.py``, the same SAM, embeddings and metrics): persam (PerSAM,
+one-shot: the run's first training image), persam_mean (ours: its target averaged over the run's
+training images), clip_points (CLIP Surgery's text-to-points recipe on the store's map), sam3_text (SAM 3
+stores: SAM 3's own concept prediction for each image's task text, no agent and no points; its whole image
+model from ``sam_checkpoint``, the store's sam3.pt). One that does not apply (SAM 2.1 or SAM 3 store:
+persam; no map: clip_points; not a SAM 3 store, or no ``sam_checkpoint``: sam3_text) is skipped and named
+in "skipped".
 T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20} (those <= the grid's size).
 
 Statistics: per method and metric a 95% bootstrap interval over test images (``ci95``), and for
@@ -27,7 +32,14 @@ every other method the paired difference alignsam - method with its 95% interval
 
 Outputs in DIR: metrics.json ({"task", "n_images", "methods": {NAME: {metric: value, "ci95":
 {metric: [lo, hi]}}}, "paired": {NAME: {metric: {"diff", "ci95"}}}, "t_sweep": {T: {...}}, ...}),
-report.md, figures/<image>.png (prompts, masks and the ground-truth outline at steps 1, 5, 10, 15).
+report.md, per_image.json ({"ids", "rows": {ROW: {metric or count: [one value per image]}}}: what every
+figure is computed from), figures/<image>.png (prompts, masks and the ground-truth outline at steps 1, 5,
+10, 15).
+
+Scale (``eval_shard.py``, the Ray-free core): the test images are streamed from the store a batch at a
+time; ``--shards K`` splits them into K contiguous shards run as Ray tasks (GPU tasks on a cluster with
+GPUs), merged into one metrics.json with the same figures as one shard; ``--device`` puts SAM's decoder,
+the policy and the SRM on a GPU.
 """
 from __future__ import annotations
 
@@ -37,34 +49,38 @@ import time
 
 import numpy as np
 
+from .baselines import BASELINES, check_sam3_checkpoint
 from .checkpoint import Agent
 from .config import ConfigError
 from .env.alignsam_env import holdout_split
 from .env.rollout import Rollout, rollout
+from .eval_shard import (
+    FIGURE_STEPS,
+    METHODS,
+    T_SWEEP,
+    EvalAgent,
+    auto_batch,
+    eval_device,
+    evaluate_shard,
+    merge_shards,
+    shard_bounds,
+)
 from .foundation.decoder import SamPromptDecoder
 from .metrics import (
+    IMAGE_KEYS,
     METRIC_DEFINITIONS,
     MetricAccumulator,
     confidence_intervals,
     mean_of_classes,
-    paired_difference,
     primary_metrics,
 )
 from .store.loader import EmbeddingStore
 from .visualise import overlay
 
-METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
-    "alignsam": ("policy", "srm", "srm", None),
-    "random_actions": ("random", "srm", "srm", None),
-    "all_positive": ("policy", "centre", "positive", None),
-    "single_step": ("policy", "srm", "srm", 1),
-    "srm_topk": ("srm_topk", "srm", "srm", None),
-    "gt_labels": ("policy", "srm", "gt", None),
-}
-T_SWEEP = (1, 5, 10, 15, 20)
-FIGURE_STEPS = (1, 5, 10, 15)
+__all__ = ["FIGURE_STEPS", "METHODS", "T_SWEEP", "Agent", "Rollout", "evaluate", "rollout"]
 METRIC_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image")
 LOWER_IS_BETTER = ("mae", "ber", "ber_per_image")
+PER_IMAGE_KEYS = IMAGE_KEYS + ("tp", "fp", "fn", "tn")
 
 
 def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> MetricAccumulator:
@@ -118,102 +134,145 @@ def check_store(agent: Agent, st: EmbeddingStore, store: str) -> None:
                           f"trained on {run_sam}; evaluate on a store embedded with the run's SAM checkpoint")
 
 
-def check_sam3_checkpoint(st: EmbeddingStore, sam_checkpoint: str | None) -> None:
-    """A SAM 3 store's sam3_text needs the sam3.pt it was embedded with (before any rollout: fail fast)."""
-    from .foundation import file_sha256
-
-    expected = st.manifest["checkpoint_sha256"]
-    if st.manifest.get("sam_type") != "sam3" or expected == "random-init":
-        return
-    if not sam_checkpoint:
-        raise ConfigError("the sam3_text method needs SAM 3's whole image model: pass --sam-checkpoint sam3.pt (the "
-                          f"file store {st.path!r} was embedded with, sha256 {expected[:12]}...)")
-    if file_sha256(sam_checkpoint) != expected:
-        raise ConfigError(f"{sam_checkpoint} is not the SAM 3 checkpoint store {st.path!r} was embedded with "
-                          f"(sha256 {expected[:12]}... expected)")
-
-
-def sam3_text_masks(st: EmbeddingStore, split: str, sam_checkpoint: str | None) -> tuple[list, float]:
-    """The ``sam3_text`` method on a SAM 3 store: per image of ``split`` (in ``arrays`` order), SAM 3's concept
-    prediction for the image's task text (``Sam3Processor.set_text_prompt``: the union of the instances it keeps
-    at its default threshold) -> ((H, W) bool masks, seconds per image). It needs the whole SAM 3 image model
-    (text encoder and detector, not only the decoder in the store): ``sam_checkpoint`` is the sam3.pt the store
-    was embedded with (checked by sha256; a random-init store builds the same seeded random model)."""
-    from .data.samples import read_image
-    from .foundation import pick_device
-    from .foundation.sam3_models import load_sam3, text_masks
-
-    check_sam3_checkpoint(st, sam_checkpoint)
-    device = pick_device()
-    model = load_sam3(st.manifest["sam_type"], sam_checkpoint,
-                      random_init=st.manifest["checkpoint_sha256"] == "random-init").to(device)
-    table = st.table(split)
-    t0 = time.time()
-    masks = [text_masks(model, [read_image(path)], text, device)[0]
-             for path, text in zip(table["image_path"].to_pylist(), table["text"].to_pylist())]
-    return masks, (time.time() - t0) / max(len(masks), 1)
-
-
-def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: int = 16, n_figures: int = 4,
-             seed: int = 0, progress: bool = True, sam_checkpoint: str | None = None) -> dict:
+def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: int | None = None, n_figures: int = 4,
+             seed: int = 0, progress: bool = True, device: str = "auto", shards: int = 1,
+             sam_checkpoint: str | None = None) -> dict:
+    """Evaluate a checkpoint on a store's split -> the metrics.json dict (also written to ``out`` with
+    report.md, per_image.json and figures/). ``shards`` > 1: the split's images in that many contiguous
+    shards, each a Ray task (``run_shards``; GPU tasks when the cluster has GPUs and ``device`` allows);
+    1: in this process, without Ray. ``batch``: images per batched decoder call (default ``auto_batch``);
+    ``device``: "auto" | "cpu" | "cuda" (where the decoder, the policy and the SRM run). The figures are
+    the same whatever ``shards``, ``batch`` and ``device`` (float tolerance across devices: docs/metrics.md).
+    ``sam_checkpoint``: SAM 3 stores, the sam3.pt they were embedded with (the ``sam3_text`` method)."""
     t0 = time.time()
     agent = Agent.load(checkpoint)
-    st = EmbeddingStore(store)
+    st = EmbeddingStore(store, verify=False)  # each store file is verified when a shard reads it
     check_store(agent, st, store)
-    check_sam3_checkpoint(st, sam_checkpoint)
-    data = st.arrays(split)
-    gt_full = st.gt_full(split)
-    decoder = st.decoder()
-    T = int(agent.cfg["env"]["horizon"])
-    ids, sizes = data["ids"], data["original_size"]
-    os.makedirs(out, exist_ok=True)
+    if shards > 1:  # each shard checks it too; here before any Ray task starts
+        check_sam3_checkpoint(st.manifest, store, sam_checkpoint)
+    n = len(st.split_ids(split))
+    log = _logger("evaluate", progress)
+    log(f"{n} {split} images, T = {agent.cfg['env']['horizon']}, {shards} shard(s)")
+    if shards <= 1:
+        dev = eval_device(device)
+        counter = ProgressLine(n, log)
+        results = [evaluate_shard(EvalAgent.from_agent(agent, dev), st, split, 0, None, seed, batch or auto_batch(dev),
+                                  n_figures, progress=counter.add, sam_checkpoint=sam_checkpoint)]
+        counter.report(force=True)
+        devices = [str(dev)]
+    else:
+        tasks = [dict(checkpoint=agent.checkpoint, store=store, split=split, start=a, stop=b, seed=seed, batch=batch,
+                      n_figures=n_figures, sam_checkpoint=sam_checkpoint) for a, b in shard_bounds(n, shards)]
+        results = run_shards(tasks, device, log)
+        devices = sorted({r["device"] for r in results})
+    metrics = write_evaluation(out, agent, st, store, split, results, t0, devices)
+    log(f"wrote {out}/metrics.json, report.md, per_image.json and figures in {metrics['seconds']:.0f}s")
+    return metrics
 
+
+def _logger(name: str, on: bool):
     def log(msg):
-        if progress:
-            print(f"[evaluate] {msg}", flush=True)
+        if on:
+            print(f"[{name}] {msg}", flush=True)
+    return log
 
-    accs, results, sweep = {}, {}, {}
-    t_sweep = tuple(t for t in T_SWEEP if t <= agent.grid.n)
-    horizon = max(t_sweep + (T,))
-    log(f"{len(ids)} {split} images, T = {T}; alignsam rollout to T = {horizon}")
-    main = rollout(agent, data, decoder, "policy", "srm", horizon,
-                   tuple(sorted(set(t_sweep + FIGURE_STEPS + (T, 0)) & set(range(horizon + 1)))), batch, seed)
-    for t in t_sweep:
-        sweep[str(t)] = _method_row(score(main.logits[t], ids, sizes, gt_full, decoder), main, t)
-    for name, t in (("alignsam", T), ("single_step", 1)):
-        accs[name] = score(main.logits[t], ids, sizes, gt_full, decoder)
-        results[name] = _method_row(accs[name], main, t)
-    for name, (actions, init, labels, h) in METHODS.items():
-        if name in results:
-            continue
-        log(f"method {name}")
-        h = h or T
-        r = rollout(agent, data, decoder, actions, labels, h, (h,), batch, seed, init=init)
-        accs[name] = score(r.logits[h], ids, sizes, gt_full, decoder)
-        results[name] = _method_row(accs[name], r, h)
-    results = {name: results[name] for name in METHODS}
-    if st.manifest.get("sam_type") == "sam3":  # SAM 3 asked with the task's own text, beside the agent
-        log("method sam3_text (SAM 3's concept prediction for the task's text)")
-        masks, seconds = sam3_text_masks(st, split, sam_checkpoint)
-        accs["sam3_text"] = MetricAccumulator()
-        accs["sam3_text"].add(masks, [gt_full[i] for i in ids])
-        results["sam3_text"] = {**accs["sam3_text"].summary(), "ci95": confidence_intervals(accs["sam3_text"]),
-                                "seconds_per_image": round(seconds, 3)}
-    paired = {name: paired_difference(accs["alignsam"], accs[name]) for name in results if name != "alignsam"}
+
+class ProgressLine:
+    """Images done / total, images/s and an ETA, printed at most every ``every`` seconds."""
+
+    def __init__(self, total: int, log, every: float = 10.0):
+        self.total, self.log, self.every = total, log, every
+        self.done, self.shown, self.t0, self.last = 0, -1, time.time(), time.time()
+
+    def add(self, n: int) -> None:
+        self.done += int(n)
+        self.report()
+
+    def report(self, force: bool = False, done: int | None = None) -> None:
+        self.done = self.done if done is None else int(done)
+        now = time.time()
+        if (not force and now - self.last < self.every) or self.done == self.shown:
+            return
+        self.last, self.shown = now, self.done
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        self.log(f"{self.done}/{self.total} images, {rate:.2f} images/s, ETA {eta / 60:.1f} min")
+
+
+class ShardProgress:
+    """Images finished across shards (a Ray actor in ``run_shards``: each shard task adds to it)."""
+
+    def __init__(self):
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += int(n)
+
+    def get(self) -> int:
+        return self.done
+
+
+def _shard_task(checkpoint: str, store: str, split: str, start: int, stop: int, seed: int, batch: int | None,
+                n_figures: int, device: str, counter, sam_checkpoint: str | None = None) -> dict:
+    """One shard as a Ray task: load the agent, run ``evaluate_shard`` on this worker's device."""
+    dev = eval_device(device)
+    agent = EvalAgent.from_agent(Agent.load(checkpoint), dev)
+    return evaluate_shard(agent, store, split, start, stop, seed, batch or auto_batch(dev), n_figures,
+                          progress=lambda k: counter.add.remote(k), sam_checkpoint=sam_checkpoint)
+
+
+def run_shards(tasks: list[dict], device: str, log, on_result=None, every: float = 10.0) -> list[dict]:
+    """Shards (``_shard_task`` keyword arguments without device/counter) as Ray tasks, all submitted at
+    once: GPU tasks (1 GPU each) when the cluster has GPUs and ``device`` is not "cpu", else 1-CPU tasks.
+    Prints one progress line across all shards every ``every`` seconds; ``on_result(i, result)`` as each
+    shard finishes. -> the results in the order of ``tasks``."""
+    import ray
+
+    from .train import init_ray
+
+    if not ray.is_initialized():
+        init_ray()
+    gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    if device == "cuda" and not gpus:
+        raise ConfigError("--device cuda: the Ray cluster has no GPU; use --device auto or cpu")
+    use_gpu = gpus and device != "cpu"
+    remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_shard_task)
+    counter = ray.remote(num_cpus=0)(ShardProgress).remote()
+    total = sum(t["stop"] - t["start"] for t in tasks)
+    line = ProgressLine(total, log, every)
+    pending = {remote.remote(**t, device="cuda" if use_gpu else "cpu", counter=counter): i for i, t in enumerate(tasks)}
+    log(f"{len(tasks)} shard(s) of {total} images as Ray {'GPU' if use_gpu else 'CPU'} tasks")
+    results: list = [None] * len(tasks)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=every)
+        for ref in ready:
+            i = pending.pop(ref)
+            results[i] = ray.get(ref)
+            if on_result is not None:
+                on_result(i, results[i])
+        line.report(force=True, done=ray.get(counter.get.remote()))
+    return results
+
+
+def write_evaluation(out: str, agent, st: EmbeddingStore, store: str, split: str, results: list[dict], t0: float,
+                     devices: list[str]) -> dict:
+    """Merge shard results (``merge_shards``) and write metrics.json, report.md, per_image.json, figures/."""
+    merged, per_image = merge_shards(results, agent.cfg, agent.grid)
     metrics = {
-        "task": agent.cfg["task"], "n_images": int(len(ids)), "split": split, "horizon": T,
-        "checkpoint": agent.checkpoint, "store": os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
-        "methods": results, "paired": paired,
-        "t_sweep": sweep, "initial_prompts": score(main.logits[0], ids, sizes, gt_full, decoder).summary(),
-        "seconds": round(time.time() - t0, 1),
+        "task": agent.cfg["task"], "n_images": len(per_image["ids"]), "split": split,
+        "horizon": int(agent.cfg["env"]["horizon"]), "checkpoint": agent.checkpoint,
+        "store": store if "://" in store else os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
+        **merged, "shards": len(results), "devices": devices, "seconds": round(time.time() - t0, 1),
     }
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(metrics))
-    figs = write_figures(st, split, main, ids, data["input_size"], decoder, gt_full, os.path.join(out, "figures"),
-                         n_figures)
-    log(f"wrote {out}/metrics.json, report.md and {figs} figure(s) in {metrics['seconds']:.0f}s")
+    with open(os.path.join(out, "per_image.json"), "w") as f:  # what every summary above is computed from
+        json.dump({"ids": per_image["ids"], "rows": {row: {k: [m[k] for m in v] for k in PER_IMAGE_KEYS}
+                                                     for row, v in per_image["rows"].items()}}, f)
+    write_figures([fig for r in results for fig in r["figures"]], st.decoder(), os.path.join(out, "figures"))
     return metrics
 
 
@@ -248,7 +307,9 @@ NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "eme
          "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
 LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
-          "gt_labels": "gt_labels (oracle labels)", "sam3_text": "sam3_text (SAM 3 given the task's text)"}
+          "gt_labels": "gt_labels (oracle labels)", "persam": "persam (PerSAM, 1 shot)",
+          "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)",
+          "sam3_text": "sam3_text (SAM 3 given the task's text)"}
 
 
 def _fmt(v: float) -> str:
@@ -284,7 +345,11 @@ def report_markdown(metrics: dict) -> str:
     lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
-              "(SRM, oracle or all-positive) matches the ground truth.", "",
+              "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points"
+              + ("; sam3_text prompts with text, no points: nan" if "sam3_text" in metrics["methods"] else "") + ")."]
+    skipped = metrics.get("skipped") or {}
+    lines += [""] * bool(skipped) + [f"- skipped: {name}: {why}" for name, why in skipped.items()]
+    lines += ["",
               "## Paired differences: alignsam - method (95% bootstrap interval over the same images)", ""]
     shown = tuple(dict.fromkeys(("miou",) + tuple(prim)))
     lines += ["| method | " + " | ".join(f"{NAMES[k]} diff [95% CI] | " for k in shown).rstrip(" |") + " |",
@@ -319,7 +384,7 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
             raise ValueError(f"two evaluations of VOC class {name!r}")
         rows[name] = m
     order = [c for c in VOC_CLASSES[1:] if c in rows] + sorted(c for c in rows if c not in VOC_CLASSES)
-    methods = list(METHODS)
+    methods = list(METHODS) + [b for b in BASELINES if all(b in rows[c]["methods"] for c in order)]
     lines = ["| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
     table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
     for c in order:
@@ -336,10 +401,9 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
     return text, {"classes": table, "mean": mean, "n_classes": len(order)}
 
 
-def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, input_sizes, decoder, gt_full: dict, folder: str,
-                  n: int) -> int:
-    """Per image: the prompts, the mask (blue) and the ground-truth outline (yellow) after steps 1, 5,
-    10 and 15 (green + = positive, red x = negative)."""
+def write_figures(figures: list[dict], decoder, folder: str) -> int:
+    """Per image (``evaluate_shard``'s figure records): the prompts, the mask (blue) and the ground-truth
+    outline (yellow) after steps 1, 5, 10 and 15 (green + = positive, red x = negative)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,28 +411,28 @@ def write_figures(st: EmbeddingStore, split: str, main: Rollout, ids, input_size
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
-    paths = dict(zip(st.table(split)["id"].to_pylist(), st.table(split)["image_path"].to_pylist()))
-    steps = [t for t in FIGURE_STEPS if t in main.logits]
     written = 0
-    for k in range(min(n, len(ids))):
-        path = paths.get(ids[k])
+    for fig_data in figures:
+        path = fig_data["image_path"]
         if not path or not os.path.isfile(path):
             continue
         image = np.asarray(Image.open(path).convert("RGB"))
         h, w = image.shape[:2]
-        scale = np.array([w, h]) / np.asarray(input_sizes[k][::-1], np.float64)  # SAM's frame -> pixels, per axis
-        gt = gt_full[ids[k]] == 1
+        scale = np.array([w, h]) / np.asarray(fig_data["input_size"][::-1], np.float64)  # SAM's frame -> pixels
+        gt = fig_data["gt"] == 1 if "gt" in fig_data else None
+        steps = sorted(fig_data["logits"])
         fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 4 * h / w + 0.4), squeeze=False)
         for ax, t in zip(axes[0], steps):
-            coords, labels = main.points[t][k]
-            ax.imshow(overlay(image, decoder.upscale_mask(main.logits[t][k], (h, w)), coords * scale, labels))
-            if gt.any() and not gt.all():
+            coords, labels = fig_data["points"][t]
+            low = np.array(fig_data["logits"][t])  # a writable copy (a Ray task's results are read-only)
+            ax.imshow(overlay(image, decoder.upscale_mask(low, (h, w)), coords * scale, labels))
+            if gt is not None and gt.any() and not gt.all():
                 ax.contour(gt, levels=[0.5], colors="yellow", linewidths=1.2)
             ax.set_title(f"step {t}")
             ax.axis("off")
-        fig.suptitle(f"{ids[k]}  (blue: mask, yellow: ground truth)")
+        fig.suptitle(f"{fig_data['id']}  (blue: mask, yellow: ground truth)")
         fig.tight_layout()
-        fig.savefig(os.path.join(folder, str(ids[k]).replace("/", "_") + ".png"), dpi=72)
+        fig.savefig(os.path.join(folder, str(fig_data["id"]).replace("/", "_") + ".png"), dpi=72)
         plt.close(fig)
         written += 1
     return written

@@ -6,6 +6,7 @@
     result = p.predict(image)          # image: (H, W, 3) uint8 RGB
     result.mask                        # (H, W) bool
     result.points, result.labels       # (2 + T, 2) x, y in image pixels; (2 + T,) 1 positive / 0 negative
+    p.predict_steps(image)             # [Prediction after step t for t = 0 .. T] (`alignsam app`); [T] = predict's
 
 The paper's inference: SAM embeds the image once; the SRM places one positive and one negative point
 at its highest and lowest scores; the policy then picks T patches greedily, each labelled by the SRM,
@@ -206,18 +207,30 @@ class AlignSAMPredictor:
         return data
 
     @torch.inference_mode()
+    def predict_steps(self, image: np.ndarray, horizon: int | None = None) -> list[Prediction]:
+        """(H, W, 3) uint8 RGB -> the prediction after each step t = 0 .. T (``alignsam app``'s step slider):
+        [0] holds the SRM's two starting points alone, [t] the first 2 + t points; [T] is ``predict``'s."""
+        T = self.steps(horizon)
+        return [preds[0] for preds in self._prompt(self.embed_batch([image]), T, tuple(range(T + 1))).values()]
+
+    @torch.inference_mode()
     def prompt_batch(self, data: dict, horizon: int | None = None) -> list[Prediction]:
         """The prompting side on ``embed_batch``'s output: SRM start, T greedy policy steps with SRM
         labels, SAM's decoder after each; masks at each image's original size."""
         T = self.steps(horizon)
+        return self._prompt(data, T, (T,))[T]
+
+    def _prompt(self, data: dict, T: int, record: tuple) -> dict[int, list[Prediction]]:
+        """The rollout of ``prompt_batch``, read at each step in ``record`` -> {step: one Prediction per image}."""
         n = len(data["embeddings"])
-        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, "policy", "srm", T, (T,), batch=n)
-        out = []
-        for s in range(n):
-            (coords, labels), low = r.points[T][s], r.logits[T][s]
-            hw, input_hw = data["original_size"][s], data["input_size"][s]
-            scale = np.asarray(hw[::-1], np.float32) / np.asarray(input_hw[::-1], np.float32)
-            points = (coords * scale).astype(np.float32)  # SAM frame -> image pixels
-            out.append(Prediction(self.decoder.upscale_mask(low, tuple(int(v) for v in hw)), points, labels,
-                                  low.copy()))
-        return out
+        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, "policy", "srm", T, record, batch=n)
+        return {t: [to_prediction(self.decoder, *r.points[t][s], r.logits[t][s], data["original_size"][s],
+                                  data["input_size"][s]) for s in range(n)] for t in record}
+
+
+def to_prediction(decoder, coords: np.ndarray, labels: np.ndarray, low: np.ndarray, hw, input_hw) -> Prediction:
+    """One rollout step of one image -> a Prediction at the image's size: coords (n, 2) in SAM's frame,
+    labels (n,), low (256, 256) low-res logits, hw / input_hw the image's (h, w) and SAM's resized (h, w)."""
+    scale = np.asarray(hw[::-1], np.float32) / np.asarray(input_hw[::-1], np.float32)
+    points = (coords * scale).astype(np.float32)  # SAM frame -> image pixels
+    return Prediction(decoder.upscale_mask(low, tuple(int(v) for v in hw)), points, labels, low.copy())

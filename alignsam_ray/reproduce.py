@@ -8,13 +8,16 @@ Stages, each resumable (a rerun with the same settings reuses what is finished):
                VOC (the 20 PASCAL classes); any subset
   2. embed     one store per task, one per class for VOC            -> DIR/stores/<task>
   3. train     one run per task with the paper's settings and its SRM branch (Table 4), plus a run with
-               the other branch for Table 4; every unfinished run is a Ray Tune trial, so a cluster
-               trains them side by side, each learner on a GPU when the cluster has them
+               the other branch for Table 4 (VOC: per class, as the paper did); every unfinished run is a
+               Ray Tune trial, so a cluster trains them side by side, each learner on a GPU when it has them
                                                                     -> DIR/runs/<run>
-  4. evaluate  each run with the paper's protocol and ablations (Ray tasks, in parallel)
+  4. evaluate  each run with the paper's protocol and ablations (its test images in shards: Ray tasks
+               across the cluster, GPU tasks when it has GPUs)
                                                                     -> DIR/eval/<run>/metrics.json
-  5. report    Tables 2, 3, 4 and 5: ours [95% CI] beside the paper's figures (``paper_figures.json``)
-               and the difference                                   -> DIR/report.md, DIR/report.json
+  5. report    Tables 2, 3, 4 and 5 in the paper's rows and columns (its competitors as reference lines),
+               ours [95% CI] beside every published figure (``paper_figures.json``) and the difference,
+               then our T sweep on every task (an extension the paper does not publish)
+                                                                    -> DIR/report.md, DIR/report.json
 
 On a multi-node cluster DIR (and ROOT) must be on a filesystem every node sees: trials and
 evaluations write there.
@@ -30,14 +33,17 @@ from dataclasses import dataclass
 
 from .config import DEFAULTS, ConfigError, paper_srm
 from .data import DataError
+from .data.samples import VOC_CLASSES
+from .evaluate import METHODS, T_SWEEP
 from .metrics import mean_of_classes
 
 BENCHMARKS = {  # layout -> the task of its tables' column (the paper's order)
     "cuhk": "blur", "sbu": "shadow", "msd": "glass", "duts": "saliency", "voc": "voc"}
 FOLDER_NAMES = {"cuhk": ("cuhk",), "sbu": ("sbu",), "msd": ("msd",), "duts": ("duts",),
                 "voc": ("voc", "pascal")}  # a folder under ROOT whose lower-case name starts with one of these
+REFERENCE_METHODS = {"PerSAM": "persam"}  # a competitor row of the paper's that we also run (same SAM, embeddings)
 ROW_LABELS = {"random_actions": "w/o RL (random actions)", "all_positive": "w/o SRM (every point positive)",
-              "single_step": "w/o multi-step (T = 1)", "alignsam": "AlignSAM",
+              "single_step": "w/o multi-step (T = 1)", "alignsam": "AlignSAM", "persam": "PerSAM (training-free, 1 shot)",
               "implicit": "implicit V(0, s_t)", "explicit": "explicit V(s_c, s_t)"}
 COLUMN_NAMES = {"blur": "CUHK", "shadow": "SBU", "glass": "MSD", "saliency": "DUTS", "voc": "VOC"}
 METRIC_NAMES = {"miou": "mIoU", "iou_dataset": "mIoU", "fbeta": "F_beta", "emeasure": "E_phi", "mae": "MAE",
@@ -114,10 +120,10 @@ def plan(out: str, found: dict[str, str], tasks: list[str] | None, voc_classes: 
                 continue
             stores.append(Store(task, os.path.join(out, "stores", task), f"{layout}:{folder}", group))
             branches = [paper_srm(task)["branch"]]
-            if table4 and layout != "voc":  # Table 4: the other branch too (VOC: 20 more runs; not run)
+            if table4:  # Table 4: the other branch too (VOC: one more run per class, as the paper did)
                 branches.append("implicit" if branches[0] == "explicit" else "explicit")
-            for k, branch in enumerate(branches):
-                name = task if k == 0 else f"{task}_{branch}"
+            for branch in branches:
+                name = run_name(task, branch)
                 runs.append(Run(name, task, stores[-1].path, branch, os.path.join(out, "runs", name),
                                 os.path.join(out, "eval", name)))
     if not stores:
@@ -268,30 +274,60 @@ def _eval_done(run: Run) -> bool:
     return same and os.path.getmtime(path) >= os.path.getmtime(os.path.join(ckpt, "state.json"))
 
 
-def _evaluate_task(run_dir: str, store: str, out: str, seed: int) -> dict:
-    from .checkpoint import resolve_checkpoint
-    from .evaluate import evaluate
-
-    return evaluate(resolve_checkpoint(run_dir), store, out, seed=seed, progress=False)
+SHARD_IMAGES = 250  # most test images one evaluation shard holds
 
 
 def evaluate_runs(runs: list[Run], seed: int) -> None:
-    """Every run not yet evaluated on its latest checkpoint, as Ray tasks (1 CPU each, in parallel)."""
+    """Every run not yet evaluated on its latest checkpoint: its test images split into shards (at most
+    ``SHARD_IMAGES`` each, and enough shards that the cluster's GPUs, else its CPUs, each get one), all runs'
+    shards Ray tasks at once (``evaluate.run_shards``); a run's metrics.json is written as soon as its last
+    shard is in."""
+    import math
+
     import ray
+
+    from .checkpoint import Agent, resolve_checkpoint
+    from .eval_shard import shard_bounds
+    from .evaluate import check_store, run_shards, write_evaluation
+    from .store.loader import EmbeddingStore
 
     todo = [r for r in runs if not _eval_done(r)]
     print(f"[reproduce] 4/5 evaluate: {len(runs) - len(todo)} of {len(runs)} runs already evaluated; {len(todo)} to "
           "evaluate", flush=True)
-    remote = ray.remote(num_cpus=1)(_evaluate_task)
-    pending = {remote.remote(r.run_dir, r.store, r.eval_dir, seed): r for r in todo}
-    t0, n = time.time(), 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        run = pending.pop(ready[0])
-        m = ray.get(ready[0])
-        n += 1
-        print(f"[reproduce] evaluate {n}/{len(todo)}: {run.name} ({m['n_images']} test images, alignsam mIoU "
-              f"{m['methods']['alignsam']['miou']:.3f}){_eta(n, len(todo), t0)}", flush=True)
+    if not todo:
+        return
+    prepared = []
+    for run in todo:
+        agent = Agent.load(resolve_checkpoint(run.run_dir))
+        st = EmbeddingStore(run.store, verify=False)
+        check_store(agent, st, run.store)
+        prepared.append((run, agent, st, len(st.split_ids("test"))))
+    total = sum(p[3] for p in prepared)
+    res = ray.cluster_resources()
+    slots = int(res.get("GPU", 0)) or int(res.get("CPU", 1))
+    tasks, owner = [], []
+    for k, (run, agent, _, n) in enumerate(prepared):
+        for a, b in shard_bounds(n, max(math.ceil(n / SHARD_IMAGES), math.ceil(slots * n / total))):
+            tasks.append(dict(checkpoint=agent.checkpoint, store=run.store, split="test", start=a, stop=b, seed=seed,
+                              batch=None, n_figures=4))
+            owner.append(k)
+    got: dict = {k: [] for k in range(len(prepared))}
+    t0, finished = time.time(), []
+
+    def on_result(i: int, result: dict) -> None:
+        k = owner[i]
+        got[k].append(result)
+        if len(got[k]) < owner.count(k):
+            return
+        run, agent, st, _ = prepared[k]
+        m = write_evaluation(run.eval_dir, agent, st, run.store, "test", got[k], t0,
+                             sorted({r["device"] for r in got[k]}))
+        got[k] = []
+        finished.append(run.name)
+        print(f"[reproduce] evaluate {len(finished)}/{len(todo)}: {run.name} ({m['n_images']} test images, "
+              f"alignsam mIoU {m['methods']['alignsam']['miou']:.3f}){_eta(len(finished), len(todo), t0)}", flush=True)
+
+    run_shards(tasks, "auto", lambda msg: print(f"[reproduce] evaluate: {msg}", flush=True), on_result, every=60)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -307,47 +343,80 @@ def _scale(metric: str, units: dict) -> float:
     return 100.0 if units.get(metric) == "percent" else 1.0
 
 
+def run_name(task: str, branch: str) -> str:
+    """A run's name: the task for the paper's SRM branch, ``<task>_<branch>`` for the other (Table 4)."""
+    return task if branch == paper_srm(task)["branch"] else f"{task}_{branch}"
+
+
 def _ours(evals: dict, run: str, row: str, metric: str, where: str = "methods") -> dict | None:
     """{"value", "ci95"} of one method (or T) of one evaluation, or None."""
     m = evals.get(run)
     if m is None:
         return None
-    entry = m[where].get(row)
+    entry = m.get(where, {}).get(row)
     if entry is None or metric not in entry:
         return None
     return {"value": entry[metric], "ci95": (entry.get("ci95") or {}).get(metric)}
 
 
-def _voc_mean(evals: dict, row: str, metric: str, where: str = "methods") -> dict | None:
-    cells = [c for c in (_ours(evals, name, row, metric, where) for name in sorted(evals) if name.startswith("voc_"))
-             if c is not None]
+def _voc_mean(evals: dict, row: str, metric: str, where: str = "methods", branch: str = "explicit") -> dict | None:
+    """The mean over the VOC classes run (with that SRM branch) of one method's (or T's) per-class figure."""
+    runs = [run_name(f"voc_{c}", branch) for c in VOC_CLASSES[1:]]
+    cells = [c for c in (_ours(evals, r, row, metric, where) for r in runs) if c is not None]
     return mean_of_classes(cells) | {"n_classes": len(cells)} if cells else None
 
 
+def _method_of(row: str) -> str | None:
+    """Our method behind a table row: the row itself (our rows), a competitor we also run, or None (a reference
+    line: the paper's figure only)."""
+    return row if row in METHODS else REFERENCE_METHODS.get(row)
+
+
+def _source(key: str, row: str, col: str, metric: str) -> dict | None:
+    """Where one cell's figure of ours comes from: {"run"} or {"voc_mean"}, with "method", "where", "branch"."""
+    if key == "table3":  # rows: methods; columns: VOC classes and their mean
+        method = _method_of(row)
+        return None if method is None else {"run": None if col == "mean" else f"voc_{col}", "method": method,
+                                            "where": "methods", "branch": "explicit"}
+    if key == "table5":  # rows: VOC classes and their mean; columns: T (the alignsam rollout read at T)
+        return {"run": None if row == "mean" else f"voc_{row}", "method": col, "where": "t_sweep",
+                "branch": "explicit"}
+    task = col.split(".")[0]
+    if key == "table4":  # rows: the SRM branch a run was trained with
+        return {"run": None if task == "voc" else run_name(task, row), "method": "alignsam", "where": "methods",
+                "branch": row}
+    if key == "table5_tasks":  # rows: T
+        return {"run": None if task == "voc" else task, "method": row, "where": "t_sweep", "branch": "explicit"}
+    method = _method_of(row)  # table2: rows: methods; columns: TASK.METRIC
+    return None if method is None else {"run": None if task == "voc" else task, "method": method,
+                                        "where": "methods", "branch": "explicit"}
+
+
+def _extension_table(paper: dict) -> dict:
+    """Our own T sweep on the other tasks (the paper publishes Table 5 for VOC classes only): no paper figures."""
+    cols = list(paper["tables"]["table2"]["columns"]) + ["voc.iou_dataset"]
+    return {"title": "Number of interaction steps T on every task (our extension: the paper's Table 5 covers four "
+                     "VOC classes only)", "columns": cols,
+            "rows": {str(t): {c: None for c in cols} for t in T_SWEEP}}
+
+
 def build_tables(evals: dict, paper: dict) -> dict:
-    """{table: {"title", "columns", "rows": {row: {column: cell}}}}; a cell: {"ours", "ci95", "paper", "diff"}
-    in the paper's units (None where not run / not transcribed)."""
+    """{table: {"title", "columns", "metric"?, "reference_rows", "rows": {row: {column: cell}}}}; a cell: {"ours",
+    "ci95", "paper", "diff", "paper_in_ci"} in the paper's units (None where not run / not published), and
+    "n_classes" for means over VOC classes. Tables 2-5 in the paper's layout, then ``table5_tasks`` (ours only)."""
     units = paper["units"]
     out = {}
-    for key, table in paper["tables"].items():
-        rows = {}
+    for key, table in {**paper["tables"], "table5_tasks": _extension_table(paper)}.items():
+        rows, refs = {}, []
         for row, paper_row in table["rows"].items():
             cells = {}
             for col in table["columns"]:
-                if key == "table3":  # rows: VOC classes (+ their mean); column: the metric
-                    metric = col
-                    cell = (_voc_mean(evals, "alignsam", metric) if row == "mean"
-                            else _ours(evals, f"voc_{row}", "alignsam", metric))
-                else:  # columns: TASK.METRIC; rows: methods (2), SRM branches (4), T (5)
-                    task, metric = col.split(".")
-                    run, method, where = task, row, "methods"
-                    if key == "table4":  # the run trained with that branch: the task's own, or <task>_<branch>
-                        run = task if paper_srm(task)["branch"] == row else f"{task}_{row}"
-                        method = "alignsam"
-                    elif key == "table5":
-                        where = "t_sweep"
-                    cell = _voc_mean(evals, method, metric, where) if task == "voc" else _ours(evals, run, method,
-                                                                                                metric, where)
+                metric = table.get("metric") or col.split(".")[-1]
+                src = _source(key, row, col, metric)
+                cell = None
+                if src is not None:
+                    cell = (_ours(evals, src["run"], src["method"], metric, src["where"]) if src["run"]
+                            else _voc_mean(evals, src["method"], metric, src["where"], src["branch"]))
                 s = _scale(metric, units)
                 ours = None if cell is None else cell["value"] * s
                 ci = None if cell is None or not cell.get("ci95") else [v * s for v in cell["ci95"]]
@@ -355,50 +424,86 @@ def build_tables(evals: dict, paper: dict) -> dict:
                 cells[col] = {"ours": ours, "ci95": ci, "paper": ref,
                               "diff": None if ours is None or ref is None else ours - ref,
                               "paper_in_ci": None if ci is None or ref is None else ci[0] <= ref <= ci[1]}
+                if cell is not None and "n_classes" in cell:
+                    cells[col]["n_classes"] = cell["n_classes"]
+            if all(_source(key, row, c, "") is None for c in table["columns"]):
+                refs.append(row)
             rows[row] = cells
-        out[key] = {"title": table["title"], "columns": table["columns"], "rows": rows}
+        out[key] = {"title": table["title"], "columns": table["columns"], "rows": rows, "reference_rows": refs,
+                    **({"metric": table["metric"]} if "metric" in table else {})}
     return out
 
 
 def _num(v: float | None, unit: str) -> str:
     if v is None:
-        return "n/a"
+        return "not published"
     return f"{v:.2f}" if unit == "percent" else f"{v:.3f}"
 
 
-def _cell_text(cell: dict, unit: str) -> str:
+def _cell_text(cell: dict, unit: str, reference: bool) -> str:
+    if reference:  # a competitor's row: the paper's figure only
+        return _num(cell["paper"], unit)
     if cell["ours"] is None:
-        return "not run" + (f" / {_num(cell['paper'], unit)}" if cell["paper"] is not None else "")
+        return "not run / " + _num(cell["paper"], unit)
     ours = _num(cell["ours"], unit) + (f" [{_num(cell['ci95'][0], unit)}, {_num(cell['ci95'][1], unit)}]"
                                         if cell["ci95"] else "")
     if cell["paper"] is None:
-        return f"{ours} / n/a"
+        return f"{ours} / not published"
     return f"{ours} / {_num(cell['paper'], unit)} ({'+' if cell['diff'] >= 0 else ''}{_num(cell['diff'], unit)})"
+
+
+def _heading(key: str, col: str) -> str:
+    if key == "table3":
+        return "mIoU (20)" if col == "mean" else col
+    if key == "table5":
+        return f"T = {col}"
+    task, metric = col.split(".")
+    return f"{COLUMN_NAMES.get(task, task)} {METRIC_NAMES.get(metric, metric)}"
+
+
+def _row_label(key: str, row: str) -> str:
+    if key == "table5_tasks":
+        return f"T = {row}"
+    if key == "table5" and row == "mean":
+        return "mean over the classes"
+    if row in REFERENCE_METHODS:
+        return f"{row} (paper) / ours: `{REFERENCE_METHODS[row]}`"
+    return ROW_LABELS.get(row, row)
 
 
 def report_markdown(tables: dict, paper: dict, header: str) -> str:
     units = paper["units"]
     lines = [header, "",
-             "Each cell: **ours [95% CI] / the paper's (ours - paper)**, in the paper's units (percent: x 100). "
-             "`n/a`: the paper's figure is not in `alignsam_ray/paper_figures.json` yet; `not run`: no benchmark "
-             "folder or run for it. Intervals: bootstrap over the test images; VOC means over classes combine the "
-             "per-class intervals (normal approximation). A difference is a reproduction gap only where the "
-             "paper's figure lies outside our interval.", ""]
+             "Each cell: **ours [95% CI] / the paper's (ours - paper)**, in the paper's units (percent: x 100). Rows "
+             "in *italics* are the paper's competitors, with their published figures only. `not published`: the "
+             "paper does not print that cell (Table 3 prints 10 of the 20 classes, Table 5 four); `not run`: no "
+             "benchmark folder or run for it. Intervals: bootstrap over the test images; VOC means over classes "
+             "combine the per-class intervals (normal approximation). A difference is a reproduction gap only where "
+             "the paper's figure lies outside our interval.", ""]
     for key, table in tables.items():
-        cols = table["columns"]
-        heads = [f"{COLUMN_NAMES.get(c.split('.')[0], c.split('.')[0])} {METRIC_NAMES.get(c.split('.')[-1], c)}"
-                 if "." in c else METRIC_NAMES.get(c, c) for c in cols]
-        lines += [f"## {key.replace('table', 'Table ')}: {table['title']}", "",
-                  "| | " + " | ".join(heads) + " |", "|---|" + "---|" * len(cols)]
+        cols, refs = table["columns"], set(table["reference_rows"])
+        metric = table.get("metric")
+        title = ("Our extension" if key == "table5_tasks" else key.replace("table", "Table "))
+        lines += [f"## {title}: {table['title']}", "",
+                  "| | " + " | ".join(_heading(key, c) for c in cols) + " |", "|---|" + "---|" * len(cols)]
         for row, cells in table["rows"].items():
-            label = ROW_LABELS.get(row, f"T = {row}" if key == "table5" else row)
-            lines.append(f"| {label} | " + " | ".join(_cell_text(cells[c], units[c.split('.')[-1]]) for c in cols)
-                         + " |")
-        outside = [f"{row} {c}" for row, cells in table["rows"].items() for c, x in cells.items()
-                   if x["paper_in_ci"] is False]
-        lines += ["", f"Paper's figure outside our interval: {', '.join(outside) if outside else 'none'} "
-                  f"(of {sum(x['paper_in_ci'] is not None for cells in table['rows'].values() for x in cells.values())}"
-                  " comparable cells).", ""]
+            label = _row_label(key, row)
+            label = f"*{label}*" if row in refs else label
+            lines.append(f"| {label} | " + " | ".join(
+                _cell_text(cells[c], units[metric or c.split('.')[-1]], row in refs) for c in cols) + " |")
+        partial = sorted({x["n_classes"] for cells in table["rows"].values() for x in cells.values()
+                          if x.get("n_classes", len(VOC_CLASSES) - 1) < len(VOC_CLASSES) - 1})
+        if partial:
+            lines += ["", f"Our VOC means are over the classes run ({', '.join(map(str, partial))} of "
+                      f"{len(VOC_CLASSES) - 1}); the paper's over all {len(VOC_CLASSES) - 1}."]
+        comparable = [(row, c, x) for row, cells in table["rows"].items() for c, x in cells.items()
+                      if x["paper_in_ci"] is not None]
+        if key != "table5_tasks":
+            outside = [f"{row} {c}" for row, c, x in comparable if x["paper_in_ci"] is False]
+            lines += ["", f"Paper's figure outside our interval: {', '.join(outside) if outside else 'none'} "
+                      f"(of {len(comparable)} comparable cells).", ""]
+        else:
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -421,7 +526,7 @@ def write_report(out: str, runs: list[Run], settings: dict) -> str:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"settings": settings, "units": paper["units"], "tables": tables,
+        json.dump({"settings": settings, "units": paper["units"], "sources": paper["sources"], "tables": tables,
                    "runs": {r.name: {"task": r.task, "branch": r.branch, "run_dir": r.run_dir,
                                      "metrics": os.path.join(r.eval_dir, "metrics.json")} for r in runs}}, f, indent=1)
     return text

@@ -38,6 +38,13 @@ NAME (JSON key it writes):
                                           zero-copy), micro-SAM vs vit_b vs SAM 2.1 Hiera-T vs SAM 3
                                           (random weights; --store-sams picks them)
 
+  eval_shards    (eval_shards_2v1)        evaluation images/s (the paper's protocol: every method and the T
+                                          sweep, scripts/eval_core_bench.py) with 2 shards side by side vs 1
+                                          shard, each a 1-thread process as a 1-CPU Ray task is; and whether
+                                          the merged metrics are identical (eval_shards_identical)
+  eval_memory    (eval_memory_growth_mb)  peak memory (VmHWM) of evaluating a --eval-mem-sizes (100, 1000)
+                                          image test split minus that of the smaller one (streamed reads)
+
 Everything runs on the embedded default (micro-SAM + synthetic saliency) unless stated. Data and
 stores are cached in --work (embedding is resumable), so a rerun only measures. Prints one table
 per benchmark and writes one JSON object.
@@ -58,7 +65,7 @@ import torch
 from alignsam_ray.sam_types import SAM2_TYPES, SAM3_TYPES
 
 BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo", "segment",
-           "encoders", "store_bytes")
+           "encoders", "store_bytes", "eval_shards", "eval_memory")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -546,6 +553,79 @@ def bench_store_bytes(work: str, args) -> dict:
     return {"store_bytes_per_image": out}
 
 
+def _eval_store(work: str, n: int) -> str:
+    out = os.path.join(work, f"eval_store_micro_{n}")
+    subprocess.run([sys.executable, EVAL_CORE, "make-store", "--out", out, "--images", str(n)], check=True)
+    return out
+
+
+EVAL_CORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_core_bench.py")
+
+
+def _eval_procs(store: str, bounds: list, work: str, overrides: list) -> tuple[float, list]:
+    """Run one eval_core_bench.py process per (start, stop) at once, 1 torch thread each -> (wall s, results)."""
+    procs, files = [], []
+    t0 = time.perf_counter()
+    for k, (a, b) in enumerate(bounds):
+        out, rec = os.path.join(work, f"eval_{len(bounds)}_{k}.json"), os.path.join(work, f"eval_{len(bounds)}_{k}.pkl")
+        cmd = [sys.executable, EVAL_CORE, "run", "--store", store, "--start", str(a), "--stop", str(b), "--device", "cpu",
+               "--threads", "1", "--out", out, "--records", rec] + (["--override", *overrides] if overrides else [])
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        files.append((out, rec))
+    for p in procs:
+        if p.wait():
+            raise RuntimeError(f"eval_core_bench.py failed ({p.args})")
+    wall = time.perf_counter() - t0
+    import pickle
+
+    results = []
+    for out, rec in files:
+        with open(out) as f, open(rec, "rb") as g:
+            results.append((json.load(f), pickle.load(g)))
+    return wall, results
+
+
+def bench_eval_shards(work: str, args) -> dict:
+    from alignsam_ray.config import load_config
+    from alignsam_ray.env.grid import PatchGrid
+    from alignsam_ray.eval_shard import merge_shards, shard_bounds
+
+    n = args.eval_images
+    store = _eval_store(work, n)
+    cfg = load_config(None, ["task=bench", "store=unused", *args.eval_override])
+    grid = PatchGrid.from_env(cfg["env"])
+    rows, rate, core, merged = [], {}, {}, {}
+    for k in (1, 2):
+        wall, results = _eval_procs(store, shard_bounds(n, k), work, args.eval_override)
+        rate[k] = n / wall  # process start (imports, store, decoder) included, as a Ray task pays it
+        core[k] = n / max(j["seconds"] for j, _ in results)  # the evaluation alone (slowest shard)
+        merged[k] = json.dumps(merge_shards([r for _, r in results], cfg, grid)[0], sort_keys=True)
+        rows.append((k, n, wall, rate[k], core[k], max(j["peak_rss_mb"] for j, _ in results)))
+    table(f"evaluation, 1 vs 2 shards (1-thread processes, micro-SAM store, {os.cpu_count()} cores)",
+          ("shards", "images", "wall s", "images/s", "core images/s", "peak MB/shard"), rows)
+    same = merged[1] == merged[2]
+    print(f"2 shards / 1 shard: {rate[2] / rate[1]:.2f}x with process start, {core[2] / core[1]:.2f}x the evaluation "
+          f"alone; merged metrics identical: {same}")
+    return {"eval_shards_2v1": rate[2] / rate[1], "eval_images_per_s": {str(k): v for k, v in rate.items()},
+            "eval_shards_2v1_core": core[2] / core[1], "eval_core_images_per_s": {str(k): v for k, v in core.items()},
+            "eval_shards_identical": same, "eval_shards_images": n, "eval_overrides": list(args.eval_override)}
+
+
+def bench_eval_memory(work: str, args) -> dict:
+    small, large = args.eval_mem_sizes
+    rows, peak = [], {}
+    for n in (small, large):
+        wall, results = _eval_procs(_eval_store(work, n), [(0, n)], work, args.eval_override)
+        peak[n] = results[0][0]["peak_rss_mb"]
+        rows.append((n, wall, peak[n]))
+    table("evaluation peak memory (VmHWM of the process) vs test split size (micro-SAM store, 1 shard)",
+          ("test images", "wall s", "peak MB"), rows)
+    growth = peak[large] - peak[small]
+    print(f"growth {small} -> {large} images: {growth:.1f} MB")
+    return {"eval_memory_growth_mb": growth, "eval_memory_peak_mb": {str(k): v for k, v in peak.items()},
+            "eval_memory_overrides": list(args.eval_override)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=BENCHES, help="run only these")
@@ -563,6 +643,10 @@ def main() -> None:
                     help="the store_bytes benchmark's SAMs")
     ap.add_argument("--uss-sam", default="micro", help="SAM of the uss benchmark's stores (e.g. sam2.1_hiera_t)")
     ap.add_argument("--uss-sizes", type=int, nargs=2, default=(100, 1000), help="the uss benchmark's two store sizes")
+    ap.add_argument("--eval-images", type=int, default=64, help="test images of the eval_shards benchmark")
+    ap.add_argument("--eval-mem-sizes", type=int, nargs=2, default=(100, 1000), help="eval_memory's two split sizes")
+    ap.add_argument("--eval-override", nargs="*", default=[], help="run-config overrides of the eval benchmarks' "
+                    "random-weights agent (default: the paper's T = 15 and grid), e.g. env.grid=2 env.horizon=1")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     command = " ".join(["python", "scripts/bench.py"] + sys.argv[1:])

@@ -105,3 +105,18 @@ def bundle(trained_run, tmp_path_factory):
     assert main(["export", "--checkpoint", trained_run, "--out", out, "--pt2"]) == 0
     return out
 
+
+def folder_dataset(root, n=4):
+    """A generic-layout dataset (root/images, root/masks: n random 24 x 32 images, one rectangle each) -> root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        mask = np.zeros((24, 32), np.uint8)
+        mask[4:12, 4:20] = 255
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    return root

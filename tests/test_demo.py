@@ -45,5 +45,15 @@ def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tm
         assert timing[phase] >= 0, phase
     assert timing["training: sampling"] + timing["training: PPO learner"] <= timing["training"] <= timing["total"]
     metrics = json.loads((out / "eval" / "synthetic_shapes" / "metrics.json").read_text())
-    assert set(metrics["paired"]) == {"random_actions", "all_positive", "single_step", "srm_topk", "gt_labels"}
+    assert set(metrics["paired"]) == {"random_actions", "all_positive", "single_step", "srm_topk", "gt_labels",
+                                      "persam", "persam_mean", "clip_points"}  # + the training-free baselines
     assert ray.is_initialized() == ray_was_up  # a Ray the demo started is shut down with it
+    bundle = out / "bundles" / "synthetic_shapes"  # what `alignsam app` opens, with no other file
+    assert f"alignsam app --bundle {bundle} --eval {out / 'eval' / 'synthetic_shapes'}" in terminal.out
+    examples = sorted(os.listdir(bundle / "examples"))
+    assert len(examples) == 4 and timing["export"] >= 0
+    from alignsam_ray.data.samples import read_image
+    from alignsam_ray.predictor import AlignSAMPredictor
+
+    image = read_image(str(bundle / "examples" / examples[0]))
+    assert AlignSAMPredictor(str(bundle)).predict(image).mask.shape == image.shape[:2]

@@ -16,6 +16,7 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import folder_dataset
 from PIL import Image
 
 from alignsam_ray.cli import main
@@ -164,24 +165,12 @@ def test_16_bit_masks_and_masks_without_foreground(tmp_path):
         load_pair(_mask_sample(tmp_path, np.full((8, 8), 255, np.uint8), invert=True))
 
 
-def _dataset(root, n=4):
-    rng = np.random.default_rng(0)
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
-        mask = np.zeros((24, 32), np.uint8)
-        mask[4:12, 4:20] = 255
-        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
-    return root
-
-
 @pytest.mark.integration  # embeds with Ray Data
 def test_skip_bad_records_listing_and_decode_skips_and_a_failed_embed_leaves_nothing(tmp_path, capsys):
     """Smaller: without --skip-bad a bad image stops the embed, named, and leaves no --out folder; with it,
     a truncated image is caught while listing and recorded in the manifest beside a mask without
     foreground dropped while decoding."""
-    root = _dataset(tmp_path / "ds")
+    root = folder_dataset(tmp_path / "ds", n=4)
     victim = root / "images" / "im1.png"
     victim.write_bytes(victim.read_bytes()[:80])  # header intact, pixels gone
     Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / "masks" / "im2.png")
@@ -272,7 +261,7 @@ def test_truncated_store_manifest_is_named(blur_store, tmp_path, capsys):
 def test_unreadable_checkpoint_never_suggests_unsafe_loading(tmp_path, capsys):
     junk = tmp_path / "sam.pth"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
-    ds = _dataset(tmp_path / "ds", n=2)
+    ds = folder_dataset(tmp_path / "ds", n=2)
     assert main(["embed", "--data", str(ds), "--sam", "vit_b", "--checkpoint", str(junk), "--out",
                  str(tmp_path / "store")]) == 1
     err = _one_line_error(capsys, "sam.pth", "not a weights file")

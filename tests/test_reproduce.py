@@ -27,30 +27,81 @@ UNITS = ("percent", "fraction")
 
 
 def test_paper_figures_file_is_well_formed():
-    """One data file with table and row names: every cell names a known task and its paper metric,
-    every value is a number in its unit's range or null, and the two VOC figures we have are in it."""
+    """One data file with table and row names in the paper's layout: every cell names a known task and its
+    paper metric (or a VOC class, or T), every value is a number in its unit's range or null, each table has
+    its source."""
     paper = load_paper_figures()
-    assert set(paper["tables"]) == {"table2", "table3", "table4", "table5"}
+    assert set(paper["tables"]) == {"table2", "table3", "table4", "table5"} == set(paper["sources"])
     assert set(paper["units"].values()) <= set(UNITS)
     t = paper["tables"]
-    assert list(t["table2"]["rows"]) == ["random_actions", "all_positive", "single_step", "alignsam"]
-    assert set(t["table2"]["rows"]) <= set(METHODS)
-    assert list(t["table3"]["rows"]) == list(VOC_CLASSES[1:]) + ["mean"]
+    ours = ["alignsam", "random_actions", "all_positive", "single_step"]
+    assert list(t["table2"]["rows"]) == ["SAMed", "SEEM", "Painter", "PerSAM"] + ours
+    assert list(t["table3"]["rows"]) == ["MSA", "SAMed", "SEEM", "Painter", "PerSAM"] + ours[:3]
+    assert set(ours) <= set(METHODS)
+    assert sorted(t["table3"]["columns"]) == sorted(["mean", *VOC_CLASSES[1:]])
     assert list(t["table4"]["rows"]) == ["implicit", "explicit"]
-    assert [int(r) for r in t["table5"]["rows"]] == list(T_SWEEP)
+    assert t["table4"]["columns"][-1] == "voc.iou_dataset" and len(t["table4"]["columns"]) == 5
+    assert [int(c) for c in t["table5"]["columns"]] == list(T_SWEEP)
+    assert set(t["table5"]["rows"]) == {*VOC_CLASSES[1:], "mean"}
     for key, table in t.items():
         for col in table["columns"]:
-            if key != "table3":
+            if key not in ("table3", "table5"):
                 task, metric = col.split(".")
                 assert task in BENCHMARKS.values() and metric in primary_metrics(task), col
         for row, cells in table["rows"].items():
-            assert set(cells) == set(table["columns"]), (key, row)
+            assert list(cells) == table["columns"], (key, row)
             for col, v in cells.items():
-                unit = paper["units"][col.split(".")[-1]]
+                unit = paper["units"][table.get("metric") or col.split(".")[-1]]
                 assert v is None or (isinstance(v, (int, float)) and 0 <= v <= (100 if unit == "percent" else 1)), \
                     (key, row, col, v)
-    assert t["table2"]["rows"]["alignsam"]["voc.iou_dataset"] == 62.09
-    assert t["table2"]["rows"]["all_positive"]["voc.iou_dataset"] == 27.73
+
+
+PAPER_ROWS = {"Ours": "alignsam", "Ours w/o RL": "random_actions", "Ours w/o SRM": "all_positive",
+              "Ours w/o MSI": "single_step", "implicit": "implicit", "explicit": "explicit"}
+PAPER_COLUMNS = {"mIoU (20)": "mean", "semantic (VOC) mIoU": "voc.iou_dataset", "saliency E_phi": "saliency.emeasure",
+                 "blur F_beta": "blur.fbeta", "glass F_beta": "glass.fbeta"}
+
+
+def _transcription(path: str) -> dict:
+    """{table: {row: {column: value}}} of every figure in the paper's tables as transcribed in Markdown
+    (tests/fixtures/paper_tables.md, a copy of the transcription made from the paper)."""
+    tables, key, header = {}, None, None
+    for line in open(path).read().splitlines():
+        if line.startswith("## Table "):
+            key, header = "table" + line.split()[2].rstrip(":"), None
+            tables[key] = {}
+        elif key and line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if header is None:
+                header = [PAPER_COLUMNS.get(c, c.replace("T = ", "").replace(" ", ".").replace("mIoU", "miou")
+                                            .replace("BER", "ber").replace("MAE", "mae")) for c in cells[1:]]
+                continue
+            try:
+                values = [float(c) for c in cells[1:]]
+            except ValueError:  # Table 1: names, no figures
+                continue
+            tables[key][PAPER_ROWS.get(cells[0], cells[0])] = dict(zip(header, values))
+    return {k: v for k, v in tables.items() if v}
+
+
+def test_paper_figures_match_the_transcription():
+    """Every figure of the paper's Tables 2-5 is in paper_figures.json at its row and column, and every
+    number in the file is one of them: a cell the paper does not print is null (10 classes in Table 3,
+    16 in Table 5), nothing else is."""
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "paper_tables.md")
+    printed = _transcription(fixture)
+    assert set(printed) == {"table2", "table3", "table4", "table5"}
+    assert sum(len(cells) for rows in printed.values() for cells in rows.values()) == 64 + 88 + 10 + 20
+    paper = load_paper_figures()["tables"]
+    for key, rows in printed.items():
+        for row, cells in rows.items():
+            for col, v in cells.items():
+                assert paper[key]["rows"][row][col] == v, (key, row, col)
+        held = {(row, col): v for row, cells in paper[key]["rows"].items() for col, v in cells.items() if v is not None}
+        assert held == {(row, col): v for row, cells in rows.items() for col, v in cells.items()}, key
+    unprinted = {"aeroplane", "bicycle", "bird", "boat", "bus", "diningtable", "motorbike", "pottedplant", "train",
+                 "tvmonitor"}
+    assert {c for c in paper["table3"]["columns"] if paper["table3"]["rows"]["alignsam"][c] is None} == unprinted
 
 
 def test_find_benchmarks(tmp_path):
@@ -80,34 +131,52 @@ def _metrics(miou: float, ci=(0.05, 0.05), ber: float = 10.0) -> dict:
 def test_tables_put_ours_beside_the_papers():
     paper = load_paper_figures()
     evals = {"shadow": _metrics(0.8), "shadow_implicit": _metrics(0.7), "voc_cat": _metrics(0.60, (0.02, 0.02)),
-             "voc_dog": _metrics(0.70, (0.04, 0.04))}
+             "voc_dog": _metrics(0.70, (0.04, 0.04)), "voc_cat_implicit": _metrics(0.40)}
     evals["voc_cat"]["methods"]["all_positive"]["iou_dataset"] = 0.2
     evals["voc_dog"]["methods"]["all_positive"]["iou_dataset"] = 0.3
+    evals["voc_cat"]["t_sweep"]["5"]["iou_dataset"] = 0.5
     tables = build_tables(evals, paper)
-    voc = tables["table2"]["rows"]["alignsam"]["voc.iou_dataset"]
+    assert list(tables) == ["table2", "table3", "table4", "table5", "table5_tasks"]
+    t2, t3, t4, t5, ext = (tables[k]["rows"] for k in tables)
+    # Table 2: the competitors are reference lines; ours beside the paper's figure
+    assert tables["table2"]["reference_rows"] == ["SAMed", "SEEM", "Painter"]
+    assert t2["SAMed"]["shadow.miou"] == {"ours": None, "ci95": None, "paper": 17.24, "diff": None, "paper_in_ci": None}
+    shadow = t2["alignsam"]["shadow.miou"]
+    assert shadow["ours"] == pytest.approx(80.0) and shadow["paper"] == 30.78 and shadow["diff"] == pytest.approx(49.22)
+    assert shadow["paper_in_ci"] is False and t2["alignsam"]["shadow.ber"]["ours"] == pytest.approx(10.0)  # BER: %
+    assert t2["alignsam"]["blur.miou"]["ours"] is None and t2["alignsam"]["blur.miou"]["paper"] == 68.47  # no CUHK
+    assert t2["PerSAM"]["blur.miou"]["paper"] == 55.84  # our PerSAM row when evaluations have a `persam` method
+    # Table 3: classes and their mean (the classes' intervals combined), the w/o SRM row, unprinted classes
+    voc = t3["alignsam"]["mean"]
     assert voc["ours"] == pytest.approx(65.0) and voc["paper"] == 62.09 and voc["diff"] == pytest.approx(2.91)
-    half = 100 * 1.96 * ((0.02 / 1.96) ** 2 + (0.04 / 1.96) ** 2) ** 0.5 / 2  # the classes' intervals combined
-    assert voc["ci95"] == pytest.approx([65 - half, 65 + half])
+    half = 100 * 1.96 * ((0.02 / 1.96) ** 2 + (0.04 / 1.96) ** 2) ** 0.5 / 2
+    assert voc["ci95"] == pytest.approx([65 - half, 65 + half]) and voc["n_classes"] == 2
     assert voc["paper_in_ci"] is False  # 62.09 < 65 - 2.24
-    no_srm = tables["table2"]["rows"]["all_positive"]["voc.iou_dataset"]
-    assert no_srm["ours"] == pytest.approx(25.0) and no_srm["diff"] == pytest.approx(25.0 - 27.73)
-    shadow = tables["table2"]["rows"]["alignsam"]
-    assert shadow["shadow.miou"]["ours"] == pytest.approx(80.0) and shadow["shadow.miou"]["paper"] is None
-    assert shadow["shadow.ber"]["ours"] == pytest.approx(10.0)  # BER: percent already
-    assert shadow["blur.miou"]["ours"] is None  # no CUHK run
-    t4 = tables["table4"]["rows"]  # shadow's paper branch is explicit: its own run; implicit: shadow_implicit
+    assert t3["alignsam"]["cat"]["ours"] == pytest.approx(60.0) and t3["alignsam"]["cat"]["paper"] == 85.99
+    assert t3["all_positive"]["mean"]["ours"] == pytest.approx(25.0)
+    assert t3["all_positive"]["mean"]["diff"] == pytest.approx(25.0 - 27.73)
+    assert t3["alignsam"]["bus"]["ours"] is None and t3["alignsam"]["bus"]["paper"] is None
+    assert t3["MSA"]["mean"]["paper"] == 47.12 and "MSA" in tables["table3"]["reference_rows"]
+    # Table 4: the run trained with each branch; VOC: the mean over the classes of that branch's runs
     assert t4["explicit"]["shadow.miou"]["ours"] == pytest.approx(80.0)
     assert t4["implicit"]["shadow.miou"]["ours"] == pytest.approx(70.0)
-    assert tables["table3"]["rows"]["cat"]["iou_dataset"]["ours"] == pytest.approx(60.0)
-    assert tables["table3"]["rows"]["mean"]["iou_dataset"]["ours"] == pytest.approx(65.0)
-    assert tables["table3"]["rows"]["bus"]["iou_dataset"]["ours"] is None
+    assert t4["explicit"]["voc.iou_dataset"]["ours"] == pytest.approx(65.0)
+    assert t4["implicit"]["voc.iou_dataset"]["ours"] == pytest.approx(40.0)
+    assert t4["implicit"]["voc.iou_dataset"]["paper"] == 46.03
+    # Table 5: VOC classes x T; the other tasks' sweep in our own table, no paper figures there
+    assert t5["cat"]["5"]["ours"] == pytest.approx(50.0) and t5["cat"]["5"]["paper"] == 81.37
+    assert t5["dog"]["5"]["paper"] is None and t5["mean"]["5"]["ours"] == pytest.approx(60.0)
+    assert ext["15"]["shadow.miou"]["ours"] == pytest.approx(80.0) and ext["15"]["shadow.miou"]["paper"] is None
     text = report_markdown(tables, paper, "# header")
     assert "| AlignSAM |" in text and "65.00 [62.76, 67.24] / 62.09 (+2.91)" in text
+    assert "| *SAMed* | 55.44 | 71.68 | 17.24 |" in text
     assert "25.00 [" in text and "/ 27.73 (-2.73)" in text
-    assert "| bus | not run |" in text and "80.00 [75.00, 85.00] / n/a" in text
-    outside = next(line for line in text.splitlines() if line.startswith("Paper's figure outside"))
-    assert "alignsam voc.iou_dataset" in outside and "(of 2 comparable cells)" in outside
-    for title in ("Table 2", "Table 3", "Table 4", "Table 5"):
+    assert "not run / 68.47" in text and "not run / not published" in text
+    assert "n/a" not in text
+    outside = [line for line in text.splitlines() if line.startswith("Paper's figure outside")]
+    assert len(outside) == 4 and "alignsam mean" in outside[1]
+    assert "Our VOC means are over the classes run (2 of 20)" in text
+    for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Our extension"):
         assert f"## {title}:" in text
 
 
@@ -158,7 +227,7 @@ def _smoke(tmp_path, capsys, sam_args: list[str], tasks: tuple) -> tuple[dict, s
     first = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     text = (out / "report.md").read_text()
-    assert "SMOKE MODE" in text and "/ 62.09 (" in text
+    assert "SMOKE MODE" in text and "/ 62.09 (" in text and "n/a" not in text
     n_runs = len(report["runs"])
     mtimes = {p: os.path.getmtime(p) for p in (out / "eval").glob("*/metrics.json")}
     assert len(mtimes) == n_runs
@@ -171,18 +240,23 @@ def _smoke(tmp_path, capsys, sam_args: list[str], tasks: tuple) -> tuple[dict, s
 
 
 def _check_explicit_and_voc_tables(report: dict) -> None:
-    t2, t3, t4, t5 = (report["tables"][k]["rows"] for k in ("table2", "table3", "table4", "table5"))
+    t2, t3, t4, t5, ext = (report["tables"][k]["rows"] for k in ("table2", "table3", "table4", "table5",
+                                                                 "table5_tasks"))
     for row in ("random_actions", "all_positive", "single_step", "alignsam"):
         assert t2[row]["shadow.miou"]["ours"] is not None and t2[row]["shadow.miou"]["ci95"] is not None
-        assert t2[row]["voc.iou_dataset"]["ours"] is not None and t2[row]["blur.miou"]["ours"] is None
-    voc = t2["alignsam"]["voc.iou_dataset"]
+        assert t2[row]["blur.miou"]["ours"] is None and t2[row]["blur.miou"]["paper"] is not None
+    for row in ("random_actions", "all_positive", "alignsam"):
+        assert t3[row]["mean"]["ours"] is not None and t3[row]["aeroplane"]["ours"] == t3[row]["mean"]["ours"]
+    voc = t3["alignsam"]["mean"]
     assert voc["paper"] == 62.09 and voc["diff"] == pytest.approx(voc["ours"] - 62.09)
-    assert t3["aeroplane"]["iou_dataset"]["ours"] == t3["mean"]["iou_dataset"]["ours"]  # the one class present
-    assert t3["bus"]["iou_dataset"]["ours"] is None
-    assert t4["implicit"]["shadow.ber"]["ours"] is not None and t4["explicit"]["shadow.ber"]["ours"] is not None
-    assert all(t5[t]["voc.iou_dataset"]["ours"] is not None for t in ("1", "5", "10", "15", "20"))
+    assert t3["alignsam"]["bus"]["ours"] is None
+    assert t4["implicit"]["shadow.miou"]["ours"] is not None and t4["explicit"]["shadow.miou"]["ours"] is not None
+    assert t4["implicit"]["voc.iou_dataset"]["ours"] is not None and t4["explicit"]["voc.iou_dataset"]["ours"] is not None
+    assert all(t5["mean"][t]["ours"] is not None for t in ("1", "5", "10", "15", "20"))
+    assert t5["cat"]["15"]["paper"] == 85.99 and t5["cat"]["15"]["ours"] is None  # a class not run
+    assert all(ext[t]["shadow.miou"]["ours"] is not None for t in ("1", "5", "10", "15", "20"))
     assert {r["branch"] for r in report["runs"].values()} == {"explicit", "implicit"}
-    assert set(report["runs"]) == {"shadow", "shadow_implicit", "voc_aeroplane"}
+    assert set(report["runs"]) == {"shadow", "shadow_implicit", "voc_aeroplane", "voc_aeroplane_implicit"}
 
 
 @pytest.mark.integration
@@ -210,7 +284,7 @@ def test_smoke_reproduction_official_vit_b(tmp_path, capsys):
                        ("synthetic_blur", "synthetic_shadow", "synthetic_glass", "synthetic_saliency",
                         "synthetic_shapes"))
     assert report["settings"]["sam"] == "vit_b"
-    for cells in report["tables"]["table2"]["rows"].values():
-        assert all(c["ours"] is not None for c in cells.values())  # every benchmark, every ablation
+    for row in ("alignsam", "random_actions", "all_positive", "single_step"):  # every benchmark, every ablation
+        assert all(c["ours"] is not None for c in report["tables"]["table2"]["rows"][row].values())
     for cells in report["tables"]["table4"]["rows"].values():
         assert all(c["ours"] is not None for c in cells.values())

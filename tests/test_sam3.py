@@ -157,6 +157,30 @@ def test_decoder_alone_from_the_official_file(tracker, tmp_path):
         load_sam3_decoder("sam3", str(path))
 
 
+def test_sam3_text_skipped_or_refused_before_any_build(tracker, tmp_path):
+    """sam3_text (baselines.py) on a SAM 3 store: skipped without --sam-checkpoint (the reason names it), runs
+    with one or on a random-init store; a file that is not the store's sam3.pt is an error. persam: skipped."""
+    from alignsam_ray import baselines as B
+    from alignsam_ray.checksum import file_sha256
+    from alignsam_ray.config import ConfigError
+
+    dec, cfg = Sam3PromptDecoder.from_model(tracker), {"srm": {}}
+    mine = tmp_path / "sam3.pt"
+    mine.write_bytes(b"the store's file")
+    real = {"sam_type": "sam3", "checkpoint_sha256": file_sha256(str(mine))}
+    assert "pass --sam-checkpoint sam3.pt" in B.skip_reason("sam3_text", {}, dec, cfg, real, None)
+    assert B.skip_reason("sam3_text", {}, dec, cfg, real, str(mine)) is None
+    assert B.skip_reason("sam3_text", {}, dec, cfg, {"sam_type": "sam3", "checkpoint_sha256": "random-init"}) is None
+    B.check_sam3_checkpoint(real, "S", str(mine))
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"another file")
+    with pytest.raises(ConfigError, match="is not the SAM 3 checkpoint store 'S' was embedded with"):
+        B.check_sam3_checkpoint(real, "S", str(other))
+    with pytest.raises(ConfigError, match="no such file"):
+        B.check_sam3_checkpoint(real, "S", str(tmp_path / "missing.pt"))
+    assert "(SAM 3)" in B.skip_reason("persam", {}, dec, cfg)
+
+
 def test_checkpoint_errors_before_any_build(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_sam3("sam3", str(tmp_path / "missing.pt"))
@@ -386,11 +410,23 @@ def test_sam3_store_env_train_evaluate_export_segment(sam3_checkpoint, tmp_path,
     tiny = ["env.horizon=3", "env.obs_res=8", "model.width=16", "ppo.train_batch_size=48", "ppo.minibatch_size=24",
             "ppo.num_epochs=2", "train.iterations=1", "resources.num_env_runners=1", f"run_dir={run}"]
     assert main(["train", "--store", str(store), *tiny, "--quiet"]) == 0
-    assert main(["evaluate", "--checkpoint", run, "--out", ev, "--figures", "1", "--sam-checkpoint",
+    wrong = tmp_path / "not_sam3.pt"
+    wrong.write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", run, "--out", ev, "--shards", "2", "--sam-checkpoint", str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert "is not the SAM 3 checkpoint" in err and "Traceback" not in err  # before any shard starts
+    # two shards, one image each, as Ray tasks: each loads SAM 3 for sam3_text
+    assert main(["evaluate", "--checkpoint", run, "--out", ev, "--figures", "1", "--shards", "2", "--sam-checkpoint",
                  sam3_checkpoint]) == 0
     metrics = json.load(open(os.path.join(ev, "metrics.json")))
-    assert metrics["n_images"] == 2 and "sam3_text" in metrics["methods"] and "sam3_text" in metrics["paired"]
-    assert "sam3_text" in open(os.path.join(ev, "report.md")).read()
+    assert metrics["n_images"] == 2 and metrics["shards"] == 2 and "sam3_text" not in metrics["skipped"]
+    assert 0 <= metrics["methods"]["sam3_text"]["miou"] <= 1 and set(metrics["paired"]["sam3_text"]["miou"]) == \
+        {"diff", "ci95"}
+    assert "persam" in metrics["skipped"] and "sam3_text (SAM 3 given the task's text)" in \
+        open(os.path.join(ev, "report.md")).read()
+    per_image = json.load(open(os.path.join(ev, "per_image.json")))
+    assert per_image["ids"] == data["ids"].tolist() and len(per_image["rows"]["sam3_text"]["miou"]) == 2
     assert main(["export", "--checkpoint", run, "--out", bundle]) == 0
     capsys.readouterr()
     images = [paths[i] for i in data["ids"]]

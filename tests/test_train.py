@@ -76,8 +76,10 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     assert cli_main(["evaluate", "--checkpoint", str(run), "--store", blur_store, "--out", str(out), "--figures", "2"]) == 0
     m = json.load(open(out / "metrics.json"))
     assert m["n_images"] == 6 and m["horizon"] == 3
-    methods = {"alignsam", "random_actions", "all_positive", "single_step", "srm_topk", "gt_labels"}
+    methods = {"alignsam", "random_actions", "all_positive", "single_step", "srm_topk", "gt_labels", "persam",
+               "persam_mean"}  # clip_points: skipped, the blur store has no CLIP map
     assert set(m["methods"]) == methods and set(m["paired"]) == methods - {"alignsam"}
+    assert set(m["skipped"]) == {"clip_points"}
     assert set(m["t_sweep"]) == {"1", "5", "10", "15", "20"}
     for scores in list(m["methods"].values()) + list(m["t_sweep"].values()):
         for key in ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "hit_rate", "label_accuracy"):

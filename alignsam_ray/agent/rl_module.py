@@ -23,7 +23,7 @@ from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from torch import nn
 
-from .policy import patch_logits
+from .policy import patch_logits, trunk_layers
 
 
 class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
@@ -43,12 +43,7 @@ class AlignSamActorCritic(TorchRLModule, ValueFunctionAPI):
         self.grid = (int(grid[0]), int(grid[1]))
         if self.grid[0] * self.grid[1] != n:
             raise ValueError(f"grid {self.grid} does not match the {n} actions")
-        self.trunk = nn.Sequential(
-            nn.Conv2d(embed_dim, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-        )
-        self.trunk.to(memory_format=torch.channels_last)  # oneDNN's fast layout for these convolutions
+        self.trunk = trunk_layers(embed_dim, width)
         self.pi_head = nn.Conv2d(width, 1, 1)
         self.vf_head = nn.Sequential(nn.Linear(2 * width + 1, width), nn.ReLU(), nn.Linear(width, 1))
 

@@ -60,8 +60,9 @@ class SRM(nn.Module):
 
     @torch.inference_mode()
     def probability(self, s_t, s_c=None) -> np.ndarray:
-        """(B, E, R, R) -> (B, R, R) float32 numpy foreground probabilities."""
-        return torch.sigmoid(self(torch.as_tensor(s_t), None if s_c is None else torch.as_tensor(s_c))).numpy()
+        """(B, E, R, R) -> (B, R, R) float32 numpy foreground probabilities (computed where the weights are)."""
+        dev = self.head.weight.device
+        return torch.sigmoid(self(torch.as_tensor(s_t).to(dev), None if s_c is None else torch.as_tensor(s_c).to(dev))).cpu().numpy()
 
 
 def srm_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tuple[torch.Tensor, dict]:

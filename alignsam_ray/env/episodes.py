@@ -67,6 +67,8 @@ class PromptEpisodes:
     state: "probability" (paper) or "binary" (see module docstring).
     pool: image indices that ``reset`` draws from when no images are given (default: all; training
         with a held-out validation split passes the other indices).
+    The decoder and the SRM run where their weights are (``decoder.to("cuda")``: evaluation on a GPU);
+    the observations are built on the decoder's device; the arrays here stay numpy on the CPU.
     """
 
     def __init__(self, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int = 1,
@@ -92,6 +94,7 @@ class PromptEpisodes:
         self.label_mode = labels
         self.state = state
         self.srm = srm
+        self.device = next(decoder.parameters()).device
         self.rng = np.random.default_rng(seed)
         self.n_images = len(data["ids"])
         self.pool = np.arange(self.n_images) if pool is None else np.asarray(pool, np.int64)
@@ -243,11 +246,12 @@ class PromptEpisodes:
 
     # ------------------------------------------------------------------ SAM + observation
     def _decode(self, slots: np.ndarray) -> None:
-        emb = torch.from_numpy(np.ascontiguousarray(self.data["embeddings"][self.image[slots]]))
+        emb = torch.from_numpy(np.ascontiguousarray(self.data["embeddings"][self.image[slots]])).to(self.device)
         n = self.n0 + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
-        extra = {k: torch.from_numpy(np.ascontiguousarray(self.data[k][self.image[slots]]))
+        extra = {k: torch.from_numpy(np.ascontiguousarray(self.data[k][self.image[slots]])).to(self.device)
                  for k in self.decoder.extra_keys}  # SAM 2.1: the images' high-resolution features
         low, _ = self.decoder.decode(emb, self.coords[slots, :n], self.labels[slots, :n], **extra)
+        low = low.cpu()
         logits = low[:, 0].numpy()
         self.logits[slots] = logits
         self.mask[slots] = logits > 0
@@ -270,24 +274,24 @@ class PromptEpisodes:
         obs, text_obs = [], []
         for s in slots:
             i = self.image[s]
-            emb = torch.from_numpy(np.asarray(self.data["embeddings"][i], np.float32))
+            emb = torch.from_numpy(np.asarray(self.data["embeddings"][i])).to(self.device, torch.float32)
             if full_mask:
                 state = emb
             else:
-                m64 = F.avg_pool2d(torch.from_numpy(self.prob[s])[None], self.pool_k)  # (1, 64, 64)
+                m64 = F.avg_pool2d(torch.from_numpy(self.prob[s]).to(self.device)[None], self.pool_k)  # (1, 64, 64)
                 state = emb * m64
             obs.append(self._crop_pool(state, i))
             if self.text_map is not None:
-                mc = torch.from_numpy(np.asarray(self.text_map[i], np.float32))[None]
+                mc = torch.from_numpy(np.asarray(self.text_map[i])).to(self.device, torch.float32)[None]
                 text_obs.append(self._crop_pool(emb * mc, i))
         obs = torch.stack(obs)
         text = torch.stack(text_obs) if text_obs else None
-        self.obs[slots] = obs.numpy().astype(np.float16)
+        self.obs[slots] = obs.cpu().numpy().astype(np.float16)
         if self.srm is not None:
             self.srm_prob[slots] = self.srm.probability(obs, text)
         if self.collect_srm_samples:
             for j, s in enumerate(slots):
-                self.srm_samples.append((self.obs[s].copy(), None if text is None else text[j].numpy().astype(np.float16),
+                self.srm_samples.append((self.obs[s].copy(), None if text is None else text[j].cpu().numpy().astype(np.float16),
                                          self.gt_pooled(self.image[s])))
             del self.srm_samples[: -self.srm_buffer]
 

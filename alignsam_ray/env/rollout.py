@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,15 +30,22 @@ class Rollout:
         return {"hit_rate": float(self.hits[:, :t].mean()), "label_accuracy": float(self.label_ok[:, :t].mean())}
 
 
+def image_rng(seed: int, image_id: str) -> np.random.Generator:
+    """The random stream of one image: seeded from (seed, the image's id), so an image draws the same
+    numbers whatever the batch, shard or device it is evaluated in."""
+    key = int.from_bytes(hashlib.sha256(str(image_id).encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed) % 2**63, key])
+
+
 def rollout(agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: str, horizon: int,
             record: tuple, batch: int = 16, seed: int = 0, init: str = "srm") -> Rollout:
     """Run ``horizon`` steps on every image of ``data`` (``batch`` images per decoder call).
 
     actions: "policy" (greedy), "random" (uniform over free patches) or "srm_topk" (the free patch
     with the highest current SRM probability); init: "srm" or "centre"; labels: "srm", "gt" or
-    "positive". A rollout that uses the SRM for none of them runs without any SRM.
+    "positive". A rollout that uses the SRM for none of them runs without any SRM. Random actions
+    are drawn from each image's own stream (``image_rng(seed, id)``).
     """
-    rng = np.random.default_rng(seed)
     n = len(data["ids"])
     logits = {t: [] for t in record}
     points = {t: [] for t in record}
@@ -52,6 +60,7 @@ def rollout(agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: 
         ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e["obs_res"], init, labels,
                             srm, text_map, seed, state=e.get("state", "probability"))
         ep.reset(np.arange(len(images)), images)
+        rngs = [image_rng(seed, data["ids"][i]) for i in images] if actions == "random" else None
         if 0 in record:
             logits[0] += list(ep.logits.copy())
             points[0] += [ep.points(s) for s in range(len(images))]
@@ -62,7 +71,7 @@ def rollout(agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: 
             elif actions == "srm_topk":
                 a = np.where(mask > 0, ep.srm_scores(), -np.inf).argmax(1)
             else:
-                a = np.array([rng.choice(np.flatnonzero(m)) for m in mask])
+                a = np.array([g.choice(np.flatnonzero(m)) for g, m in zip(rngs, mask)])
             r = ep.step(a)
             hits[images, t - 1] = r.hit
             label_ok[images, t - 1] = r.label == r.hit  # void points count as background here

@@ -124,9 +124,10 @@ class SamPromptDecoder(PromptFrame, nn.Module):
         return self.prompt_encoder.embed_dim
 
     def dense_pe(self) -> torch.Tensor:
-        if self._dense_pe is None:  # constant for a frozen model: compute once
-            self._dense_pe = self.prompt_encoder.get_dense_pe()
-        return self._dense_pe
+        pe = self._dense_pe
+        if pe is None or pe.device != self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.device:
+            self._dense_pe = pe = self.prompt_encoder.get_dense_pe()  # constant for a frozen model: once per device
+        return pe
 
     extra_keys: tuple = ()  # per-image store arrays decode() also reads (SAM 2.1: its high-res features)
 
@@ -137,10 +138,11 @@ class SamPromptDecoder(PromptFrame, nn.Module):
     @torch.inference_mode()
     def decode(self, embeddings, coords, labels, mask_input=None, multimask: bool = False):
         """Row i of the prompts against row i of the embeddings; see module docstring for shapes."""
-        emb = torch.as_tensor(embeddings).float()
-        coords = torch.as_tensor(coords, dtype=torch.float32)
-        labels = torch.as_tensor(labels, dtype=torch.int64)
-        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32)
+        dev = self.dense_pe().device  # where the weights are (prompts and embeddings move there)
+        emb = torch.as_tensor(embeddings).to(dev, torch.float32)
+        coords = torch.as_tensor(coords, dtype=torch.float32).to(dev)
+        labels = torch.as_tensor(labels, dtype=torch.int64).to(dev)
+        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32).to(dev)
         sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
         dense = dense.expand(emb.shape[0], -1, -1, -1)
         return decode_per_image(self.mask_decoder, emb, self.dense_pe(), sparse, dense, multimask)

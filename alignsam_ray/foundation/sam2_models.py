@@ -185,9 +185,10 @@ class Sam2PromptDecoder(PromptFrame, nn.Module):
         return np.asarray(points_xy, np.float32) / np.array([w, h], np.float32) * self.image_size
 
     def dense_pe(self) -> torch.Tensor:
-        if self._dense_pe is None:  # constant for a frozen model: compute once
-            self._dense_pe = self.prompt_encoder.get_dense_pe()
-        return self._dense_pe
+        pe = self._dense_pe
+        if pe is None or pe.device != self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.device:
+            self._dense_pe = pe = self.prompt_encoder.get_dense_pe()  # constant for a frozen model: once per device
+        return pe
 
     @torch.inference_mode()
     def decode(self, embeddings, coords, labels, mask_input=None, multimask: bool = False, *,
@@ -198,15 +199,16 @@ class Sam2PromptDecoder(PromptFrame, nn.Module):
         clamped to +-32 as the predictor returns them, IoU (B, C)."""
         if high_res_feats_0 is None or high_res_feats_1 is None:
             raise ValueError("SAM 2's mask decoder needs the image's high-resolution features (high_res_feats_0/1)")
-        coords = torch.as_tensor(coords, dtype=torch.float32)
-        labels = torch.as_tensor(labels, dtype=torch.int32)
-        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32)
+        dev = self.dense_pe().device  # where the weights are (prompts and features move there)
+        coords = torch.as_tensor(coords, dtype=torch.float32).to(dev)
+        labels = torch.as_tensor(labels, dtype=torch.int32).to(dev)
+        masks = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32).to(dev)
         sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
         low, iou, _, _ = self.mask_decoder(
-            image_embeddings=torch.as_tensor(embeddings).float(), image_pe=self.dense_pe(),
+            image_embeddings=torch.as_tensor(embeddings).to(dev, torch.float32), image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-            repeat_image=False, high_res_features=[torch.as_tensor(high_res_feats_0).float(),
-                                                   torch.as_tensor(high_res_feats_1).float()])
+            repeat_image=False, high_res_features=[torch.as_tensor(high_res_feats_0).to(dev, torch.float32),
+                                                   torch.as_tensor(high_res_feats_1).to(dev, torch.float32)])
         return torch.clamp(low, -32.0, 32.0), iou
 
     def predict(self, features: dict, points_xy: np.ndarray, labels: np.ndarray, orig_hw,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..data import DataError, Sample, load_pair
 from ..data.samples import read_image
+from ..folder_lock import folder_lock
 from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
 from ..foundation.sam2_models import FEATURE_SHAPES, is_sam2, square_frame
 from ..foundation.sam3_models import FEATURE_SHAPES as SAM3_FEATURE_SHAPES
@@ -207,15 +208,15 @@ def embed_dataset(
         raise StoreError(f"--out {out!r}: embed writes a local or shared-filesystem folder; embed there, then copy "
                          "it to object storage (e.g. `aws s3 sync STORE s3://bucket/stores/task`); training reads URIs")
     created = not os.path.exists(out)
-    os.makedirs(out, exist_ok=True)
-    try:
-        with native_to_log():  # Ray Data's actors starting: core-worker notices to the log, not the terminal
-            return _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders,
-                          skip_bad, dataset_spec, clip_model, clip_weights, clip_texts, skipped or {}, progress)
-    except BaseException:
-        if created and not os.path.isfile(os.path.join(out, "manifest.json")):  # nothing finished: leave no trace
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with folder_lock(out, "embed"):  # one writer per store (before Ray starts); creates out
+        try:
+            with native_to_log():  # Ray Data's actors starting: core-worker notices to the log, not the terminal
+                return _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders,
+                              skip_bad, dataset_spec, clip_model, clip_weights, clip_texts, skipped or {}, progress)
+        except BaseException:
+            if created and not os.path.isfile(os.path.join(out, "manifest.json")):  # nothing finished: no trace
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_size, num_encoders, skip_bad,

@@ -1,10 +1,15 @@
-"""Reading a store for training: verified shards -> numpy arrays -> the Ray object store.
+"""Reading a store: verified shards -> numpy arrays (whole split, or streamed) -> the Ray object store.
 
     EmbeddingStore(path).arrays(split) -> dict of numpy arrays (N = images in the split):
-        ids (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
+        ids (N,) str, texts (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
         original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16,
         (SAM 3 stores: 72 x 72 embeddings, 288 x 288 ground truth)
         SAM 2.1 stores also high_res_feats_0 (N, 32, 256, 256) and high_res_feats_1 (N, 64, 128, 128) float16
+        (SAM 3: 288 and 144)
+    EmbeddingStore(path).split_ids(split) -> (N,) ids, reading only the ``id`` and ``split`` columns
+    EmbeddingStore(path).iter_rows(split, start, stop, batch) -> (arrays, gt_full, image_paths) per ``batch`` images of
+        the split's rows [start, stop) (positions in the split's order): only the Parquet files holding
+        those rows are read (and verified), one at a time, so memory is bounded by a file + a batch
     publish_store(path, split) -> actor name   (driver: ray.put every array, a named actor holds the refs;
                                                also "decoder_file" (n_bytes,) uint8, the store's decoder.pt)
     fetch_store(name) -> the same dict, zero-copy read-only views of the object store (workers)
@@ -19,7 +24,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import ray
+import pyarrow.parquet as pq
 
 from .shards import (
     GRID,
@@ -30,6 +35,7 @@ from .shards import (
     read_decoder_bytes,
     read_manifest,
     read_table,
+    store_file,
     verify_shard,
 )
 
@@ -44,6 +50,7 @@ class EmbeddingStore:
     def __init__(self, path: str, verify: bool = True):
         self.path = path
         self.manifest = read_manifest(path)
+        self._files: dict = {}  # split -> [(shard file, rows of the split)]
         if not self.manifest.get("complete"):
             raise StoreError(f"store {path!r} is incomplete (an embed run was interrupted); rerun the same "
                              "`alignsam embed` command to finish it")
@@ -75,14 +82,18 @@ class EmbeddingStore:
 
     def arrays(self, split: str | None = None) -> dict[str, np.ndarray]:
         t = self.table(split)
+        if t.num_rows == 0:
+            raise StoreError(f"store {self.path!r} has no images in split {split!r} "
+                             f"(it has {self.manifest.get('counts')})")
+        return self._arrays_of(t)
+
+    def _arrays_of(self, t: pa.Table) -> dict[str, np.ndarray]:
         n = t.num_rows
         grid = int(self.manifest.get("embedding_shape", [0, GRID])[1])  # SAM 3 stores: 72 and 288
         lowres = int(self.manifest.get("gt_lowres_shape", [LOWRES])[0])
-        if n == 0:
-            raise StoreError(f"store {self.path!r} has no images in split {split!r} "
-                             f"(it has {self.manifest.get('counts')})")
         out = {
             "ids": np.asarray(t["id"].to_pylist()),
+            "texts": np.asarray(t["text"].to_pylist()),  # each image's task text (sam3_text prompts SAM 3 with it)
             "embeddings": _fixed_binary(t["embedding"], np.float16, (n, self.embed_dim, grid, grid)),
             "gt_lowres": _fixed_binary(t["gt_lowres"], np.uint8, (n, lowres, lowres)),
             "original_size": np.stack([t["original_h"].to_numpy(), t["original_w"].to_numpy()], 1).astype(np.int32),
@@ -99,6 +110,63 @@ class EmbeddingStore:
         t = self.table(split)
         return {i: decode_png(b) for i, b in zip(t["id"].to_pylist(), t["gt_png"].to_pylist())}
 
+    def _split_files(self, split: str) -> list[tuple[str, int]]:
+        """[(shard file, rows of ``split`` in it)] in store order: the manifest's per-shard split counts
+        (stores without them: each file's ``split`` column alone)."""
+        if split not in self._files:
+            rows = []
+            for name, info in sorted(self.manifest["shards"].items()):
+                if "splits" in info:
+                    rows.append((name, int(info["splits"].get(split, 0))))
+                    continue
+                fs, path, _ = store_file(self.path, name)
+                col = pq.read_table(path, filesystem=fs, columns=["split"])["split"]
+                rows.append((name, int(pa.compute.sum(pa.compute.equal(col, split)).as_py() or 0)))
+            self._files[split] = rows
+        return self._files[split]
+
+    def split_ids(self, split: str) -> np.ndarray:
+        """(N,) ids of the split's images in store order (only the ``id`` and ``split`` columns are read)."""
+        ids = []
+        for name, k in self._split_files(split):
+            if k:
+                fs, path, _ = store_file(self.path, name)
+                t = pq.read_table(path, filesystem=fs, columns=["id", "split"], filters=[("split", "==", split)])
+                ids += t["id"].to_pylist()
+        if not ids:
+            raise StoreError(f"store {self.path!r} has no images in split {split!r} "
+                             f"(it has {self.manifest.get('counts')})")
+        return np.asarray(ids)
+
+    def iter_rows(self, split: str, start: int = 0, stop: int | None = None, batch: int = 16):
+        """Yield (arrays as ``arrays`` gives them, gt_full as ``gt_full``, [image_path]) for consecutive groups of at most
+        ``batch`` images of the split's rows [start, stop) (positions in ``split_ids`` order). Each
+        Parquet file holding some of them is verified against its sha256 and read alone (rows of the
+        split only); files without any are never opened."""
+        pending: list[pa.Table] = []
+        offset = 0
+        for name, k in self._split_files(split):
+            lo, hi = max(start, offset), offset + k if stop is None else min(offset + k, stop)
+            offset += k
+            if lo >= hi:
+                continue
+            verify_shard(self.path, name, self.manifest["shards"][name]["sha256"])
+            fs, path, _ = store_file(self.path, name)
+            t = pq.read_table(path, filesystem=fs, filters=[("split", "==", split)])
+            pending.append(t.slice(lo - (offset - k), hi - lo))
+            while sum(p.num_rows for p in pending) >= batch:
+                yield self._batch(pending, batch)
+        while sum(p.num_rows for p in pending):
+            yield self._batch(pending, batch)
+
+    def _batch(self, pending: list, batch: int) -> tuple[dict, dict, list]:
+        """Take the first ``batch`` rows off ``pending`` (a list of tables, consumed in place)."""
+        t = pa.concat_tables(pending)
+        head, rest = t.slice(0, batch), t.slice(batch)
+        pending[:] = [rest] if rest.num_rows else []
+        gt = {i: decode_png(b) for i, b in zip(head["id"].to_pylist(), head["gt_png"].to_pylist())}
+        return self._arrays_of(head), gt, head["image_path"].to_pylist()
+
 
 def _fixed_binary(column: pa.ChunkedArray, dtype, shape) -> np.ndarray:
     """A fixed_size_binary column -> one contiguous numpy array (a single copy)."""
@@ -108,9 +176,9 @@ def _fixed_binary(column: pa.ChunkedArray, dtype, shape) -> np.ndarray:
     return data.view(dtype).reshape(shape)
 
 
-@ray.remote(num_cpus=0)
 class StoreHolder:
-    """Owns nothing but keeps the object refs of a published store reachable, by name."""
+    """Owns nothing but keeps the object refs of a published store reachable, by name (a Ray actor:
+    ``publish_store`` wraps it; Ray is imported only there, so reading a store needs no Ray)."""
 
     def __init__(self, wrapped_refs: list):
         self._wrapped = wrapped_refs  # [dict name -> ObjectRef]; wrapped so Ray does not resolve them
@@ -128,6 +196,8 @@ def publish_store(path: str, split: str | None = None, name: str | None = None) 
 
     Idempotent: if a holder of that name is alive, it is reused.
     """
+    import ray
+
     name = name or holder_name(path, split)
     try:
         ray.get_actor(name)
@@ -140,12 +210,14 @@ def publish_store(path: str, split: str | None = None, name: str | None = None) 
     arrays[DECODER_KEY] = np.frombuffer(store.decoder_bytes(), np.uint8)
     refs = {k: ray.put(v) for k, v in arrays.items()}
     # the driver keeps the handle: a named actor whose last handle goes away is stopped
-    _HOLDERS[name] = StoreHolder.options(name=name, get_if_exists=True).remote([refs])
+    _HOLDERS[name] = ray.remote(num_cpus=0)(StoreHolder).options(name=name, get_if_exists=True).remote([refs])
     return name
 
 
 def fetch_store(name: str) -> dict[str, np.ndarray]:
     """Worker side: the published arrays as zero-copy, read-only views of the object store."""
+    import ray
+
     try:
         holder = ray.get_actor(name)
     except ValueError as exc:
