@@ -352,6 +352,7 @@ def no_ray_left():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # seven builds of the 860M-parameter model: past pytest's 20 minutes on 2 shared cores
 def test_sam3_store_env_train_evaluate_export_segment(sam3_checkpoint, tmp_path, capsys, no_ray_left):
     """The random-weight SAM 3 in the official format, end to end: `alignsam embed --sam sam3` stores the
     interactive predictor's features (fp16) in its 1008 frame; the env decodes a set of points as
