@@ -332,3 +332,44 @@ def test_rewards_without_ground_truth_are_zero(micro_decoder):
                         reward="iou_gain_hit")
     ep.reset([0], [0])
     assert ep.step([54]).reward.tolist() == [0.0]
+
+
+class _FixedOrderAgent:
+    """What a rollout needs from an agent (env/rollout.py): a fixed SRM, the grid, a run config, and a
+    deterministic stand-in policy (the free patch first in a fixed random order)."""
+
+    def __init__(self):
+        import torch
+
+        from alignsam_ray.config import DEFAULTS
+
+        torch.manual_seed(0)
+        self.srm, self.grid = SRM(64), PatchGrid(10, 10)
+        self.cfg = {**DEFAULTS, "env": {**DEFAULTS["env"], "obs_res": 8}}
+        self.order = np.random.default_rng(0).permutation(self.grid.n) + 1.0
+
+    def greedy(self, obs, action_mask):
+        return np.argmax(action_mask * self.order, axis=1)
+
+
+def test_srm_start_positive_keeps_the_srm_start_and_labels_every_click_positive(micro_decoder):
+    """The evaluation method that separates the SRM's two roles: its start points (as alignsam), then every
+    later click labelled positive (as all_positive, which starts from the image centre instead)."""
+    from alignsam_ray.env.rollout import rollout
+    from alignsam_ray.eval_shard import METHODS
+
+    agent, data, T = _FixedOrderAgent(), toy_data(), 4
+    actions, init, labels, horizon = METHODS["srm_start_positive"]
+    assert (actions, init, labels, horizon) == ("policy", "srm", "positive", None)
+    start_positive = rollout(agent, data, micro_decoder, actions, labels, T, (0, T), init=init)
+    alignsam = rollout(agent, data, micro_decoder, *METHODS["alignsam"][:1], METHODS["alignsam"][2], T, (0, T),
+                       init=METHODS["alignsam"][1])
+    for k in range(len(data["ids"])):
+        (c0, l0), (a0, al0) = start_positive.points[0][k], alignsam.points[0][k]
+        np.testing.assert_array_equal(c0, a0)  # the SRM's highest- and lowest-scoring positions
+        assert l0.tolist() == al0.tolist() == [1, 0]
+        coords, point_labels = start_positive.points[T][k]
+        np.testing.assert_array_equal(coords[:2], c0)
+        assert point_labels.tolist() == [1, 0] + [1] * T  # every later click positive
+    assert (start_positive.label_ok == start_positive.hits).all()  # all labels 1: right exactly on hits
+    assert start_positive.hits.any() and not start_positive.hits.all()  # clicks on both: background ones too
