@@ -39,7 +39,6 @@ import os
 import sys
 
 import numpy as np
-from seeds import run_seeds, seed_table
 
 from alignsam_ray.config import parse_overrides
 from alignsam_ray.evaluate import NAMES
@@ -185,6 +184,8 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         ap.error("--task needs --out")
+    from seeds import run_seeds, seed_table  # (the sibling script; it imports the training stack)
+
     overrides = parse_overrides(args.overrides)
     if "reward" in overrides.get("env", {}):
         ap.error("env.reward is what the study varies: give --rewards instead")
