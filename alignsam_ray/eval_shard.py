@@ -40,13 +40,14 @@ from .env.rollout import Rollout, rollout
 from .metrics import MetricAccumulator, confidence_intervals, image_metrics, paired_difference
 from .store.loader import EmbeddingStore
 
-METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
-    "alignsam": ("policy", "srm", "srm", None),
-    "random_actions": ("random", "srm", "srm", None),
-    "all_positive": ("policy", "centre", "positive", None),
-    "single_step": ("policy", "srm", "srm", 1),
-    "srm_topk": ("srm_topk", "srm", "srm", None),
-    "gt_labels": ("policy", "srm", "gt", None),
+METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T); docs/agent.md#evaluation
+    "alignsam": ("policy", "srm", "srm", None),  # the paper's protocol
+    "random_actions": ("random", "srm", "srm", None),  # w/o RL
+    "all_positive": ("policy", "centre", "positive", None),  # w/o SRM: no SRM anywhere, centre start
+    "srm_start_positive": ("policy", "srm", "positive", None),  # the SRM's start, every later click positive
+    "single_step": ("policy", "srm", "srm", 1),  # w/o multi-step
+    "srm_topk": ("srm_topk", "srm", "srm", None),  # no RL: the SRM's best free cell each step
+    "gt_labels": ("policy", "srm", "gt", None),  # oracle labels
 }
 T_SWEEP = (1, 5, 10, 15, 20)
 FIGURE_STEPS = (1, 5, 10, 15)

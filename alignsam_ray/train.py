@@ -188,6 +188,8 @@ class Trainer:
         self.iteration += 1
         er = result.get("env_runners", {})
         steps = _scalar(er, "num_env_steps_sampled", default=0.0)
+        if not np.isfinite(steps):  # every EnvRunner failed this iteration (RLlib restarts them): none sampled
+            steps = 0.0
         self.env_steps += int(steps)
         sample_s = _scalar(result, "timers", ENV_RUNNER_SAMPLING_TIMER, default=float("nan"))
         learn_s = _scalar(result, "timers", LEARNER_UPDATE_TIMER, default=float("nan"))

@@ -3,7 +3,8 @@
     observation  Dict{"obs": Box (E, R, R) float16, "action_mask": Box (N,) float32 (1 = allowed),
                       "step": Box (1,) float32, t / T (the critic's time input)}
     action       Discrete(N), N = grid rows x cols (paper: 10 x 10)
-    reward       +1 picked centre on ground-truth foreground, -1 on background (0 on void)
+    reward       ``reward`` "hit" (paper): +1 picked centre on ground-truth foreground, -1 on background (0 on
+                 void); "iou_gain": IoU_t - IoU_{t-1}; "iou_gain_hit": hit + iou_gain_weight * that (episodes.py)
     terminated   True after T steps; never truncated
     info         {"iou": current IoU, "hit": bool, "label": SRM label of the point, "step": t}
 
@@ -15,6 +16,7 @@ env_config keys (all optional except ``store``; defaults: ``config.EnvConfig``):
     grid / patch_size / resize      the patch grid (``PatchGrid.from_config``)
     horizon        T (paper 15)          obs_res  R, the pooled observation side
     state          "probability" (paper: E_I(x) times SAM's previous probability map) | "binary"
+    reward         "hit" (paper) | "iou_gain" | "iou_gain_hit";  iou_gain_weight: w of the last
     holdout        k: the split's last k images (``holdout_split``) are kept out of training episodes
                    (a validation split for model selection); 0 = use every image
     init           "gt" (training) | "srm" (evaluation)
@@ -102,7 +104,8 @@ def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
     pool, _ = holdout_split(len(data["ids"]), int(cfg["holdout"]))
     episodes = PromptEpisodes(data, decoder, grid, num_slots, cfg["horizon"], cfg["obs_res"], cfg["init"],
-                              cfg["labels"], srm, text_map, cfg["seed"], state=cfg["state"], pool=pool)
+                              cfg["labels"], srm, text_map, cfg["seed"], state=cfg["state"], pool=pool,
+                              reward=cfg["reward"], iou_gain_weight=cfg["iou_gain_weight"])
     episodes.collect_srm_samples = bool(cfg["collect_srm_samples"])
     return episodes
 

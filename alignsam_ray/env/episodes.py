@@ -24,11 +24,14 @@ Starting prompts (``init``): "gt" one positive and one negative point drawn from
 "centre" one positive point at the image centre and no negative one (the w/o-SRM ablation: no SRM
 anywhere in the rollout).
 
-Reward: +1 if the picked centre lies on ground-truth foreground, -1 on background, 0 on void
-(ground truth read at SAM's low-res 256x256 resolution). IoU: the binary mask vs the ground truth
-at low res, inside the image, void excluded. Slots that share a decoder call but hold fewer
-points than the others are padded with label -1 (SAM's "not a point"); slots in lockstep (the
-usual case: every episode lasts T steps) decode exactly as ``SamPredictor`` would.
+Reward (``reward``; docs/agent.md#reward): "hit" (the paper's) +1 if the picked centre lies on
+ground-truth foreground, -1 on background, 0 on void (ground truth read at SAM's low-res 256x256
+resolution); "iou_gain" IoU_t - IoU_{t-1}, what the click did to SAM's mask (IoU_0: the mask of the
+starting points); "iou_gain_hit" hit + ``iou_gain_weight`` * (IoU_t - IoU_{t-1}). Without ground truth
+every reward is 0. IoU: the binary mask vs the ground truth at low res, inside the image, void
+excluded. Slots that share a decoder call but hold fewer points than the others are padded with
+label -1 (SAM's "not a point"); slots in lockstep (the usual case: every episode lasts T steps)
+decode exactly as ``SamPredictor`` would.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import EnvSettings
 from ..foundation.decoder import SamPromptDecoder
 from .grid import PatchGrid
 
@@ -46,6 +50,7 @@ VOID = 255
 INIT_MODES = ("gt", "srm", "centre")
 LABEL_MODES = ("srm", "gt", "positive")
 STATE_MODES = ("probability", "binary")
+REWARD_MODES = ("hit", "iou_gain", "iou_gain_hit")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class PromptEpisodes:
     state: "probability" (paper) or "binary" (see module docstring).
     pool: image indices that ``reset`` draws from when no images are given (default: all; training
         with a held-out validation split passes the other indices).
+    reward: "hit" (paper), "iou_gain" or "iou_gain_hit" with weight ``iou_gain_weight`` (module docstring).
     The decoder and the SRM run where their weights are (``decoder.to("cuda")``: evaluation on a GPU);
     the observations are built on the decoder's device; the arrays here stay numpy on the CPU.
     """
@@ -74,13 +80,16 @@ class PromptEpisodes:
     def __init__(self, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int = 1,
                  horizon: int = 15, obs_res: int = 16, init: str = "gt", labels: str = "srm",
                  srm=None, text_map: str | None = None, seed: int | None = None, state: str = "probability",
-                 pool=None):
+                 pool=None, reward: str = EnvSettings.reward,
+                 iou_gain_weight: float = EnvSettings.iou_gain_weight):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         if state not in STATE_MODES:
             raise ValueError(f"state must be one of {STATE_MODES}, got {state!r}")
+        if reward not in REWARD_MODES:
+            raise ValueError(f"reward must be one of {REWARD_MODES}, got {reward!r}")
         if (init == "srm" or labels == "srm") and srm is None:
             raise ValueError("init='srm' or labels='srm' needs an SRM")
         self.data = data
@@ -93,6 +102,7 @@ class PromptEpisodes:
         self.n0 = 1 if init == "centre" else 2  # starting points
         self.label_mode = labels
         self.state = state
+        self.reward_mode, self.iou_gain_weight = reward, float(iou_gain_weight)
         self.srm = srm
         self.device = next(decoder.parameters()).device
         self.rng = np.random.default_rng(seed)
@@ -232,9 +242,13 @@ class PromptEpisodes:
             self.coords[s, k], self.labels[s, k] = xy, label[j]
             self.taken[s, a] = True
             self.t[s] += 1
+        iou_before = self.iou[slots].copy()  # IoU_{t-1}; at t = 1 the mask of the starting points
         self._decode(slots)
         self._observe(slots)
-        return StepResult(reward, self.t[slots] >= self.T, self.iou[slots].copy(), hit, label)
+        if self.reward_mode != "hit" and self.has_gt:
+            gain = self.iou[slots] - iou_before
+            reward = gain if self.reward_mode == "iou_gain" else reward + self.iou_gain_weight * gain
+        return StepResult(reward.astype(np.float32), self.t[slots] >= self.T, self.iou[slots].copy(), hit, label)
 
     def _label(self, s: int, action: int, gt_value: int) -> int:
         if self.label_mode == "positive":
