@@ -1,4 +1,5 @@
-"""Training-free baselines on a frozen SAM, in the evaluation harness: PerSAM and CLIP Surgery points.
+"""Training-free baselines on a frozen SAM, in the evaluation harness: PerSAM, CLIP Surgery points and SAM 3
+given the task's text.
 
 Pure functions on a store's arrays (``EmbeddingStore.arrays``: embeddings (N, E, 64, 64), gt_lowres
 (N, 256, 256) in SAM's padded low-res frame, original_size (N, 2) (h, w), map_<text> (N, 64, 64)) and
@@ -17,15 +18,22 @@ rollouts do, so ``evaluate.score`` scores them like every other method.
     clip_points   CLIP Surgery's text-to-SAM-points recipe (xmed-lab/CLIP_Surgery ``demo.py`` with
                   ``clip.similarity_map_to_points``, t = 0.8, down_sample = 2) on the store's map of the
                   task text; one multimask decoder pass, the best-scoring mask.
+    sam3_text     SAM 3 stores: what a user would try first, SAM 3's own concept prediction
+                  (``Sam3Processor.set_text_prompt``) for each image's task text ("shadow", "glass", the
+                  VOC class), the union of the instance masks it keeps at its default threshold (0.5); no
+                  agent, no points. It needs SAM 3's whole image model (ViT, text encoder, detector), not
+                  the store's decoder: the sam3.pt the store was embedded with (``sam_checkpoint``); its
+                  masks are at full resolution (``BaselineResult.masks``).
 
 The PerSAM decoder is segment_anything's own ``MaskDecoder`` / ``TwoWayTransformer`` (SAM 1 and the
 micro-SAM): ``guided_transformer`` calls their sub-layers with their weights and adds the two PerSAM
 terms; with neither term it equals the decoder's own transformer. SAM 2.1 stores: persam is refused
-(ConfigError; its decoder is another transformer), clip_points works (a plain decoder pass).
+(ConfigError; its decoder is another transformer; so on SAM 3 stores), clip_points works (a plain decoder pass).
 Where ours differs from the reference code, and why: docs/agent.md#training-free-baselines.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +43,9 @@ from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 
 from .config import ConfigError
 from .foundation.batched_decode import decoded_from, masks_from_tokens, prompt_tokens
+from .sam_types import SAM3_TYPES
 
-BASELINES = ("persam", "persam_mean", "clip_points")
+BASELINES = ("persam", "persam_mean", "clip_points", "sam3_text")
 # PerSAM reads the reference mask as an RGB image through ``Sam.preprocess`` (pixel normalisation, then
 # padding), bilinearly resized to the 64 x 64 grid, and keeps cells > 0: foreground (0/255) above 123.675.
 PERSAM_MASK_THRESHOLD = 123.675 / 255
@@ -49,13 +58,20 @@ CLIP_TOKEN_GRID = 32  # the demo's token grid (CS-ViT-B/16 at 512 px): the point
 class BaselineResult:
     """One baseline over all images (the fields ``evaluate`` needs, as ``rollout.Rollout`` has them)."""
 
-    logits: list  # (256, 256) float32 low-res logits, one per image
-    points: list  # (coords (n, 2) in the 1024 frame, labels (n,)) per image
-    hit_rate: float  # share of the method's points on ground-truth foreground
+    logits: list | None  # (256, 256) float32 low-res logits, one per image (sam3_text: None)
+    points: list  # (coords (n, 2) in the 1024 frame, labels (n,)) per image (sam3_text: n = 0)
+    hit_rate: float  # share of the method's points on ground-truth foreground (nan without points)
     label_accuracy: float  # share of its points whose label matches the ground truth (void = background)
+    masks: list | None = None  # (H, W) bool full-resolution masks, where the method gives no low-res logits
 
     def stats(self) -> dict:
         return {"hit_rate": self.hit_rate, "label_accuracy": self.label_accuracy}
+
+    def full_masks(self, decoder, sizes) -> list:
+        """(H, W) bool per image: ``masks``, else the logits upscaled as SAM does (``decoder.upscale_mask``)."""
+        if self.masks is not None:
+            return self.masks
+        return [decoder.upscale_mask(lo, hw) for lo, hw in zip(self.logits, sizes)]
 
 
 # ----------------------------------------------------------------------------------- PerSAM: target
@@ -152,8 +168,9 @@ def guided_transformer(transformer: TwoWayTransformer, image_embedding: torch.Te
 
 def _check_sam1(decoder) -> None:
     if not isinstance(getattr(getattr(decoder, "mask_decoder", None), "transformer", None), TwoWayTransformer):
+        family = "SAM 3" if decoder.sam_type in SAM3_TYPES else "SAM 2.1"
         raise ConfigError(f"persam needs segment_anything's mask decoder (SAM 1 or micro-SAM stores); this store's "
-                          f"SAM is {decoder.sam_type!r} (SAM 2.1), whose decoder PerSAM's guidance is not defined for")
+                          f"SAM is {decoder.sam_type!r} ({family}), whose decoder PerSAM's guidance is not defined for")
 
 
 @torch.inference_mode()
@@ -285,6 +302,59 @@ def clip_points(data: dict, decoder, text_map: str | None = None) -> BaselineRes
     return BaselineResult(logits, points, *_point_stats(data, points))
 
 
+# ------------------------------------------------------------------------------------- SAM 3 text
+def check_sam3_checkpoint(manifest: dict, store: str, sam_checkpoint: str | None) -> None:
+    """A ``sam_checkpoint`` given for a SAM 3 store must be the sam3.pt it was embedded with (sha256): else
+    ConfigError (sam3_text would compare the agent with another SAM). Nothing to check on other stores or
+    without a file (sam3_text is then skipped, ``skip_reason``)."""
+    from .checksum import file_sha256
+
+    expected = manifest.get("checkpoint_sha256")
+    if manifest.get("sam_type") not in SAM3_TYPES or not sam_checkpoint or expected == "random-init":
+        return
+    if not os.path.isfile(sam_checkpoint):
+        raise ConfigError(f"--sam-checkpoint {sam_checkpoint!r}: no such file (the sam3.pt store {store!r} was "
+                          "embedded with)")
+    if file_sha256(sam_checkpoint) != expected:
+        raise ConfigError(f"--sam-checkpoint {sam_checkpoint!r} is not the SAM 3 checkpoint store {store!r} was "
+                          f"embedded with (sha256 {str(expected)[:12]}... expected)")
+
+
+def sam3_text_skip_reason(decoder, manifest: dict, sam_checkpoint: str | None) -> str | None:
+    """Why sam3_text cannot run here (None: it runs): not a SAM 3 store, or no ``sam_checkpoint`` (a
+    random-init store rebuilds its seeded model without one)."""
+    if decoder.sam_type not in SAM3_TYPES:
+        return (f"SAM 3 prompted with the task's text runs on SAM 3 stores (`alignsam embed --sam sam3`); this "
+                f"store's SAM is {decoder.sam_type!r}")
+    if not sam_checkpoint and manifest.get("checkpoint_sha256") != "random-init":
+        return ("it needs SAM 3's whole image model (its text encoder and detector, not only the store's decoder): "
+                "pass --sam-checkpoint sam3.pt, the file the store was embedded with (sha256 "
+                f"{str(manifest.get('checkpoint_sha256'))[:12]}...)")
+    return None
+
+
+def sam3_text_model(manifest: dict, store: str, sam_checkpoint: str | None, device="cpu"):
+    """SAM 3's image model for sam3_text on ``device``: the store's sam3.pt (checked, ``check_sam3_checkpoint``)
+    or, for a random-init store, the same seeded random model its embeddings came from."""
+    from .foundation.sam3_models import load_sam3
+
+    check_sam3_checkpoint(manifest, store, sam_checkpoint)
+    random_init = manifest.get("checkpoint_sha256") == "random-init"
+    return load_sam3(manifest["sam_type"], None if random_init else sam_checkpoint, random_init=random_init).to(device)
+
+
+def sam3_text(data: dict, image_paths: list, model, device="cpu") -> BaselineResult:
+    """sam3_text on the images of ``data`` (their files ``image_paths``, their texts ``data["texts"]``):
+    ``text_masks`` per image -> full-resolution masks, no points."""
+    from .data.samples import read_image
+    from .foundation.sam3_models import text_masks
+
+    masks = [text_masks(model, [read_image(path)], str(text), device)[0]
+             for path, text in zip(image_paths, data["texts"])]
+    points = [(np.zeros((0, 2), np.float32), np.zeros(0, np.int64)) for _ in masks]
+    return BaselineResult(None, points, *rates((0, 0, 0)), masks=masks)
+
+
 # ----------------------------------------------------------------------------------------- harness
 def point_counts(data: dict, points: list) -> tuple[int, int, int]:
     """(points, on ground-truth foreground, labelled as the ground truth says) of the points (1024 frame)
@@ -318,29 +388,40 @@ def training_references(cfg: dict) -> dict:
     return {k: data[k][train] for k in ("ids", "embeddings", "gt_lowres")}
 
 
-def skip_reason(name: str, data: dict, decoder, cfg: dict) -> str | None:
-    """Why ``evaluate`` leaves baseline ``name`` out for this store and run (None: it runs)."""
+def skip_reason(name: str, data: dict, decoder, cfg: dict, manifest: dict | None = None,
+                sam_checkpoint: str | None = None) -> str | None:
+    """Why ``evaluate`` leaves baseline ``name`` out for this store and run (None: it runs). ``manifest``:
+    the store's (sam3_text reads whether it is random-init), ``sam_checkpoint``: its sam3.pt, if given."""
     try:
         if name in ("persam", "persam_mean"):
             _check_sam1(decoder)
         elif name == "clip_points":
             map_key(data, cfg["srm"].get("text_map"))
+        elif name == "sam3_text":
+            return sam3_text_skip_reason(decoder, manifest or {}, sam_checkpoint)
     except ConfigError as exc:
         return str(exc)
     return None
 
 
-def prepare(data: dict, decoder, cfg: dict, log=print) -> tuple[dict, dict]:
-    """Which baselines run for this store and run, and their PerSAM targets -> ({name: (E,) target
-    embedding, or None for clip_points}, {name: why skipped}). Skipped, with the reason logged and returned
-    (``evaluate`` records it): persam / persam_mean on SAM 2.1 stores or when the run's training store is
-    unreadable, clip_points on stores without a map. ``data``: any batch of the evaluated store."""
+def prepare(data: dict, decoder, cfg: dict, log=print, store=None, sam_checkpoint: str | None = None,
+            device="cpu") -> tuple[dict, dict]:
+    """Which baselines run for this store and run, and what each needs -> ({name: persam's (E,) target
+    embedding, sam3_text's SAM 3 model on ``device``, None for clip_points}, {name: why skipped}). Skipped,
+    with the reason logged and returned (``evaluate`` records it): persam / persam_mean on SAM 2.1 and SAM 3
+    stores or when the run's training store is unreadable, clip_points on stores without a map, sam3_text
+    on stores of another SAM or without ``sam_checkpoint``. ``data``: any batch of the evaluated store
+    ``store`` (an ``EmbeddingStore``: its manifest and path; None: a store of another SAM for sam3_text)."""
     from .store.shards import StoreError
 
+    manifest = store.manifest if store is not None else {}
     ready, skipped, refs = {}, {}, None
     for name in BASELINES:
-        reason = skip_reason(name, data, decoder, cfg)
-        if reason is None and name.startswith("persam"):
+        reason = skip_reason(name, data, decoder, cfg, manifest, sam_checkpoint)
+        if reason is None and name == "sam3_text":
+            log(f"method {name}: loading SAM 3's image model")
+            ready[name] = sam3_text_model(manifest, store.path, sam_checkpoint, device)
+        elif reason is None and name.startswith("persam"):
             try:
                 refs = training_references(cfg) if refs is None else refs
                 ready[name] = persam_target(name, refs, cfg)
@@ -365,10 +446,14 @@ def persam_target(name: str, references: dict, cfg: dict) -> np.ndarray:
     return target_embedding(references["embeddings"][use], references["gt_lowres"][use])
 
 
-def run_prepared(name: str, data: dict, decoder, cfg: dict, target: np.ndarray | None) -> BaselineResult:
-    """Baseline ``name`` on the images of ``data`` with what ``prepare`` gave it."""
+def run_prepared(name: str, data: dict, decoder, cfg: dict, target, image_paths: list | None = None,
+                 device="cpu") -> BaselineResult:
+    """Baseline ``name`` on the images of ``data`` (files ``image_paths``: sam3_text reads them) with what
+    ``prepare`` gave it (``target``)."""
     if name == "clip_points":
         return clip_points(data, decoder, cfg["srm"].get("text_map"))
+    if name == "sam3_text":
+        return sam3_text(data, image_paths, target, device)
     if name not in ("persam", "persam_mean"):
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
     return persam(data, decoder, target)

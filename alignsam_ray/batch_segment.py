@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 
 from .data.readers import IMAGE_EXTENSIONS
 from .data.samples import DataError
-from .foundation.sam2_models import FEATURE_SHAPES
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()),            # the image's path relative to INPUT
@@ -181,13 +180,13 @@ class EncodeStage:
         out = {"id": np.array(rels, dtype=object), "error": np.array(errors, dtype=object),
                "height": np.zeros(n, np.int32), "width": np.zeros(n, np.int32)}
         # every batch has the same columns and shapes (zeros where an image failed): blocks concatenate
-        e = self.predictor.decoder.embed_dim
-        cols = {"embeddings": np.zeros((n, e, 64, 64), np.float16), "original_size": np.zeros((n, 2), np.int64),
+        e, g = self.predictor.decoder.embed_dim, self.predictor.decoder.grid_size
+        cols = {"embeddings": np.zeros((n, e, g, g), np.float16), "original_size": np.zeros((n, 2), np.int64),
                 "input_size": np.zeros((n, 2), np.int64)}
         if self.predictor.clip is not None:
-            cols[f"map_{self.predictor.text_map}"] = np.zeros((n, 64, 64), np.float16)
-        for key in self.predictor.decoder.extra_keys:  # SAM 2.1's high-resolution features
-            cols[key] = np.zeros((n, *FEATURE_SHAPES[key]), np.float16)
+            cols[f"map_{self.predictor.text_map}"] = np.zeros((n, g, g), np.float16)
+        for key in self.predictor.decoder.extra_keys:  # SAM 2.1's (SAM 3's) high-resolution features
+            cols[key] = np.zeros((n, *self.predictor.decoder.feature_shapes[key]), np.float16)
         if ok:
             data = self.predictor.embed_batch([images[i] for i in ok])
             for key, col in cols.items():

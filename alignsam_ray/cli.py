@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .folder_lock import FolderInUseError, folder_lock
-from .sam_types import SAM2_TYPES
+from .sam_types import SAM2_TYPES, SAM3_TYPES
 
 
 def _positive_int(text: str) -> int:
@@ -27,10 +27,11 @@ def _add_embed(sub):
                        description="Precompute SAM image embeddings once (Ray Data) into resumable Parquet shards.")
     p.add_argument("--data", required=True, help="dataset folder (generic images/ + masks/ layout, or a "
                    "benchmark folder), or LAYOUT:PATH with LAYOUT in generic, cuhk, sbu, msd, duts, voc")
-    p.add_argument("--sam", default="micro", choices=["micro", "vit_b", "vit_l", "vit_h", *SAM2_TYPES],
-                   help="SAM type (default: micro, embedded); sam2.1_*: SAM 2.1 through the official sam2 package")
+    p.add_argument("--sam", default="micro", choices=["micro", "vit_b", "vit_l", "vit_h", *SAM2_TYPES, *SAM3_TYPES],
+                   help="SAM type (default: micro, embedded); sam2.1_*: SAM 2.1 through the official sam2 package; "
+                   "sam3: SAM 3's point prompts through the official sam3 package (an extra: docs/store.md)")
     p.add_argument("--checkpoint", help="official SAM .pth (required for vit_*; micro defaults to the shipped weights), "
-                   "or SAM 2.1 .pt (sam2.1_hiera_tiny.pt, ...)")
+                   "SAM 2.1 .pt (sam2.1_hiera_tiny.pt, ...) or SAM 3's sam3.pt")
     p.add_argument("--random-init", action="store_true", help="random SAM weights (timing only)")
     p.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     p.add_argument("--n-train", type=int, default=50, help="training images drawn per task (paper: 50); -1 = all")
@@ -108,6 +109,8 @@ def _add_evaluate(sub):
                    "the same for any N")
     p.add_argument("--figures", type=int, default=4, help="images to draw")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (per image: seed and image id)")
+    p.add_argument("--sam-checkpoint", help="SAM 3 stores: the sam3.pt they were embedded with, for the sam3_text "
+                   "method (SAM 3 prompted with the task's text: its whole image model, not only the stored decoder)")
 
 
 def cmd_evaluate(args) -> int:
@@ -117,7 +120,7 @@ def cmd_evaluate(args) -> int:
     store = args.store or Agent.load(args.checkpoint).cfg["store"]
     with folder_lock(args.out, "evaluate"):
         m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
-                     seed=args.seed, device=args.device, shards=args.shards)
+                     seed=args.seed, device=args.device, shards=args.shards, sam_checkpoint=args.sam_checkpoint)
     print(open(os.path.join(args.out, "report.md")).read().split("## Metric definitions")[0])
     return 0 if m else 1
 
@@ -151,7 +154,7 @@ def _add_segment(sub):
                    "s3://, gs://) on the Ray cluster, streaming (Ray Data); --out may be a URI too; writes "
                    "masks/, index.parquet; a rerun skips finished images")
     p.add_argument("--bundle", required=True, help="folder written by `alignsam export`")
-    p.add_argument("--sam-checkpoint", help="the official SAM .pth (SAM 2.1: .pt) the policy was trained with (not "
+    p.add_argument("--sam-checkpoint", help="the official SAM .pth (SAM 2.1, SAM 3: .pt) the policy was trained with (not "
                    "needed for micro-SAM)")
     p.add_argument("--clip-weights", help="explicit-branch bundles: the open_clip weights file the maps were made "
                    "with (not needed for the micro CLIP)")

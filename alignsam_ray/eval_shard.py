@@ -8,8 +8,9 @@
         -> {"start", "stop", "ids", "rows": {row: [image_metrics dict per image]}, "hits": {rollout: (n, h)
             bool}, "label_ok": {rollout: (n, h) bool}, "baselines": {name: (points, hits, label_ok) counts},
             "skipped": {baseline: why}, "figures": [...], "device"}
-        The training-free baselines (``baselines.py``: persam, persam_mean, clip_points) run on each batch
-        too, as rows of their own; one that does not apply to the store is skipped and named.
+        The training-free baselines (``baselines.py``: persam, persam_mean, clip_points, sam3_text) run on
+        each batch too, as rows of their own; one that does not apply to the store is skipped and named
+        (sam3_text: SAM 3 stores, with ``sam_checkpoint`` their sam3.pt, its model on the agent's device).
     merge_shards(results) -> ({"methods", "paired", "t_sweep", "initial_prompts"} of metrics.json, per_image)
         the shards' records concatenated in image order; every summary, 95% interval and paired interval
         is computed once on the merged records, so a split into 1 or k shards gives the same figures.
@@ -129,7 +130,8 @@ def row_names(cfg: dict, grid: PatchGrid) -> dict:
 
 
 def evaluate_shard(agent, store: str | EmbeddingStore, split: str, start: int = 0, stop: int | None = None,
-                   seed: int = 0, batch: int = CPU_BATCH, n_figures: int = 0, decoder=None, progress=None) -> dict:
+                   seed: int = 0, batch: int = CPU_BATCH, n_figures: int = 0, decoder=None, progress=None,
+                   sam_checkpoint: str | None = None) -> dict:
     """One shard (see module docstring). ``agent``: an ``EvalAgent`` (or anything with its four members);
     ``decoder``: the store's decoder on the agent's device (default: loaded from the store and moved there);
     ``progress(n)``: called with the number of images finished after each batch; ``n_figures``: the split's
@@ -149,13 +151,13 @@ def evaluate_shard(agent, store: str | EmbeddingStore, split: str, start: int = 
     for data, gt_full, paths in st.iter_rows(split, start, stop, batch):
         ids, sizes = data["ids"], data["original_size"]
         if ready is None:
-            ready, out["skipped"] = baselines.prepare(data, decoder, agent.cfg, log=lambda msg: None)
+            ready, out["skipped"] = baselines.prepare(data, decoder, agent.cfg, log=lambda msg: None, store=st,
+                                                      sam_checkpoint=sam_checkpoint, device=device)
             out["baselines"] = {name: (0, 0, 0) for name in ready}
             out["rows"].update({name: [] for name in ready})
         for name, target in ready.items():
-            b = baselines.run_prepared(name, data, decoder, agent.cfg, target)
-            out["rows"][name] += [image_metrics(decoder.upscale_mask(lo, hw), gt_full[i])
-                                  for lo, i, hw in zip(b.logits, ids, sizes)]
+            b = baselines.run_prepared(name, data, decoder, agent.cfg, target, paths, device)
+            out["rows"][name] += [image_metrics(m, gt_full[i]) for m, i in zip(b.full_masks(decoder, sizes), ids)]
             out["baselines"][name] = tuple(np.add(out["baselines"][name], baselines.point_counts(data, b.points)))
         rolls = {"main": rollout(agent, data, decoder, "policy", "srm", horizon, record, batch, seed)}
         for name, (actions, init, labels, h) in METHODS.items():

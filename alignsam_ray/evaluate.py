@@ -22,8 +22,11 @@ Methods (rows of the paper's Table 2, plus references of ours):
                     bound: a correct label can still give SAM a worse mask than the SRM's)
 Training-free baselines (``baselines.py``, the same SAM, embeddings and metrics): persam (PerSAM,
 one-shot: the run's first training image), persam_mean (ours: its target averaged over the run's
-training images), clip_points (CLIP Surgery's text-to-points recipe on the store's map). One that does
-not apply (SAM 2.1 store: persam; no map: clip_points) is skipped and named in "skipped".
+training images), clip_points (CLIP Surgery's text-to-points recipe on the store's map), sam3_text (SAM 3
+stores: SAM 3's own concept prediction for each image's task text, no agent and no points; its whole image
+model from ``sam_checkpoint``, the store's sam3.pt). One that does not apply (SAM 2.1 or SAM 3 store:
+persam; no map: clip_points; not a SAM 3 store, or no ``sam_checkpoint``: sam3_text) is skipped and named
+in "skipped".
 T sweep (paper Table 5): the alignsam rollout read at T in {1, 5, 10, 15, 20} (those <= the grid's size).
 
 Statistics: per method and metric a 95% bootstrap interval over test images (``ci95``), and for
@@ -48,7 +51,7 @@ import time
 
 import numpy as np
 
-from .baselines import BASELINES
+from .baselines import BASELINES, check_sam3_checkpoint
 from .checkpoint import Agent
 from .config import ConfigError
 from .env.alignsam_env import holdout_split
@@ -134,17 +137,21 @@ def check_store(agent: Agent, st: EmbeddingStore, store: str) -> None:
 
 
 def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: int | None = None, n_figures: int = 4,
-             seed: int = 0, progress: bool = True, device: str = "auto", shards: int = 1) -> dict:
+             seed: int = 0, progress: bool = True, device: str = "auto", shards: int = 1,
+             sam_checkpoint: str | None = None) -> dict:
     """Evaluate a checkpoint on a store's split -> the metrics.json dict (also written to ``out`` with
     report.md, per_image.json and figures/). ``shards`` > 1: the split's images in that many contiguous
     shards, each a Ray task (``run_shards``; GPU tasks when the cluster has GPUs and ``device`` allows);
     1: in this process, without Ray. ``batch``: images per batched decoder call (default ``auto_batch``);
     ``device``: "auto" | "cpu" | "cuda" (where the decoder, the policy and the SRM run). The figures are
-    the same whatever ``shards``, ``batch`` and ``device`` (float tolerance across devices: docs/metrics.md)."""
+    the same whatever ``shards``, ``batch`` and ``device`` (float tolerance across devices: docs/metrics.md).
+    ``sam_checkpoint``: SAM 3 stores, the sam3.pt they were embedded with (the ``sam3_text`` method)."""
     t0 = time.time()
     agent = Agent.load(checkpoint)
     st = EmbeddingStore(store, verify=False)  # each store file is verified when a shard reads it
     check_store(agent, st, store)
+    if shards > 1:  # each shard checks it too; here before any Ray task starts
+        check_sam3_checkpoint(st.manifest, store, sam_checkpoint)
     n = len(st.split_ids(split))
     log = _logger("evaluate", progress)
     log(f"{n} {split} images, T = {agent.cfg['env']['horizon']}, {shards} shard(s)")
@@ -152,12 +159,12 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         dev = eval_device(device)
         counter = ProgressLine(n, log)
         results = [evaluate_shard(EvalAgent.from_agent(agent, dev), st, split, 0, None, seed, batch or auto_batch(dev),
-                                  n_figures, progress=counter.add)]
+                                  n_figures, progress=counter.add, sam_checkpoint=sam_checkpoint)]
         counter.report(force=True)
         devices = [str(dev)]
     else:
         tasks = [dict(checkpoint=agent.checkpoint, store=store, split=split, start=a, stop=b, seed=seed, batch=batch,
-                      n_figures=n_figures) for a, b in shard_bounds(n, shards)]
+                      n_figures=n_figures, sam_checkpoint=sam_checkpoint) for a, b in shard_bounds(n, shards)]
         results = run_shards(tasks, device, log)
         devices = sorted({r["device"] for r in results})
     metrics = write_evaluation(out, agent, st, store, split, results, t0, devices)
@@ -208,12 +215,12 @@ class ShardProgress:
 
 
 def _shard_task(checkpoint: str, store: str, split: str, start: int, stop: int, seed: int, batch: int | None,
-                n_figures: int, device: str, counter) -> dict:
+                n_figures: int, device: str, counter, sam_checkpoint: str | None = None) -> dict:
     """One shard as a Ray task: load the agent, run ``evaluate_shard`` on this worker's device."""
     dev = eval_device(device)
     agent = EvalAgent.from_agent(Agent.load(checkpoint), dev)
     return evaluate_shard(agent, store, split, start, stop, seed, batch or auto_batch(dev), n_figures,
-                          progress=lambda k: counter.add.remote(k))
+                          progress=lambda k: counter.add.remote(k), sam_checkpoint=sam_checkpoint)
 
 
 def run_shards(tasks: list[dict], device: str, log, on_result=None, every: float = 10.0) -> list[dict]:
@@ -304,7 +311,8 @@ LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "
           "srm_start_positive": "srm_start_positive (SRM start, all positive)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
           "gt_labels": "gt_labels (oracle labels)", "persam": "persam (PerSAM, 1 shot)",
-          "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)"}
+          "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)",
+          "sam3_text": "sam3_text (SAM 3 given the task's text)"}
 
 
 def _fmt(v: float) -> str:
@@ -340,7 +348,8 @@ def report_markdown(metrics: dict) -> str:
     lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
-              "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points)."]
+              "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points"
+              + ("; sam3_text prompts with text, no points: nan" if "sam3_text" in metrics["methods"] else "") + ")."]
     skipped = metrics.get("skipped") or {}
     lines += [""] * bool(skipped) + [f"- skipped: {name}: {why}" for name, why in skipped.items()]
     lines += ["",

@@ -43,6 +43,7 @@ from .foundation import (
     pick_device,
 )
 from .foundation.sam2_models import Sam2ImageEncoder, Sam2PromptDecoder, is_sam2, load_sam2, square_frame
+from .foundation.sam3_models import is_sam3
 
 LOADED = (POLICY_ONNX, SRM_FILE, CONFIG_FILE)  # what the predictor reads from a bundle, besides the manifest
 
@@ -108,8 +109,17 @@ class AlignSAMPredictor:
             if encoder:
                 self._load_clip(clip_weights)
         random_init = sam["checkpoint_sha256"] == "random-init"
-        self.sam2 = is_sam2(sam["sam_type"])
-        if self.sam2:  # SAM 2.1 through the official sam2 package: its frame, its decoder's high-res features
+        self.sam2 = is_sam2(sam["sam_type"]) or is_sam3(sam["sam_type"])  # SAM 3: SAM 2.1's layout, its own frame
+        if is_sam3(sam["sam_type"]):  # the interactive predictor's parts and Sam3Processor's encoder side
+            from .foundation.sam3_models import Sam3ImageEncoder, Sam3PromptDecoder, load_sam3, load_sam3_decoder
+
+            if encoder:
+                model = load_sam3(sam["sam_type"], sam_checkpoint, random_init=random_init)
+                self.decoder = Sam3PromptDecoder.from_model(model, sam["sam_type"]).eval()
+                self.encoder = Sam3ImageEncoder(model, self.device)
+            else:  # prompting only: the decoder from the file, without building the 860M-parameter image model
+                self.decoder = load_sam3_decoder(sam["sam_type"], sam_checkpoint, random_init=random_init)
+        elif self.sam2:  # SAM 2.1 through the official sam2 package: its frame, its decoder's high-res features
             model = load_sam2(sam["sam_type"], sam_checkpoint, random_init=random_init)
             self.decoder = Sam2PromptDecoder.from_model(model, sam["sam_type"]).eval()  # (copied on CPU, first)
             if encoder:
@@ -184,7 +194,7 @@ class AlignSAMPredictor:
             data = {"embeddings": feats["image_embed"].astype(np.float16),
                     **{k: feats[k].astype(np.float16) for k in self.decoder.extra_keys},
                     "original_size": np.array([im.shape[:2] for im in images]),
-                    "input_size": np.full((len(images), 2), 1024)}
+                    "input_size": np.full((len(images), 2), self.decoder.frame_size)}
             if self.clip is not None:
                 data[f"map_{self.text_map}"] = self.clip.maps([square_frame(im) for im in images], [self.text])[:, 0]
             return data

@@ -28,4 +28,11 @@ if ! "$PY" -c "import sam2" 2>/dev/null; then
     "$PY" -m pip install -q setuptools wheel
     SAM2_BUILD_CUDA=0 "$PY" -m pip install -q --no-build-isolation "sam2==1.1.0"
 fi
+# SAM 3 (--sam sam3): the modules sam3 imports (the [sam3] extra), then sam3 itself without its pins (they would
+# downgrade tqdm, typing_extensions and huggingface-hub); tests that need it are skipped without it
+if ! "$PY" -c "import sam3" 2>/dev/null; then
+    echo "[setup] installing sam3 (SAM 3 backend) into .venv"
+    "$PY" -m pip install -q -e "$ROOT[sam3]"
+    "$PY" -m pip install -q --no-deps "sam3==0.1.4"
+fi
 export PATH="$VENV/bin:$PATH"

@@ -29,11 +29,14 @@ NAME (JSON key it writes):
 
   encoders       (encoder_s_per_image)    seconds per image of each SAM image encoder on this machine,
                                           side by side (random weights, one 1024-long-side image,
-                                          batch 1): vit_b and the four SAM 2.1 Hiera sizes (+ ratio to vit_b)
+                                          batch 1): vit_b, the four SAM 2.1 Hiera sizes and SAM 3 (+ ratio
+                                          to vit_b), and sam3_text (SAM 3 from image + text, per image);
+                                          --encoders picks them
 
   store_bytes    (store_bytes_per_image)  a store's bytes per image on disk (Parquet shards) and in the
                                           object store (the published arrays: what EnvRunners map
-                                          zero-copy), micro-SAM vs vit_b vs SAM 2.1 Hiera-T (random weights)
+                                          zero-copy), micro-SAM vs vit_b vs SAM 2.1 Hiera-T vs SAM 3
+                                          (random weights; --store-sams picks them)
 
   eval_shards    (eval_shards_2v1)        evaluation images/s (the paper's protocol: every method and the T
                                           sweep, scripts/eval_core_bench.py) with 2 shards side by side vs 1
@@ -58,6 +61,8 @@ import time
 
 import numpy as np
 import torch
+
+from alignsam_ray.sam_types import SAM2_TYPES, SAM3_TYPES
 
 BENCHES = ("reencode", "env_overhead", "runner_scaling", "uss", "decoder_batch", "kernels", "demo", "segment",
            "encoders", "store_bytes", "eval_shards", "eval_memory")
@@ -484,15 +489,29 @@ def bench_segment(work: str, args) -> dict:
 
 
 def bench_encoders(work: str, args) -> dict:
-    """SAM 1 vit_b vs SAM 2.1 Hiera-T/S/B+/L image encoders, seconds per image, interleaved repetitions."""
+    """SAM 1 vit_b vs SAM 2.1 Hiera-T/S/B+/L vs SAM 3 image encoders (``--encoders``), seconds per image,
+    interleaved repetitions; with sam3 also ``sam3_text``: SAM 3's text concept prediction of one image (its
+    whole image path: encoder, text encoder, detector), the evaluation method's cost per image."""
     from alignsam_ray.foundation import SamImageEncoder, load_sam
-    from alignsam_ray.foundation.sam2_models import SAM2_TYPES, Sam2ImageEncoder, load_sam2
+    from alignsam_ray.foundation.sam2_models import Sam2ImageEncoder, load_sam2
 
     image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
-    encoders = {"vit_b": SamImageEncoder(load_sam("vit_b", random_init=True))}
-    encoders.update({t: Sam2ImageEncoder(load_sam2(t, None, random_init=True)) for t in SAM2_TYPES})
+    encoders = {}
+    for name in args.encoders:
+        if name == "vit_b":
+            encoders[name] = SamImageEncoder(load_sam("vit_b", random_init=True))
+        elif name == "sam3":
+            from alignsam_ray.foundation.sam3_models import Sam3ImageEncoder, load_sam3, text_masks
+
+            t0 = time.perf_counter()
+            encoders[name] = Sam3ImageEncoder(load_sam3("sam3", None, random_init=True))
+            print(f"[bench] SAM 3 built in {time.perf_counter() - t0:.0f}s", flush=True)
+        else:
+            encoders[name] = Sam2ImageEncoder(load_sam2(name, None, random_init=True))
     calls = {name: (lambda e=e: e.encode([e.resize(image)])) if name == "vit_b" else (lambda e=e: e.encode([image]))
              for name, e in encoders.items()}
+    if "sam3" in encoders:
+        calls["sam3_text"] = lambda m=encoders["sam3"].model: text_masks(m, [image], "shadow")
     times: dict = {name: [] for name in calls}
     for fn in calls.values():  # warm-up
         fn()
@@ -502,9 +521,10 @@ def bench_encoders(work: str, args) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     per = {name: float(np.median(v)) for name, v in times.items()}
+    base = per.get("vit_b", float("nan"))
     table(f"image encoder, seconds per image (median of {args.encoder_reps}, torch threads {torch.get_num_threads()})",
-          ("encoder", "s/image", "vit_b / this"), [(n, s, per["vit_b"] / s) for n, s in per.items()])
-    return {"encoder_s_per_image": per, "encoder_speedup_vs_vit_b": {n: per["vit_b"] / s for n, s in per.items()}}
+          ("encoder", "s/image", "vit_b / this"), [(n, s, base / s) for n, s in per.items()])
+    return {"encoder_s_per_image": per, "encoder_speedup_vs_vit_b": {n: base / s for n, s in per.items()}}
 
 
 def bench_store_bytes(work: str, args) -> dict:
@@ -518,7 +538,7 @@ def bench_store_bytes(work: str, args) -> dict:
     folder = generate_task("synthetic_shadow", os.path.join(work, "bytes_data"), n_train=4, n_test=0, seed=3,
                            progress=False)
     rows, out = [], {}
-    for sam in ("micro", "vit_b", "sam2.1_hiera_t"):
+    for sam in args.store_sams:
         store = os.path.join(work, f"bytes_store_{sam}")
         m = embed_dataset(open_dataset(folder, n_train=None), store, sam_type=sam, random_init=sam != "micro",
                           progress=False)
@@ -617,6 +637,10 @@ def main() -> None:
     ap.add_argument("--skip-vit-b", action="store_true", help="env_overhead on the micro-SAM only")
     ap.add_argument("--segment-images", type=int, default=100, help="images of the segment benchmark")
     ap.add_argument("--encoder-reps", type=int, default=3, help="timed repetitions per encoder")
+    ap.add_argument("--encoders", nargs="+", default=["vit_b", *SAM2_TYPES, *SAM3_TYPES],
+                    help="the encoders benchmark's SAMs (sam3: the [sam3] extra; docs/store.md)")
+    ap.add_argument("--store-sams", nargs="+", default=["micro", "vit_b", "sam2.1_hiera_t", *SAM3_TYPES],
+                    help="the store_bytes benchmark's SAMs")
     ap.add_argument("--uss-sam", default="micro", help="SAM of the uss benchmark's stores (e.g. sam2.1_hiera_t)")
     ap.add_argument("--uss-sizes", type=int, nargs=2, default=(100, 1000), help="the uss benchmark's two store sizes")
     ap.add_argument("--eval-images", type=int, default=64, help="test images of the eval_shards benchmark")

@@ -212,8 +212,10 @@ def test_evaluate_scores_the_baselines_with_paired_intervals(trained_run, blur_s
         assert 0 <= m["methods"][name]["miou"] <= 1 and len(m["methods"][name]["ci95"]["miou"]) == 2
         assert set(m["paired"][name]["miou"]) == {"diff", "ci95"}
     assert "clip_points" not in m["methods"] and "has none" in m["skipped"]["clip_points"]  # blur store: no map
+    assert "sam3_text" not in m["methods"] and "runs on SAM 3 stores" in m["skipped"]["sam3_text"]  # a micro store
     report = open(tmp_path / "eval" / "report.md").read()
     assert "persam_mean (PerSAM, mean target, ours)" in report and "skipped: clip_points" in report
+    assert "skipped: sam3_text: SAM 3 prompted with the task's text runs on SAM 3 stores" in report
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["paired"]["persam"]["miou"]["ci95"]
 
 

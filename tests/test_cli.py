@@ -46,6 +46,19 @@ def test_embed_needs_a_local_checkpoint_for_official_sam(tmp_path, capsys):
     assert "needs --checkpoint" in capsys.readouterr().err
 
 
+def test_embed_sam3_without_the_package_names_the_install_commands(tmp_path, capsys, monkeypatch):
+    """As on a machine without the [sam3] extra (sys.modules[name] = None: Python's own 'not importable')."""
+    from alignsam_ray.sam_types import SAM3_INSTALL
+
+    monkeypatch.setitem(sys.modules, "sam3", None)
+    monkeypatch.setitem(sys.modules, "sam3.model_builder", None)
+    root = _folder(tmp_path / "ds")
+    assert main(["embed", "--data", str(root), "--sam", "sam3", "--checkpoint", str(tmp_path / "sam3.pt"),
+                 "--out", str(tmp_path / "store")]) == 1
+    err = capsys.readouterr().err
+    assert "needs the official `sam3` package" in err and SAM3_INSTALL in err and "Traceback" not in err
+
+
 def test_train_config_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "missing.yaml" in capsys.readouterr().err

@@ -9,7 +9,9 @@ one batched call per vector step.
 Frames (see ``grid.py``): the image frame (H, W) holds the patch grid; SAM's 1024 frame holds the
 embedding (64x64 grid, 16 px a cell) and the low-res masks (256x256, 4 px a pixel); the image
 occupies the top-left ``input_size`` of it, the rest is padding. Observations are cropped to the
-image and pooled, so the observation grid and the patch grid cover the same area.
+image and pooled, so the observation grid and the patch grid cover the same area. The decoder states
+its frame (``frame_size``, ``grid_size``, ``lowres_size``; SAM 3: 1008, 72, 288, the image squashed onto
+all of it, as SAM 2.1 onto 1024) and patch centres go through its ``to_input_frame``.
 
     state s_t  = E_I(x) (.) M_{t-1}        (E, 64, 64) in SAM's frame; M = SAM's previous probability
                                            map sigmoid(low-res logits) pooled to 64x64 (paper Sec. 3.3,
@@ -43,8 +45,6 @@ from ..config import EnvSettings
 from ..foundation.decoder import SamPromptDecoder
 from .grid import PatchGrid
 
-LOWRES = 256
-GRID = 64
 VOID = 255
 
 INIT_MODES = ("gt", "srm", "centre")
@@ -124,38 +124,43 @@ class PromptEpisodes:
                                "explicit SRM branch needs text-guided maps: run `alignsam embed` with CLIP "
                                "maps, or use the implicit branch (srm_branch: implicit)")
             self.text_map = data[key]
+        # the decoder's frame: side, embedding grid, low-res side (SAM 1: 1024, 64, 256)
+        self.frame, self.lowres = decoder.frame_size, decoder.lowres_size
+        self.pool_k = decoder.lowres_size // decoder.grid_size  # low-res pixels per embedding cell (4)
         P = horizon + self.n0
         self.image = np.zeros(self.B, np.int64)
         self.t = np.zeros(self.B, np.int64)
         self.coords = np.zeros((self.B, P, 2), np.float32)
         self.labels = -np.ones((self.B, P), np.int64)
         self.taken = np.zeros((self.B, grid.n), bool)
-        self.mask = np.zeros((self.B, LOWRES, LOWRES), bool)  # current binary low-res mask (logits > 0)
-        self.logits = np.zeros((self.B, LOWRES, LOWRES), np.float32)  # current low-res logits
-        self.prob = np.zeros((self.B, LOWRES, LOWRES), np.float32)  # M_t: sigmoid(logits), or the binary mask
+        self.mask = np.zeros((self.B, self.lowres, self.lowres), bool)  # current binary low-res mask (logits > 0)
+        self.logits = np.zeros((self.B, self.lowres, self.lowres), np.float32)  # current low-res logits
+        self.prob = np.zeros((self.B, self.lowres, self.lowres), np.float32)  # M_t: sigmoid(logits), or the binary mask
         self.iou = np.zeros(self.B, np.float32)
         self.obs = np.zeros((self.B, self.embed_dim, self.R, self.R), np.float16)
         self.srm_prob = np.full((self.B, self.R, self.R), 0.5, np.float32)
         self.srm_samples: list = []  # (obs, text_obs | None, gt_R) for SRM training
         self.collect_srm_samples = False
         self.srm_buffer = 1024
-        # per image: the image's extent in the 64 grid and the 256 low-res frame
+        # per image: the image's extent in the embedding grid (64) and the low-res frame (256)
         ins = np.asarray(data["input_size"])
-        self._cells64 = np.ceil(ins / 16).astype(int)
-        self._px256 = np.ceil(ins / 4).astype(int)
+        self._cells64 = np.ceil(ins * decoder.grid_size / self.frame).astype(int)
+        self._px256 = np.ceil(ins * self.lowres / self.frame).astype(int)
         self._centres = {}  # image -> (N, 2) centres in SAM's frame
         self._gt_pooled = {}  # image -> (R, R) foreground fraction
         self._centre_cells = np.minimum((grid.centres_normalised()[:, ::-1] * self.R).astype(int), self.R - 1)  # (N, 2) row, col
 
     # ------------------------------------------------------------------ geometry
     def centres_sam(self, i: int) -> np.ndarray:
+        """(N, 2) patch centres of image ``i`` in the decoder's frame (SAM 1: ``PatchGrid.centres_sam``)."""
         if i not in self._centres:
-            self._centres[i] = self.grid.centres_sam(tuple(self.data["original_size"][i])).astype(np.float32)
+            hw = tuple(int(v) for v in self.data["original_size"][i])
+            self._centres[i] = self.decoder.to_input_frame(self.grid.centres_original(hw), hw).astype(np.float32)
         return self._centres[i]
 
     def gt_at(self, i: int, xy_sam: np.ndarray) -> np.ndarray:
         """Ground truth (0/1/255) at points (n, 2) of SAM's 1024 frame."""
-        px = np.clip((np.asarray(xy_sam) / 4).astype(int), 0, LOWRES - 1)
+        px = np.clip((np.asarray(xy_sam) * self.lowres / self.frame).astype(int), 0, self.lowres - 1)
         return self.data["gt_lowres"][i][px[:, 1], px[:, 0]]
 
     def _crop_pool(self, x: torch.Tensor, i: int, cells: bool = True) -> torch.Tensor:
@@ -205,7 +210,8 @@ class PromptEpisodes:
                 if len(yx) == 0:  # no foreground (or no background): any image pixel
                     yx = np.argwhere(gt != VOID) if (gt != VOID).any() else np.argwhere(gt >= 0)
                 y, x = yx[self.rng.integers(len(yx))]
-                pts.append((x * 4 + 1.5, y * 4 + 1.5))
+                step = self.frame / self.lowres  # the low-res pixel's centre in the input frame (SAM 1: 4x + 1.5)
+                pts.append(((x + 0.5) * step - 0.5, (y + 0.5) * step - 0.5))
             return np.array(pts, np.float32), np.array([1, 0])
         prob = self.srm_prob[s]
         hi, lo = np.unravel_index(prob.argmax(), prob.shape), np.unravel_index(prob.argmin(), prob.shape)
@@ -286,7 +292,7 @@ class PromptEpisodes:
             if full_mask:
                 state = emb
             else:
-                m64 = F.avg_pool2d(torch.from_numpy(self.prob[s]).to(self.device)[None], 4)  # (1, 64, 64)
+                m64 = F.avg_pool2d(torch.from_numpy(self.prob[s]).to(self.device)[None], self.pool_k)  # (1, 64, 64)
                 state = emb * m64
             obs.append(self._crop_pool(state, i))
             if self.text_map is not None:

@@ -66,7 +66,24 @@ def fuse_attention(decoder: MaskDecoder) -> MaskDecoder:
     return decoder
 
 
-class SamPromptDecoder(nn.Module):
+class PromptFrame:
+    """The frame a prompt decoder works in, read off its prompt encoder: the input frame's side, the
+    embedding grid and the low-res mask side (SAM 1 and SAM 2.1: 1024, 64, 256; SAM 3: 1008, 72, 288)."""
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.prompt_encoder.input_image_size[0])
+
+    @property
+    def grid_size(self) -> int:
+        return int(self.prompt_encoder.image_embedding_size[0])
+
+    @property
+    def lowres_size(self) -> int:
+        return 4 * self.grid_size  # the mask decoder upsamples the embedding 4x
+
+
+class SamPromptDecoder(PromptFrame, nn.Module):
     """SAM's prompt encoder + mask decoder, frozen, with SamPredictor's coordinate mapping (attention
     fused: ``fuse_attention``)."""
 
@@ -156,9 +173,12 @@ class SamPromptDecoder(nn.Module):
 
 def load_prompt_decoder(path):
     """A store's decoder file (a path or a binary file object) -> ``SamPromptDecoder`` (SAM 1, micro-SAM)
-    or ``Sam2PromptDecoder`` (SAM 2.1), by the ``sam_type`` it records."""
+    ``Sam2PromptDecoder`` (SAM 2.1) or ``Sam3PromptDecoder`` (SAM 3), by the ``sam_type`` it records."""
     from .sam2_models import Sam2PromptDecoder, is_sam2
+    from .sam3_models import Sam3PromptDecoder, is_sam3
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    return (Sam2PromptDecoder if is_sam2(blob["sam_type"]) else SamPromptDecoder).from_blob(blob)
+    kind = Sam2PromptDecoder if is_sam2(blob["sam_type"]) else Sam3PromptDecoder if is_sam3(blob["sam_type"]) else \
+        SamPromptDecoder
+    return kind.from_blob(blob)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sam_types import SAM2_TYPES
+from .decoder import PromptFrame
 from .sam_models import CheckpointError, load_weights
 
 FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_feats_0": (32, 256, 256), "high_res_feats_1": (64, 128, 128)}
@@ -138,7 +139,7 @@ class Sam2ImageEncoder:
                 "high_res_feats_1": feats[1].float().cpu().numpy()}
 
 
-class Sam2PromptDecoder(nn.Module):
+class Sam2PromptDecoder(PromptFrame, nn.Module):
     """SAM 2's prompt encoder + mask decoder (copies of the model's), frozen; the image predictor's maths."""
 
     def __init__(self, sam_type: str, prompt_encoder: nn.Module, mask_decoder: nn.Module, image_size: int = 1024):
@@ -172,6 +173,7 @@ class Sam2PromptDecoder(nn.Module):
         return dec
 
     extra_keys = ("high_res_feats_0", "high_res_feats_1")  # per-image store arrays decode() also reads
+    feature_shapes = {k: FEATURE_SHAPES[k] for k in extra_keys}  # their (C, H, W)
 
     @property
     def embed_dim(self) -> int:

@@ -28,6 +28,8 @@ from ..data.samples import read_image
 from ..folder_lock import folder_lock
 from ..foundation import SamImageEncoder, SamPromptDecoder, file_sha256, load_sam, pick_device
 from ..foundation.sam2_models import FEATURE_SHAPES, is_sam2, square_frame
+from ..foundation.sam3_models import FEATURE_SHAPES as SAM3_FEATURE_SHAPES
+from ..foundation.sam3_models import is_sam3
 from ..foundation.sam_models import default_checkpoint
 from ..ray_session import init_ray, native_to_log
 from .shards import (
@@ -47,16 +49,18 @@ from .shards import (
 
 IMAGE_SIZE = 1024
 SAM2_FEATURES = {k: v for k, v in FEATURE_SHAPES.items() if k != "image_embed"}  # stored beside the embedding
+SAM3_FEATURES = {k: v for k, v in SAM3_FEATURE_SHAPES.items() if k != "image_embed"}
 
 
-def lowres_mask(mask: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 {0,1,255} -> (256, 256) uint8 in SAM's padded low-res frame (nearest)."""
+def lowres_mask(mask: np.ndarray, input_hw: tuple[int, int], frame: int = IMAGE_SIZE, lowres: int = LOWRES) -> np.ndarray:
+    """(H, W) uint8 {0,1,255} -> (lowres, lowres) uint8 in SAM's padded low-res frame: the mask resized to
+    ``input_hw`` (nearest), padded to ``frame``, read at each low-res pixel's centre (SAM 3: 1008 -> 288)."""
     h, w = input_hw
     resized = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
-    padded = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    padded = np.zeros((frame, frame), np.uint8)
     padded[:h, :w] = resized
-    step = IMAGE_SIZE // LOWRES
-    return np.ascontiguousarray(padded[step // 2 :: step, step // 2 :: step])
+    at = ((np.arange(lowres) + 0.5) * frame / lowres).astype(int)  # SAM 1: 2, 6, 10, ... (step 4)
+    return np.ascontiguousarray(padded[np.ix_(at, at)])
 
 
 def _load_row(item: dict) -> dict:
@@ -67,15 +71,17 @@ def _load_row(item: dict) -> dict:
     try:
         image, mask = load_pair(sample)
     except DataError as exc:  # same columns as a good row, so batches keep one schema
+        lowres = item.get("lowres", LOWRES)
         return {**base, "error": str(exc), "frame": np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
                 "input_h": 0, "input_w": 0, "original_h": 0, "original_w": 0,
-                "gt_lowres": np.zeros((LOWRES, LOWRES), np.uint8), "gt_png": b""}
-    if item.get("square"):  # SAM 2.1's frame: the whole image resized to 1024 x 1024 (no padding); the
-        # encoder re-reads the original (SAM2Transforms resize it themselves), CLIP sees this frame
+                "gt_lowres": np.zeros((lowres, lowres), np.uint8), "gt_png": b""}
+    if item.get("square"):  # SAM 2.1's frame: the whole image resized to 1024 x 1024 (no padding; SAM 3: 1008,
+        # low-res 288); the encoder re-reads the original (its own transforms resize it), CLIP sees this frame
+        side, lowres = item.get("frame_size", IMAGE_SIZE), item.get("lowres", LOWRES)
         frame = square_frame(image, IMAGE_SIZE)
-        h = w = IMAGE_SIZE
-        return {**base, "frame": frame, "input_h": h, "input_w": w, "original_h": image.shape[0],
-                "original_w": image.shape[1], "gt_lowres": lowres_mask(mask, (h, w)), "gt_png": encode_png(mask)}
+        return {**base, "frame": frame, "input_h": side, "input_w": side, "original_h": image.shape[0],
+                "original_w": image.shape[1], "gt_lowres": lowres_mask(mask, (side, side), side, lowres),
+                "gt_png": encode_png(mask)}
     resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
     h, w = resized.shape[:2]
     frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -103,8 +109,13 @@ class SamEncoderActor:
         device = pick_device()
         if device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)  # this node's cores (the actor runs alone here)
-        self.sam2 = is_sam2(sam_type)
-        if self.sam2:
+        self.sam2 = is_sam2(sam_type) or is_sam3(sam_type)  # both: their own transforms, high-res features
+        self.features = SAM3_FEATURES if is_sam3(sam_type) else SAM2_FEATURES if self.sam2 else {}
+        if is_sam3(sam_type):
+            from ..foundation.sam3_models import Sam3ImageEncoder, load_sam3
+
+            self.encoder = Sam3ImageEncoder(load_sam3(sam_type, checkpoint, random_init=random_init), device)
+        elif self.sam2:
             from ..foundation.sam2_models import Sam2ImageEncoder, load_sam2
 
             self.encoder = Sam2ImageEncoder(load_sam2(sam_type, checkpoint, random_init=random_init), device)
@@ -123,10 +134,10 @@ class SamEncoderActor:
         emb = np.empty(n, dtype=object)
         emb[:] = b""
         maps = {t: np.full(n, b"", dtype=object) for t in self.texts}
-        feats = {k: np.full(n, b"", dtype=object) for k in (SAM2_FEATURES if self.sam2 else {})}
+        feats = {k: np.full(n, b"", dtype=object) for k in self.features}
         if ok:
             frames = [batch["frame"][i][: batch["input_h"][i], : batch["input_w"][i]] for i in ok]
-            if self.sam2:  # SAM2ImagePredictor's own transforms, on the original image
+            if self.sam2:  # SAM2ImagePredictor's (SAM 3: Sam3Processor's) own transforms, on the original image
                 out = self.encoder.encode([read_image(str(batch["image_path"][i])) for i in ok])
                 for k in feats:
                     for j, i in enumerate(ok):
@@ -212,7 +223,13 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
            dataset_spec, clip_model, clip_weights, clip_texts, skipped, progress) -> dict:
     samples = sorted(samples, key=lambda s: (s.split, s.id))
     ckpt_path = checkpoint or default_checkpoint(sam_type)
-    if is_sam2(sam_type):
+    if is_sam3(sam_type):
+        from ..foundation.sam3_models import Sam3PromptDecoder, load_sam3
+
+        model = load_sam3(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
+        decoder = Sam3PromptDecoder.from_model(model, sam_type)
+        embed_dim, features = decoder.embed_dim, SAM3_FEATURES
+    elif is_sam2(sam_type):
         from ..foundation.sam2_models import Sam2PromptDecoder, load_sam2
 
         model = load_sam2(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
@@ -221,6 +238,7 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
     else:
         model = load_sam(sam_type, checkpoint, random_init=random_init)  # fails fast on a wrong checkpoint
         embed_dim, decoder, features = model.prompt_encoder.embed_dim, SamPromptDecoder.from_sam(model, sam_type), {}
+    grid, lowres, frame_size = decoder.grid_size, decoder.lowres_size, decoder.frame_size
     ckpt_hash = "random-init" if random_init else file_sha256(ckpt_path)
     digest = samples_digest(samples)
     identity = {"sam_type": sam_type, "checkpoint_sha256": ckpt_hash, "samples_sha256": digest, "shard_size": shard_size,
@@ -231,6 +249,9 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
 
         texts = list(dict.fromkeys(clip_texts or [s.text for s in samples]))
         names = [map_name(t) for t in texts]
+        if grid != GRID:
+            raise DataError(f"CLIP Surgery maps are {GRID} x {GRID}, but {sam_type}'s embedding grid is {grid} x {grid}: "
+                            "the explicit SRM branch is not available on this SAM yet (use the implicit branch)")
         if len(set(names)) != len(names):
             raise DataError(f"text prompts {texts} give clashing map column names {names}")
         ClipSurgery.load(clip_model, clip_weights)  # fails fast on a wrong or missing weights file
@@ -250,8 +271,8 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
         manifest = {
             "format_version": FORMAT_VERSION, **identity, "checkpoint": ckpt_path,
             "dataset": dataset_spec, "embed_dim": embed_dim,
-            "embedding_shape": [embed_dim, GRID, GRID], "embedding_dtype": "float16",
-            "gt_lowres_shape": [LOWRES, LOWRES], "maps": sorted(identity["clip"]["maps"]) if clip else [],
+            "embedding_shape": [embed_dim, grid, grid], "embedding_dtype": "float16",
+            "gt_lowres_shape": [lowres, lowres], "frame_size": frame_size, "maps": sorted(identity["clip"]["maps"]) if clip else [],
             "decoder": DECODER_FILE,
             "shards": {}, "skipped": {}, "complete": False,
             # SAM 2.1: the image squashed to 1024 x 1024 (SAM 1: long side 1024, padded) + its decoder's
@@ -274,12 +295,13 @@ def _embed(samples, out, sam_type, checkpoint, random_init, shard_size, batch_si
     manifest["shards"] = {k: v for k, v in manifest["shards"].items() if v["index"] in done}
     pending = [i for i in range(n_shards) if i not in done]
     items = [
-        {"order": k, "shard": i, "sample": asdict(s), "square": bool(features)}
+        {"order": k, "shard": i, "sample": asdict(s), "square": bool(features), "frame_size": frame_size,
+         "lowres": lowres}
         for i in pending for k, s in enumerate(samples[i * shard_size : (i + 1) * shard_size], start=i * shard_size)
     ]
     if progress and done:
         print(f"[embed] resuming: {len(done)} of {n_shards} shards already done", file=sys.stderr)
-    table_schema = schema(embed_dim, tuple(manifest["maps"]), manifest.get("features"))
+    table_schema = schema(embed_dim, tuple(manifest["maps"]), manifest.get("features"), grid, lowres)
     t0 = time.time()
     n_new = 0
     if items:

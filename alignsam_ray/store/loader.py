@@ -1,9 +1,11 @@
 """Reading a store: verified shards -> numpy arrays (whole split, or streamed) -> the Ray object store.
 
     EmbeddingStore(path).arrays(split) -> dict of numpy arrays (N = images in the split):
-        ids (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
+        ids (N,) str, texts (N,) str, embeddings (N, E, 64, 64) float16, gt_lowres (N, 256, 256) uint8,
         original_size (N, 2) int32 (h, w), input_size (N, 2) int32 (h, w), map_<name> (N, 64, 64) float16,
+        (SAM 3 stores: 72 x 72 embeddings, 288 x 288 ground truth)
         SAM 2.1 stores also high_res_feats_0 (N, 32, 256, 256) and high_res_feats_1 (N, 64, 128, 128) float16
+        (SAM 3: 288 and 144)
     EmbeddingStore(path).split_ids(split) -> (N,) ids, reading only the ``id`` and ``split`` columns
     EmbeddingStore(path).iter_rows(split, start, stop, batch) -> (arrays, gt_full, image_paths) per ``batch`` images of
         the split's rows [start, stop) (positions in the split's order): only the Parquet files holding
@@ -87,15 +89,18 @@ class EmbeddingStore:
 
     def _arrays_of(self, t: pa.Table) -> dict[str, np.ndarray]:
         n = t.num_rows
+        grid = int(self.manifest.get("embedding_shape", [0, GRID])[1])  # SAM 3 stores: 72 and 288
+        lowres = int(self.manifest.get("gt_lowres_shape", [LOWRES])[0])
         out = {
             "ids": np.asarray(t["id"].to_pylist()),
-            "embeddings": _fixed_binary(t["embedding"], np.float16, (n, self.embed_dim, GRID, GRID)),
-            "gt_lowres": _fixed_binary(t["gt_lowres"], np.uint8, (n, LOWRES, LOWRES)),
+            "texts": np.asarray(t["text"].to_pylist()),  # each image's task text (sam3_text prompts SAM 3 with it)
+            "embeddings": _fixed_binary(t["embedding"], np.float16, (n, self.embed_dim, grid, grid)),
+            "gt_lowres": _fixed_binary(t["gt_lowres"], np.uint8, (n, lowres, lowres)),
             "original_size": np.stack([t["original_h"].to_numpy(), t["original_w"].to_numpy()], 1).astype(np.int32),
             "input_size": np.stack([t["input_h"].to_numpy(), t["input_w"].to_numpy()], 1).astype(np.int32),
         }
         for name in self.manifest.get("maps", []):
-            out[f"map_{name}"] = _fixed_binary(t[f"map_{name}"], np.float16, (n, GRID, GRID))
+            out[f"map_{name}"] = _fixed_binary(t[f"map_{name}"], np.float16, (n, grid, grid))
         for name, shape in (self.manifest.get("features") or {}).items():  # SAM 2.1 stores
             out[name] = _fixed_binary(t[name], np.float16, (n, *shape))
         return out

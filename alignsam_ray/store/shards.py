@@ -9,8 +9,8 @@ Row schema (one image):
     id, task, split, text, image_path   string
     original_h, original_w              int32   image size in pixels
     input_h, input_w                    int32   size after ResizeLongestSide(1024), before padding
-    embedding                           fixed_size_binary  float16 (E, 64, 64), C order
-    gt_lowres                           fixed_size_binary  uint8 (256, 256) in SAM's padded low-res
+    embedding                           fixed_size_binary  float16 (E, 64, 64), C order (SAM 3: 72 x 72)
+    gt_lowres                           fixed_size_binary  uint8 (256, 256) (SAM 3: 288) in SAM's padded low-res
                                         frame: 0 background, 1 foreground, 255 ignore (void)
     gt_png                              binary  full-resolution mask, PNG (same 0/1/255 values)
     map_<name>                          fixed_size_binary  float16 (64, 64), optional per-image maps
@@ -50,17 +50,19 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def schema(embed_dim: int, map_names: tuple[str, ...] = (), features: dict | None = None) -> pa.Schema:
+def schema(embed_dim: int, map_names: tuple[str, ...] = (), features: dict | None = None, grid: int = GRID,
+           lowres: int = LOWRES) -> pa.Schema:
     """The shard columns; ``features``: extra fp16 feature maps per image, name -> shape (SAM 2.1's
-    high-resolution features: high_res_feats_0 (32, 256, 256), high_res_feats_1 (64, 128, 128))."""
+    high-resolution features: high_res_feats_0 (32, 256, 256), high_res_feats_1 (64, 128, 128)); ``grid``,
+    ``lowres``: the embedding grid and the low-res mask side (SAM 3: 72 and 288)."""
     fields = [
         ("id", pa.string()), ("task", pa.string()), ("split", pa.string()), ("text", pa.string()),
         ("image_path", pa.string()),
         ("original_h", pa.int32()), ("original_w", pa.int32()), ("input_h", pa.int32()), ("input_w", pa.int32()),
-        ("embedding", pa.binary(embed_dim * GRID * GRID * 2)),
-        ("gt_lowres", pa.binary(LOWRES * LOWRES)),
+        ("embedding", pa.binary(embed_dim * grid * grid * 2)),
+        ("gt_lowres", pa.binary(lowres * lowres)),
         ("gt_png", pa.binary()),
-    ] + [(f"map_{n}", pa.binary(GRID * GRID * 2)) for n in map_names]
+    ] + [(f"map_{n}", pa.binary(grid * grid * 2)) for n in map_names]
     fields += [(name, pa.binary(int(np.prod(shape)) * 2)) for name, shape in (features or {}).items()]
     return pa.schema(fields)
 
