@@ -148,7 +148,6 @@ class EnvConfig:
     srm_branch: str = SrmSettings.branch
     text_map: str | None = SrmSettings.text_map
     collect_srm_samples: bool = False
-    srm_actor: str | None = None  # the run's SrmHolder: a new (or restarted) env loads the latest SRM
     torch_threads: int | None = None
     seed: int | None = None
 

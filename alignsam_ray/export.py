@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from .agent.policy import PolicyNet
+from .agent.srm import save_srm
 from .checksum import file_sha256
 
 BUNDLE_FORMAT = 1
@@ -53,8 +54,7 @@ def export_bundle(checkpoint: str, out: str, pt2: bool = False) -> dict:
     if pt2:
         torch.export.save(torch.export.export(policy, example, dynamic_shapes=shapes), os.path.join(tmp, POLICY_PT2))
         files.append(POLICY_PT2)
-    torch.save({"branch": agent.srm.branch, "embed_dim": E, "state_dict": agent.srm.state_dict()},
-               os.path.join(tmp, SRM_FILE))
+    save_srm(agent.srm, os.path.join(tmp, SRM_FILE))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         yaml.safe_dump(agent.cfg, f, sort_keys=False)
     files += [SRM_FILE, CONFIG_FILE]

@@ -29,7 +29,7 @@ import onnxruntime
 import torch
 import yaml
 
-from .agent.srm import SRM
+from .agent.srm import load_srm
 from .env.grid import PatchGrid
 from .env.rollout import rollout
 from .export import CONFIG_FILE, MANIFEST, POLICY_ONNX, SRM_FILE
@@ -39,7 +39,6 @@ from .foundation import (
     SamPromptDecoder,
     file_sha256,
     load_sam,
-    load_weights,
     pick_device,
 )
 from .foundation.sam2_models import Sam2ImageEncoder, Sam2PromptDecoder, is_sam2, load_sam2, square_frame
@@ -120,10 +119,7 @@ class AlignSAMPredictor:
                 self.encoder = SamImageEncoder(model, self.device)
             self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
         self.policy = onnxruntime.InferenceSession(os.path.join(bundle, POLICY_ONNX), providers=["CPUExecutionProvider"])
-        blob = load_weights(os.path.join(bundle, SRM_FILE), "bundle SRM")
-        self.srm = SRM(blob["embed_dim"], blob["branch"])
-        self.srm.load_state_dict(blob["state_dict"])
-        self.srm.eval()
+        self.srm = load_srm(os.path.join(bundle, SRM_FILE), "bundle SRM")
         e = self.cfg["env"]
         self.grid = PatchGrid.from_env(e)
         self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])

@@ -162,11 +162,12 @@ def run_config(store: str, **overrides) -> dict:
 
 
 def build_algo(cfg: dict):
-    from alignsam_ray.store.loader import publish_store
+    from alignsam_ray.store.loader import EmbeddingStore, publish_store
     from alignsam_ray.train import build_ppo_config, init_ray
 
     init_ray()
-    return build_ppo_config(cfg, publish_store(cfg["store"], "train")).build_algo()
+    return build_ppo_config(cfg, embed_dim=EmbeddingStore(cfg["store"], verify=False).embed_dim,
+                            store_actor=publish_store(cfg["store"], "train")).build_algo()
 
 
 def runner_sample(algo, steps_per_runner: int) -> tuple[int, float]:

@@ -1,6 +1,8 @@
 """SRM, the actor-critic RLModule and the run config."""
 from __future__ import annotations
 
+import pickle
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -39,13 +41,31 @@ def test_srm_trainer_learns_a_rule():
     for _ in range(64):
         s = rng.standard_normal((8, 8, 8)).astype(np.float16)
         samples.append((s, None, (s[0] > 0).astype(np.float16)))
-    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=30, batch_size=32)
+    trainer = SrmTrainer(embed_dim=8, branch="implicit", lr=3e-3, q=30, batch_size=32, seed=0, bf16=False)
     assert trainer.q == 30
     first = trainer.update(samples)
     assert trainer.updates == 30 * 2  # q epochs of 64 / 32 minibatches
     second = trainer.update(samples)
     assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
-    assert SrmTrainer(8, "explicit").q == 5 and SrmTrainer(8, "implicit").q == 1  # the paper's q
+    paper = {"embed_dim": 8, "lr": 1e-4, "q": None, "batch_size": 64, "seed": 0, "bf16": False}
+    assert SrmTrainer(branch="explicit", **paper).q == 5 and SrmTrainer(branch="implicit", **paper).q == 1
+
+
+def test_srm_trainer_state_resumes_exactly():
+    """get_state / set_state (the SRM's part of AlignSamPPO's checkpoint): a trainer restored from it makes
+    the same next update as the one that went on (weights, Adam moments and minibatch order)."""
+    rng = np.random.default_rng(0)
+    samples = [(s, None, (s[0] > 0).astype(np.float16))
+               for s in (rng.standard_normal((8, 8, 8)).astype(np.float16) for _ in range(40))]
+    settings = {"embed_dim": 8, "branch": "implicit", "lr": 3e-3, "q": 2, "batch_size": 16, "bf16": False}
+    trainer = SrmTrainer(seed=0, **settings)
+    trainer.update(samples)
+    restored = SrmTrainer(seed=1, **settings)  # other initial weights and stream
+    restored.set_state(pickle.loads(pickle.dumps(trainer.get_state())))
+    a, b = trainer.update(samples), restored.update(samples)
+    assert a == b and restored.updates == trainer.updates
+    for k, v in trainer.srm.state_dict().items():
+        assert torch.equal(v, restored.srm.state_dict()[k]), k
 
 
 def _module(grid=(10, 10), embed=16, res=8, time_input=True, precision="fp32"):
@@ -113,7 +133,7 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32():
     rng = np.random.default_rng(0)
     samples = [(s, None, (s[0] > 0).astype(np.float16))
                for s in (rng.standard_normal((8, 8, 8)).astype(np.float16) for _ in range(64))]
-    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=30, batch_size=32, bf16=True)
+    trainer = SrmTrainer(embed_dim=8, branch="implicit", lr=3e-3, q=30, batch_size=32, seed=0, bf16=True)
     first, second = trainer.update(samples), trainer.update(samples)
     assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
     assert load_config(None, ["store=somewhere"])["model"]["precision"] == "fp32"

@@ -237,25 +237,26 @@ def test_explicit_branch_reads_the_text_map(micro_decoder):
     assert ep.pop_srm_samples() == []
 
 
-def test_new_env_loads_the_runs_latest_srm(blur_store):
-    """An env built after the trainer published SRM weights (e.g. in an EnvRunner that RLlib restarted)
-    labels with those weights, not with a fresh random SRM."""
-    import ray
+def test_srm_weights_in_and_samples_out_of_an_env_runner(blur_store):
+    """What AlignSamPPO does on each EnvRunner (vector env or single): load the run's SRM weights into
+    every env (``set_srm_weights``; a restarted runner's env starts with a random SRM) and take the
+    samples they collected (``pop_srm_samples``)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from alignsam_ray.agent.callbacks import srm_holder
+    from alignsam_ray.env.alignsam_env import AlignSamVectorEnv, pop_srm_samples, set_srm_weights
 
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        torch.manual_seed(123)
-        trained = SRM(64)
-        state = {k: v.numpy() for k, v in trained.state_dict().items()}
-        holder = srm_holder("alignsam-srm:test")
-        ray.get(holder.set.remote(state))
-        env = AlignSamEnv({"store": blur_store, "obs_res": 8, "srm_actor": "alignsam-srm:test"})
-        for k, v in env.episodes.srm.state_dict().items():
-            np.testing.assert_array_equal(v.numpy(), state[k])
-        fresh = AlignSamEnv({"store": blur_store, "obs_res": 8})  # no holder: a random SRM, different weights
-        assert any(not np.array_equal(v.numpy(), state[k]) for k, v in fresh.episodes.srm.state_dict().items())
-    finally:
-        ray.shutdown()
+    torch.manual_seed(123)
+    weights = {k: v.numpy() for k, v in SRM(64).state_dict().items()}
+    runner = SimpleNamespace(env=AlignSamVectorEnv({"store": blur_store, "obs_res": 8, "horizon": 3,
+                                                    "collect_srm_samples": True}, num_envs=2))
+    assert any(not np.array_equal(v.numpy(), weights[k]) for k, v in runner.env.episodes.srm.state_dict().items())
+    assert set_srm_weights(runner, weights) == 1
+    for k, v in runner.env.episodes.srm.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), weights[k])
+    runner.env.reset(seed=0)
+    runner.env.step(np.zeros(2, np.int64))
+    samples = pop_srm_samples(runner)
+    assert len(samples) == 6 and samples[0][0].shape == (64, 8, 8)  # 2 slots x (s_0, after reset, after the step)
+    assert pop_srm_samples(runner) == []

@@ -21,13 +21,14 @@ env_config keys (all optional except ``store``; defaults: ``config.EnvConfig``):
     labels         "srm" | "gt" (oracle) | "positive" (w/o SRM ablation)
     srm_branch     "implicit" | "explicit";  text_map: the store's map column for the explicit branch
     collect_srm_samples   keep (state, ground truth) pairs for the SRM trainer
-    srm_actor      name of the run's ``SrmHolder``: a new (or restarted) env loads the latest SRM from it
     torch_threads  torch threads in this process (default: 1 inside Ray actors, e.g. EnvRunners)
     seed           seeds image and start-point sampling (RLlib also reseeds through reset(seed=...))
 
 ``make_env(config)`` is what RLlib gets: with ``num_envs`` in the config (RLlib's
 ``gym_env_vectorize_mode="vector_entry_point"``) it builds ``AlignSamVectorEnv``, whose k
-slots share one batched decoder call per step.
+slots share one batched decoder call per step. The SRM of a training env starts random; the
+algorithm (``agent.algorithm.AlignSamPPO``) sends it the run's weights (``set_srm_weights``) and
+collects its samples (``pop_srm_samples``), on every EnvRunner, restarted ones included.
 """
 from __future__ import annotations
 
@@ -91,12 +92,6 @@ def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
     grid = PatchGrid.from_env(cfg)
     srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
     srm.eval()
-    if cfg["srm_actor"]:  # the run's latest SRM, also for an EnvRunner that RLlib restarted mid-run
-        from ..agent.callbacks import fetch_srm_state
-
-        state = fetch_srm_state(cfg["srm_actor"])
-        if state is not None:
-            set_srm_state(srm, state)
     text_map = cfg["text_map"] if cfg["srm_branch"] == "explicit" else None
     if cfg["srm_branch"] == "explicit" and not text_map:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
@@ -209,3 +204,16 @@ def iter_prompt_episodes(env) -> list[PromptEpisodes]:
     if isinstance(env, (AlignSamEnv, AlignSamVectorEnv)):
         return [env.episodes]
     return [e for sub in getattr(env, "envs", []) for e in iter_prompt_episodes(sub)]
+
+
+def pop_srm_samples(env_runner) -> list:
+    """On an EnvRunner: the (state, text state, target) samples its envs collected since the last call."""
+    return [s for ep in iter_prompt_episodes(env_runner.env) for s in ep.pop_srm_samples()]
+
+
+def set_srm_weights(env_runner, weights: dict) -> int:
+    """On an EnvRunner: load SRM weights (numpy arrays) into every env; returns how many envs got them."""
+    eps = iter_prompt_episodes(env_runner.env)
+    for ep in eps:
+        set_srm_state(ep.srm, weights)
+    return len(eps)
