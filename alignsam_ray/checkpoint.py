@@ -26,7 +26,7 @@ from .env.grid import PatchGrid
 
 CHECKPOINTS = "checkpoints"
 MODULE_SUBDIR = os.path.join("algo", "learner_group", "learner", "rl_module", "default_policy")
-ALGO_STATE = os.path.join("algo", "state.pkl")  # RLlib's Checkpointable state file of the algorithm itself
+ALGO_STATE = os.path.join("algo", "algorithm_state.pkl")  # the algorithm's own state (Algorithm.STATE_FILE_NAME)
 LEGACY_SRM = "srm.pt"  # the SRM of a checkpoint written before AlignSamPPO
 
 

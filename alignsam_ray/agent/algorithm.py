@@ -23,7 +23,7 @@ from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ..env.alignsam_env import pop_srm_samples, set_srm_weights
 from .srm import SrmTrainer
 
-SRM_STATE = "srm"  # the key of the SRM's state in the algorithm's state (algo/state.pkl)
+SRM_STATE = "srm"  # the key of the SRM's state in the algorithm's state (algo/algorithm_state.pkl)
 RESULTS = "alignsam"  # result[RESULTS]: the SRM update's statistics
 SRM_RESULT_KEYS = ("srm_loss", "srm_pixel_acc", "srm_s")
 
