@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .foundation.batched_decode import decoded_from, masks_from_tokens, prompt_tokens
 
 BASELINES = ("persam", "persam_mean", "clip_points")
@@ -307,30 +307,30 @@ def _point_stats(data: dict, points: list) -> tuple[float, float]:
     return rates(point_counts(data, points))
 
 
-def training_references(cfg: dict) -> dict:
+def training_references(cfg: RunConfig) -> dict:
     """The arrays of a run's training images (its store's train split without the train.val_images
     holdout): the reference images of persam (the first) and persam_mean (all)."""
     from .env.alignsam_env import holdout_split
     from .store.loader import EmbeddingStore
 
-    data = EmbeddingStore(cfg["store"], verify=False).arrays("train")
-    train, _ = holdout_split(len(data["ids"]), int(cfg["train"]["val_images"]))
+    data = EmbeddingStore(cfg.store, verify=False).arrays("train")
+    train, _ = holdout_split(len(data["ids"]), int(cfg.train.val_images))
     return {k: data[k][train] for k in ("ids", "embeddings", "gt_lowres")}
 
 
-def skip_reason(name: str, data: dict, decoder, cfg: dict) -> str | None:
+def skip_reason(name: str, data: dict, decoder, cfg: RunConfig) -> str | None:
     """Why ``evaluate`` leaves baseline ``name`` out for this store and run (None: it runs)."""
     try:
         if name in ("persam", "persam_mean"):
             _check_sam1(decoder)
         elif name == "clip_points":
-            map_key(data, cfg["srm"].get("text_map"))
+            map_key(data, cfg.srm.text_map)
     except ConfigError as exc:
         return str(exc)
     return None
 
 
-def prepare(data: dict, decoder, cfg: dict, log=print) -> tuple[dict, dict]:
+def prepare(data: dict, decoder, cfg: RunConfig, log=print) -> tuple[dict, dict]:
     """Which baselines run for this store and run, and their PerSAM targets -> ({name: (E,) target
     embedding, or None for clip_points}, {name: why skipped}). Skipped, with the reason logged and returned
     (``evaluate`` records it): persam / persam_mean on SAM 2.1 stores or when the run's training store is
@@ -345,7 +345,7 @@ def prepare(data: dict, decoder, cfg: dict, log=print) -> tuple[dict, dict]:
                 refs = training_references(cfg) if refs is None else refs
                 ready[name] = persam_target(name, refs, cfg)
             except (OSError, StoreError, ConfigError) as exc:
-                reason = f"the run's training store {cfg['store']!r} (the reference images) is unusable: {exc}"
+                reason = f"the run's training store {cfg.store!r} (the reference images) is unusable: {exc}"
         elif reason is None:
             ready[name] = None
         if reason is not None:
@@ -354,27 +354,27 @@ def prepare(data: dict, decoder, cfg: dict, log=print) -> tuple[dict, dict]:
     return ready, skipped
 
 
-def persam_target(name: str, references: dict, cfg: dict) -> np.ndarray:
+def persam_target(name: str, references: dict, cfg: RunConfig) -> np.ndarray:
     """The target embedding of ``persam`` (the first training image with foreground) or ``persam_mean``
     (every such image) from ``training_references(cfg)``."""
     cells = reference_cells(references["gt_lowres"]).reshape(len(references["ids"]), -1).any(1)
     if not cells.any():
-        raise ConfigError(f"persam: no training image of store {cfg['store']!r} has ground-truth foreground on "
+        raise ConfigError(f"persam: no training image of store {cfg.store!r} has ground-truth foreground on "
                           "SAM's 64 x 64 grid to take the target from")
     use = np.flatnonzero(cells)[:1] if name == "persam" else np.flatnonzero(cells)
     return target_embedding(references["embeddings"][use], references["gt_lowres"][use])
 
 
-def run_prepared(name: str, data: dict, decoder, cfg: dict, target: np.ndarray | None) -> BaselineResult:
+def run_prepared(name: str, data: dict, decoder, cfg: RunConfig, target: np.ndarray | None) -> BaselineResult:
     """Baseline ``name`` on the images of ``data`` with what ``prepare`` gave it."""
     if name == "clip_points":
-        return clip_points(data, decoder, cfg["srm"].get("text_map"))
+        return clip_points(data, decoder, cfg.srm.text_map)
     if name not in ("persam", "persam_mean"):
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
     return persam(data, decoder, target)
 
 
-def run_baseline(name: str, data: dict, decoder, cfg: dict, references: dict | None = None) -> BaselineResult:
+def run_baseline(name: str, data: dict, decoder, cfg: RunConfig, references: dict | None = None) -> BaselineResult:
     """Baseline ``name`` on the store arrays ``data`` for the run config ``cfg`` -> per-image low-res logits.
     ``references``: ``training_references(cfg)`` (read once by the caller for both PerSAM variants)."""
     target = None

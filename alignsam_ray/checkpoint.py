@@ -21,7 +21,7 @@ import torch
 
 from .agent.rl_module import AlignSamActorCritic
 from .agent.srm import SRM, load_srm, srm_from_state
-from .config import load_config
+from .config import RunConfig, load_config
 from .env.grid import PatchGrid
 
 CHECKPOINTS = "checkpoints"
@@ -86,7 +86,7 @@ class Agent:
 
     module: AlignSamActorCritic
     srm: SRM
-    cfg: dict
+    cfg: RunConfig
     checkpoint: str
 
     @classmethod
@@ -101,7 +101,7 @@ class Agent:
 
     @property
     def grid(self) -> PatchGrid:
-        e = self.cfg["env"]
+        e = self.cfg.env
         return PatchGrid.from_env(e)
 
     @torch.inference_mode()

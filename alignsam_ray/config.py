@@ -2,8 +2,9 @@
 
 One typed schema: ``RunConfig`` (a dataclass per section) holds each key's default, the check a value
 must pass and what it means; ``DEFAULTS`` / ``CHECKS`` derive from it, and ``EnvConfig`` (what an env
-reads) and ``SweepConfig`` (an `alignsam tune` file) sit beside it. Configs travel as plain dicts
-(``asdict``), the form YAML, Ray and Tune take.
+reads) and ``SweepConfig`` (an `alignsam tune` file) sit beside it. ``load_config`` returns a
+``RunConfig``, read by attribute (``cfg.ppo.lr``); a plain dict (``cfg.to_dict()``, back with
+``RunConfig.from_dict``) only where a library takes one: YAML, Tune's search space, RLlib's env_config.
 
 A run config is YAML with the sections below (``tune_configs/<task>.yaml``); anything left out
 takes the default. Command-line overrides use dotted keys: ``ppo.lr=3e-4 env.horizon=10``.
@@ -127,6 +128,25 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict:
+        """The nested dict (YAML, Tune)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """A nested dict (``to_dict``, a saved config.yaml) -> RunConfig; keys it lacks take the default, keys
+        the schema does not know are ignored (``load_config`` is the strict, checked way in)."""
+        def build(schema, values):
+            out = {}
+            for f in fields(schema):
+                if f.name not in (values or {}):
+                    continue
+                v = values[f.name]
+                sub = f.default_factory if isinstance(f.default_factory, type) and is_dataclass(f.default_factory) else None
+                out[f.name] = build(sub, v) if sub else copy.deepcopy(v)
+            return schema(**out)
+        return build(cls, d)
 
 
 @dataclass
@@ -274,23 +294,24 @@ def paper_srm(task: str) -> dict:
     return {"branch": "implicit"}
 
 
-def _check_text_map(cfg: dict) -> None:
+def _check_text_map(cfg: RunConfig) -> None:
     """The explicit branch reads the store's map_<text_map> column: say so before Ray starts if it is missing."""
-    if cfg["srm"]["branch"] != "explicit" or not cfg["srm"]["text_map"] or not os.path.isdir(cfg["store"]):
+    if cfg.srm.branch != "explicit" or not cfg.srm.text_map or not os.path.isdir(cfg.store):
         return  # (a store that is missing or remote is reported where it is opened)
     from .store.shards import read_manifest
 
-    maps = read_manifest(cfg["store"]).get("maps") or []
-    if cfg["srm"]["text_map"] not in maps:
+    maps = read_manifest(cfg.store).get("maps") or []
+    if cfg.srm.text_map not in maps:
         raise ConfigError(
-            f"the explicit SRM branch reads the store's CLIP Surgery map {cfg['srm']['text_map']!r}, but store "
-            f"{cfg['store']!r} has {maps or 'no maps'}: embed it with --clip-model ViT-B-16 --clip-weights FILE "
+            f"the explicit SRM branch reads the store's CLIP Surgery map {cfg.srm.text_map!r}, but store "
+            f"{cfg.store!r} has {maps or 'no maps'}: embed it with --clip-model ViT-B-16 --clip-weights FILE "
             "(or --clip-model micro on synthetic data), or train the implicit branch: srm.branch=implicit")
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None, store: str | None = None) -> dict:
-    """Defaults <- ``from_store(store)`` (when given) <- YAML file <- overrides; relative paths are made
-    absolute against the cwd."""
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
+                store: str | None = None) -> RunConfig:
+    """Defaults <- ``from_store(store)`` (when given) <- YAML file <- overrides, checked (``validate``);
+    relative paths are made absolute against the cwd."""
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -312,16 +333,17 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     for key in ("store", "run_dir"):
         if "://" not in cfg[key]:  # a store may be a pyarrow URI (s3://bucket/stores/blur)
             cfg[key] = os.path.abspath(cfg[key])
-    validate(cfg)
-    _check_text_map(cfg)
-    return cfg
+    run = validate(RunConfig.from_dict(cfg))
+    _check_text_map(run)
+    return run
 
 
-def validate(cfg: dict) -> dict:
+def validate(run: RunConfig) -> RunConfig:
     """Check every value's type and range, and the values that depend on each other; raise one
-    ConfigError with one line per problem. Returns ``cfg``."""
+    ConfigError with one line per problem. Returns ``run``."""
     from .env.grid import PatchGrid
 
+    cfg = run.to_dict()
     problems = []
     for key, ok, want in CHECKS:
         section, name = key.split(".")
@@ -350,17 +372,17 @@ def validate(cfg: dict) -> dict:
                         "(`alignsam embed --clip-model ...`)")
     if problems:
         raise ConfigError(f"{len(problems)} bad config value(s):\n  " + "\n  ".join(problems))
-    return cfg
+    return run
 
 
-def save_config(cfg: dict, path: str) -> None:
+def save_config(cfg: RunConfig, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-def env_config(cfg: dict, **extra) -> dict:
-    """The env_config for ``alignsam_ray.env.make_env`` from a run config."""
-    e = cfg["env"]
-    return asdict(EnvConfig(store=cfg["store"], grid=e["grid"], patch_size=e["patch_size"], resize=e["resize"],
-                            horizon=e["horizon"], obs_res=e["obs_res"], state=e["state"],
-                            srm_branch=cfg["srm"]["branch"], text_map=cfg["srm"]["text_map"], **extra))
+def env_config(cfg: RunConfig, **extra) -> dict:
+    """The env_config (a dict: RLlib's form) for ``alignsam_ray.env.make_env`` from a run config."""
+    e = cfg.env
+    return asdict(EnvConfig(store=cfg.store, grid=e.grid, patch_size=e.patch_size, resize=e.resize,
+                            horizon=e.horizon, obs_res=e.obs_res, state=e.state,
+                            srm_branch=cfg.srm.branch, text_map=cfg.srm.text_map, **extra))

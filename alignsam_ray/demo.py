@@ -16,6 +16,10 @@ import csv
 import json
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 DEMO_TASKS = ("synthetic_shapes",)  # the VOC analogue: the target class among distractor shapes
 DEMO_ITERATIONS = 12  # PPO iterations of the default 600 env steps (40 episodes): what fits 10 minutes
@@ -63,7 +67,7 @@ def prepare_task(task: str, out: str, n_train: int = 50, n_test: int = 50, seed:
 
 
 def demo_config(store: str, run_dir: str, iterations: int = DEMO_ITERATIONS, seed: int = 0, env_runners: int = 2,
-                precision: str = DEMO_PRECISION, overrides: dict | None = None) -> dict:
+                precision: str = DEMO_PRECISION, overrides: dict | None = None) -> RunConfig:
     """The paper's defaults; the task and its SRM branch come from the store (``config.from_store``);
     ``overrides`` (nested dict) on top."""
     from .config import load_config
@@ -129,9 +133,9 @@ def _run_tasks(out, tasks, n_train, n_test, seed, iterations, env_runners, preci
         phases["synthesis + embedding"] += time.time() - t1
         cfg = demo_config(store, os.path.join(out, "runs", task), iterations, seed, env_runners, precision)
         print(f"\n[demo] {task}: 2/3 training the PPO agent ({iterations} iterations, SRM branch "
-              f"{cfg['srm']['branch']})", flush=True)
+              f"{cfg.srm.branch})", flush=True)
         t1 = time.time()
-        result = train(cfg, resume=os.path.isdir(os.path.join(cfg["run_dir"], "checkpoints")))  # a rerun resumes
+        result = train(cfg, resume=os.path.isdir(os.path.join(cfg.run_dir, "checkpoints")))  # a rerun resumes
         phases["training"] += time.time() - t1
         print(f"[demo] {task}: 3/3 evaluating on the test split", flush=True)
         t1 = time.time()

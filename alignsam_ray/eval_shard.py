@@ -33,7 +33,7 @@ import torch
 from . import baselines
 from .agent.policy import PolicyNet
 from .agent.srm import SRM
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .env.grid import PatchGrid
 from .env.rollout import Rollout, rollout
 from .metrics import MetricAccumulator, confidence_intervals, image_metrics, paired_difference
@@ -85,7 +85,7 @@ class EvalAgent:
 
     policy: PolicyNet
     srm: SRM
-    cfg: dict
+    cfg: RunConfig
     device: torch.device
 
     def __post_init__(self):
@@ -99,7 +99,7 @@ class EvalAgent:
 
     @property
     def grid(self) -> PatchGrid:
-        return PatchGrid.from_env(self.cfg["env"])
+        return PatchGrid.from_env(self.cfg.env)
 
     @torch.inference_mode()
     def greedy(self, obs: np.ndarray, action_mask: np.ndarray) -> np.ndarray:
@@ -108,16 +108,16 @@ class EvalAgent:
         return logits.argmax(1).cpu().numpy()
 
 
-def plan(cfg: dict, grid: PatchGrid) -> tuple[int, tuple, int, tuple]:
+def plan(cfg: RunConfig, grid: PatchGrid) -> tuple[int, tuple, int, tuple]:
     """(T, the T sweep, the main rollout's horizon, the steps it records)."""
-    T = int(cfg["env"]["horizon"])
+    T = int(cfg.env.horizon)
     t_sweep = tuple(t for t in T_SWEEP if t <= grid.n)
     horizon = max(t_sweep + (T,))
     record = tuple(sorted(set(t_sweep + FIGURE_STEPS + (T, 0)) & set(range(horizon + 1))))
     return T, t_sweep, horizon, record
 
 
-def row_names(cfg: dict, grid: PatchGrid) -> dict:
+def row_names(cfg: RunConfig, grid: PatchGrid) -> dict:
     """row -> (rollout it reads, step): the methods, "t=<T>" per T of the sweep, "initial" (T = 0)."""
     T, t_sweep, _, _ = plan(cfg, grid)
     rows = {name: ("main", T if name == "alignsam" else 1) if name in ("alignsam", "single_step")
@@ -193,7 +193,7 @@ def _accumulator(records: list[dict]) -> MetricAccumulator:
     return acc
 
 
-def merge_shards(results: list[dict], cfg: dict, grid: PatchGrid) -> tuple[dict, dict]:
+def merge_shards(results: list[dict], cfg: RunConfig, grid: PatchGrid) -> tuple[dict, dict]:
     """Shard results (any order; together the split's images [0, n) without gap or overlap) ->
     ({"methods", "paired", "t_sweep", "initial_prompts"}, per_image {"ids", "rows": {row: [dict]}})."""
     results = sorted(results, key=lambda r: r["start"])

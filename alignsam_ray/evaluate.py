@@ -107,10 +107,10 @@ def trained_sam(agent: Agent) -> dict:
         sam = None
     if not sam:
         try:
-            manifest = read_manifest(agent.cfg["store"])
+            manifest = read_manifest(agent.cfg.store)
         except Exception as exc:
             raise ConfigError(f"cannot tell which SAM checkpoint {agent.checkpoint!r} was trained with: its "
-                              f"checkpoint records none and its run's store {agent.cfg['store']!r} is unreadable "
+                              f"checkpoint records none and its run's store {agent.cfg.store!r} is unreadable "
                               f"({exc}); evaluate on that store, or make it reachable") from None
         sam = {key: manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}
     return sam
@@ -145,7 +145,7 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
     check_store(agent, st, store)
     n = len(st.split_ids(split))
     log = _logger("evaluate", progress)
-    log(f"{n} {split} images, T = {agent.cfg['env']['horizon']}, {shards} shard(s)")
+    log(f"{n} {split} images, T = {agent.cfg.env.horizon}, {shards} shard(s)")
     if shards <= 1:
         dev = eval_device(device)
         counter = ProgressLine(n, log)
@@ -252,8 +252,8 @@ def write_evaluation(out: str, agent, st: EmbeddingStore, store: str, split: str
     """Merge shard results (``merge_shards``) and write metrics.json, report.md, per_image.json, figures/."""
     merged, per_image = merge_shards(results, agent.cfg, agent.grid)
     metrics = {
-        "task": agent.cfg["task"], "n_images": len(per_image["ids"]), "split": split,
-        "horizon": int(agent.cfg["env"]["horizon"]), "checkpoint": agent.checkpoint,
+        "task": agent.cfg.task, "n_images": len(per_image["ids"]), "split": split,
+        "horizon": int(agent.cfg.env.horizon), "checkpoint": agent.checkpoint,
         "store": store if "://" in store else os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
         **merged, "shards": len(results), "devices": devices, "seconds": round(time.time() - t0, 1),
     }
@@ -285,7 +285,7 @@ def alignsam_score(agent: Agent, data: dict, gt_full: dict, decoder: SamPromptDe
                    seed: int = 0) -> MetricAccumulator:
     """The ``alignsam`` method alone (the paper's protocol: SRM start, greedy policy, SRM labels, the
     run's T) on store arrays -> per-image metrics (model selection, run-to-run comparisons)."""
-    T = int(agent.cfg["env"]["horizon"])
+    T = int(agent.cfg.env.horizon)
     r = rollout(agent, data, decoder, "policy", "srm", T, (T,), batch, seed)
     return score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder)
 

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from .agent.srm import load_srm
+from .config import RunConfig
 from .env.grid import PatchGrid
 from .env.rollout import rollout
 from .export import CONFIG_FILE, MANIFEST, POLICY_ONNX, SRM_FILE
@@ -90,7 +91,9 @@ class AlignSAMPredictor:
         embeddings made elsewhere (``alignsam segment --ray``): neither SAM's image encoder nor CLIP is kept."""
         self.manifest = read_bundle_manifest(bundle)
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
-            self.cfg = yaml.safe_load(f)
+            raw = yaml.safe_load(f)
+        raw["env"].setdefault("state", "binary")  # bundles from before the probability state were binary
+        self.cfg = RunConfig.from_dict(raw)
         sam = self.manifest["sam"]
         if sam["checkpoint_sha256"] != "random-init":
             ckpt = sam_checkpoint
@@ -120,10 +123,9 @@ class AlignSAMPredictor:
             self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
         self.policy = onnxruntime.InferenceSession(os.path.join(bundle, POLICY_ONNX), providers=["CPUExecutionProvider"])
         self.srm = load_srm(os.path.join(bundle, SRM_FILE), "bundle SRM")
-        e = self.cfg["env"]
+        e = self.cfg.env
         self.grid = PatchGrid.from_env(e)
-        self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])
-        e.setdefault("state", "binary")  # bundles from before the probability state were binary
+        self.horizon, self.obs_res = int(e.horizon), int(e.obs_res)
 
     def _load_clip(self, clip_weights: str | None) -> None:
         from .foundation.clip_surgery import ClipSurgery

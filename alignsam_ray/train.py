@@ -43,7 +43,7 @@ from .agent.algorithm import RESULTS, SRM_STATE, AlignSamPPOConfig
 from .agent.callbacks import AlignSamMetrics
 from .agent.rl_module import AlignSamActorCritic
 from .checkpoint import CHECKPOINTS, checkpoints, legacy_srm_state, resolve_checkpoint
-from .config import ConfigError, env_config, save_config, validate
+from .config import ConfigError, RunConfig, env_config, save_config, validate
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
 from .store.loader import EmbeddingStore, publish_store
@@ -65,10 +65,10 @@ def init_ray(**kwargs) -> None:
     ray_session.init_ray(logging_level="WARNING", **kwargs)
 
 
-def num_gpus(cfg: dict) -> float:
+def num_gpus(cfg: RunConfig) -> float:
     """The learner's GPUs: "auto" = 1 when the Ray cluster has a GPU (connected), else when this
     machine has one (a driver on a CPU-only head node still gives its Tune trials a GPU node)."""
-    g = cfg["resources"]["num_gpus_per_learner"]
+    g = cfg.resources.num_gpus_per_learner
     if g != "auto":
         return float(g)
     if ray.is_initialized():
@@ -76,10 +76,10 @@ def num_gpus(cfg: dict) -> float:
     return 1 if torch.cuda.is_available() else 0
 
 
-def check_cluster_fits(cfg: dict) -> None:
+def check_cluster_fits(cfg: RunConfig) -> None:
     """Refuse EnvRunners this Ray cluster can never host (RLlib would wait for their CPUs forever, silently)."""
-    r = cfg["resources"]
-    n, per = r["num_env_runners"], float(r["num_cpus_per_env_runner"])
+    r = cfg.resources
+    n, per = r.num_env_runners, float(r.num_cpus_per_env_runner)
     if not n or not per:
         return
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
@@ -92,35 +92,35 @@ def check_cluster_fits(cfg: dict) -> None:
             f"resources.num_cpus_per_env_runner (e.g. {sum(nodes) / n:.2g}), or add nodes")
 
 
-def build_ppo_config(cfg: dict, *, embed_dim: int, store_actor: str | None = None) -> AlignSamPPOConfig:
+def build_ppo_config(cfg: RunConfig, *, embed_dim: int, store_actor: str | None = None) -> AlignSamPPOConfig:
     """The RLlib config of a run config (paper hyperparameters set explicitly); ``embed_dim``: the store's
     SAM embedding width (the SRM's input channels)."""
     register_env(ENV_NAME, make_env)
-    p, r, s = cfg["ppo"], cfg["resources"], cfg["srm"]
-    grid = PatchGrid.from_env(cfg["env"])
+    p, r, s = cfg.ppo, cfg.resources, cfg.srm
+    grid = PatchGrid.from_env(cfg.env)
     return (
         AlignSamPPOConfig()
         .environment(ENV_NAME, env_config=env_config(cfg, store_actor=store_actor, split="train", init="gt",
                                                      labels="srm", collect_srm_samples=True,
-                                                     holdout=cfg["train"]["val_images"], seed=cfg["train"]["seed"]))
-        .env_runners(num_env_runners=r["num_env_runners"], num_envs_per_env_runner=r["num_envs_per_env_runner"],
-                     num_cpus_per_env_runner=r["num_cpus_per_env_runner"], sample_timeout_s=r["sample_timeout_s"],
+                                                     holdout=cfg.train.val_images, seed=cfg.train.seed))
+        .env_runners(num_env_runners=r.num_env_runners, num_envs_per_env_runner=r.num_envs_per_env_runner,
+                     num_cpus_per_env_runner=r.num_cpus_per_env_runner, sample_timeout_s=r.sample_timeout_s,
                      gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=0, num_gpus_per_learner=num_gpus(cfg))
-        .training(gamma=p["gamma"], clip_param=p["clip_param"], num_epochs=p["num_epochs"], lr=p["lr"],
-                  lambda_=p["lambda_"], entropy_coeff=p["entropy_coeff"], vf_loss_coeff=p["vf_loss_coeff"],
-                  vf_clip_param=p["vf_clip_param"], use_kl_loss=p["use_kl_loss"],
-                  train_batch_size_per_learner=p["train_batch_size"], minibatch_size=p["minibatch_size"],
-                  grad_clip=p["grad_clip"])
+        .training(gamma=p.gamma, clip_param=p.clip_param, num_epochs=p.num_epochs, lr=p.lr,
+                  lambda_=p.lambda_, entropy_coeff=p.entropy_coeff, vf_loss_coeff=p.vf_loss_coeff,
+                  vf_clip_param=p.vf_clip_param, use_kl_loss=p.use_kl_loss,
+                  train_batch_size_per_learner=p.train_batch_size, minibatch_size=p.minibatch_size,
+                  grad_clip=p.grad_clip)
         .rl_module(rl_module_spec=RLModuleSpec(
             module_class=AlignSamActorCritic,
-            model_config={"grid": [grid.rows, grid.cols], "width": cfg["model"]["width"],
-                          "time_input": cfg["model"]["time_input"], "precision": cfg["model"]["precision"]}))
-        .srm_training(embed_dim=embed_dim, branch=s["branch"], lr=s["lr"], q=s["q"], batch_size=s["batch_size"],
-                      seed=cfg["train"]["seed"], bf16=cfg["model"]["precision"] == "bf16")
+            model_config={"grid": [grid.rows, grid.cols], "width": cfg.model.width,
+                          "time_input": cfg.model.time_input, "precision": cfg.model.precision}))
+        .srm_training(embed_dim=embed_dim, branch=s.branch, lr=s.lr, q=s.q, batch_size=s.batch_size,
+                      seed=cfg.train.seed, bf16=cfg.model.precision == "bf16")
         .callbacks(AlignSamMetrics)
         .fault_tolerance(restart_failed_env_runners=True)
-        .debugging(seed=cfg["train"]["seed"], log_level="WARN")
+        .debugging(seed=cfg.train.seed, log_level="WARN")
     )
 
 
@@ -143,19 +143,19 @@ def unsmoothed_timers(algo) -> None:
 class Trainer:
     """Owns the algorithm (``AlignSamPPO``: policy and SRM), the run folder, the logs and the loop."""
 
-    def __init__(self, cfg: dict, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
         self.cfg = validate(cfg)  # before Ray starts (tune trials come here with searched values too)
         self.progress = progress
-        self.run_dir = cfg["run_dir"]
-        store = EmbeddingStore(cfg["store"], verify=False)
-        n_train, k = store.manifest.get("counts", {}).get("train", 0), cfg["train"]["val_images"]
+        self.run_dir = cfg.run_dir
+        store = EmbeddingStore(cfg.store, verify=False)
+        n_train, k = store.manifest.get("counts", {}).get("train", 0), cfg.train.val_images
         if k >= n_train:
             raise ConfigError(f"train.val_images ({k}) must be smaller than the {n_train} training images of store "
-                              f"{cfg['store']!r} (the last k are held out for validation)")
+                              f"{cfg.store!r} (the last k are held out for validation)")
         self.sam = {key: store.manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}  # -> state.json
         init_ray()
         check_cluster_fits(cfg)
-        self.store_actor = publish_store(cfg["store"], "train")
+        self.store_actor = publish_store(cfg.store, "train")
         with ray_session.native_to_log():  # the EnvRunners' start (core worker notices) off the terminal
             self.algo = build_ppo_config(cfg, embed_dim=store.embed_dim, store_actor=self.store_actor).build_algo()
         unsmoothed_timers(self.algo)
@@ -201,8 +201,8 @@ class Trainer:
         progress), a checkpoint every train.checkpoint_every and at the end. ``report(row, checkpoint)``
         (Tune trials: validation metrics + ``tune.report``) is called after each iteration, with the
         folder saved at that iteration or None. Returns the last row + "checkpoint"."""
-        c = self.cfg["train"]
-        total = c["iterations"]
+        c = self.cfg.train
+        total = c.iterations
         if self.iteration >= total:
             print(f"[train] {self.run_dir}: already at iteration {self.iteration} of {total}; nothing to do")
             return {"iteration": self.iteration, "checkpoint": resolve_checkpoint(self.run_dir)}
@@ -235,7 +235,7 @@ class Trainer:
                     print(f"[train] iter {row['iteration']:>3}/{total}  return {row['episode_return']:6.2f}  "
                           f"hit {row['hit_rate']:.3f}  IoU {row['final_iou']:.3f}  SRM acc {row['srm_pixel_acc']:.3f}  "
                           f"{row['env_steps_per_s']:6.1f} steps/s  ({row['iter_s']:.1f}s)", flush=True)
-                saved = self.save() if self.iteration % c["checkpoint_every"] == 0 or self.iteration == total else None
+                saved = self.save() if self.iteration % c.checkpoint_every == 0 or self.iteration == total else None
                 last = saved or last
                 if report is not None:
                     report(row, saved)
@@ -254,8 +254,8 @@ class Trainer:
         self.algo.save_to_path(os.path.abspath(os.path.join(tmp, "algo")))
         save_config(self.cfg, os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"iteration": self.iteration, "env_steps": self.env_steps, "task": self.cfg["task"],
-                       "store": self.cfg["store"], "sam": self.sam, "time": time.time()}, f, indent=2)
+            json.dump({"iteration": self.iteration, "env_steps": self.env_steps, "task": self.cfg.task,
+                       "store": self.cfg.store, "sam": self.sam, "time": time.time()}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if self.progress:
@@ -284,7 +284,7 @@ class Trainer:
         from .evaluate import validation_metrics, validation_set
 
         if self._val_set is None:  # the held-out images are read once per run, not per iteration
-            self._val_set = validation_set(self.cfg["store"], self.cfg["train"]["val_images"])
+            self._val_set = validation_set(self.cfg.store, self.cfg.train.val_images)
         module = self.algo.get_module()
         module.eval()
         agent = Agent(module, self.algo.srm.srm, self.cfg, checkpoint=f"{self.run_dir} (iteration {self.iteration})")
@@ -294,7 +294,7 @@ class Trainer:
         self.algo.stop()
 
 
-def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
         return trainer.run()

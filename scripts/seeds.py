@@ -107,13 +107,13 @@ def main(argv=None) -> int:
         out = os.path.join(args.work, "eval", name, f"seed_{seed}{suffix}")
         done = os.path.join(out, "metrics.json")
         if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \
-                os.path.isfile(os.path.join(cfg["run_dir"], "checkpoints", f"iter_{cfg['train']['iterations']:06d}", "state.json")):
+                os.path.isfile(os.path.join(cfg.run_dir, "checkpoints", f"iter_{cfg.train.iterations:06d}", "state.json")):
             evals[seed] = json.load(open(done))
             print(f"[seeds] {name} seed {seed}: reusing {done}", flush=True)
             continue
-        print(f"[seeds] {name} seed {seed}: training {cfg['train']['iterations']} iterations", flush=True)
+        print(f"[seeds] {name} seed {seed}: training {cfg.train.iterations} iterations", flush=True)
         result = train(cfg, resume=True)
-        evals[seed] = evaluate(result["checkpoint"], test_store or cfg["store"], out, seed=seed)
+        evals[seed] = evaluate(result["checkpoint"], test_store or cfg.store, out, seed=seed)
         seconds[seed] = round(time.time() - t0, 1)
     table = seed_table(name, evals)
     print("\n" + table)

@@ -136,7 +136,7 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32():
     trainer = SrmTrainer(embed_dim=8, branch="implicit", lr=3e-3, q=30, batch_size=32, seed=0, bf16=True)
     first, second = trainer.update(samples), trainer.update(samples)
     assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
-    assert load_config(None, ["store=somewhere"])["model"]["precision"] == "fp32"
+    assert load_config(None, ["store=somewhere"]).model.precision == "fp32"
     with pytest.raises(ConfigError, match="model.precision"):
         load_config(None, ["store=somewhere", "model.precision=fp16"])
 
@@ -164,16 +164,16 @@ def test_one_typed_schema_every_key_checked_and_documented():
 
 def test_paper_values_are_the_defaults():
     cfg = load_config(None, ["store=somewhere"])
-    assert cfg["srm"]["lr"] == 1e-4 and cfg["ppo"]["lr"] == 1e-4  # Adam 1e-4 everywhere (paper)
-    assert cfg["ppo"]["lambda_"] == 1.0  # Eq. 6: the discounted return
-    assert cfg["env"]["state"] == "probability" and cfg["model"]["time_input"] is True
-    assert (cfg["env"]["resize"], cfg["env"]["patch_size"], cfg["env"]["horizon"]) == (800, 80, 15)
+    assert cfg.srm.lr == 1e-4 and cfg.ppo.lr == 1e-4  # Adam 1e-4 everywhere (paper)
+    assert cfg.ppo.lambda_ == 1.0  # Eq. 6: the discounted return
+    assert cfg.env.state == "probability" and cfg.model.time_input is True
+    assert (cfg.env.resize, cfg.env.patch_size, cfg.env.horizon) == (800, 80, 15)
 
 
 def test_config_defaults_overrides_and_typos(tmp_path):
     cfg = load_config(None, ["store=somewhere", "ppo.lr=3e-4", "env.grid=[8,8]"])
-    assert cfg["ppo"]["lr"] == 3e-4 and cfg["env"]["grid"] == [8, 8]
-    assert (cfg["ppo"]["gamma"], cfg["ppo"]["clip_param"], cfg["ppo"]["num_epochs"], cfg["env"]["horizon"]) == (0.99, 0.2, 20, 15)
+    assert cfg.ppo.lr == 3e-4 and cfg.env.grid == [8, 8]
+    assert (cfg.ppo.gamma, cfg.ppo.clip_param, cfg.ppo.num_epochs, cfg.env.horizon) == (0.99, 0.2, 20, 15)
     with pytest.raises(ConfigError, match="unknown config key 'ppo.learning_rate'"):
         load_config(None, ["store=x", "ppo.learning_rate=1"])
     with pytest.raises(ConfigError, match="needs 'store'"):
@@ -200,8 +200,8 @@ def test_every_shipped_config_loads():
             assert set(sweep["task_configs"]) and sweep["search"]
             continue
         cfg = load_config(p)
-        assert cfg["ppo"]["num_epochs"] == 20 and cfg["store"] and cfg["srm"]["branch"] in ("implicit", "explicit")
-        if cfg["srm"]["branch"] == "explicit":
-            assert cfg["srm"]["text_map"]
-            if cfg["task"] in TASK_TEXT:   # the column `alignsam embed --clip-model ...` writes for the task's text
-                assert cfg["srm"]["text_map"] == map_name(TASK_TEXT[cfg["task"]]), p
+        assert cfg.ppo.num_epochs == 20 and cfg.store and cfg.srm.branch in ("implicit", "explicit")
+        if cfg.srm.branch == "explicit":
+            assert cfg.srm.text_map
+            if cfg.task in TASK_TEXT:   # the column `alignsam embed --clip-model ...` writes for the task's text
+                assert cfg.srm.text_map == map_name(TASK_TEXT[cfg.task]), p

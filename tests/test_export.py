@@ -75,7 +75,7 @@ def test_predictor_reproduces_evaluation_rollout(trained_run, bundle, blur_store
     st = EmbeddingStore(blur_store)
     data = st.arrays("test")
     agent = Agent.load(trained_run)
-    T = agent.cfg["env"]["horizon"]
+    T = agent.cfg.env.horizon
     ref = rollout(agent, data, st.decoder(), "policy", "srm", T, (T,))
     folder = os.path.join(os.path.dirname(blur_store), "data", "test", "images")
     paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
@@ -136,7 +136,7 @@ def test_explicit_branch_trains_exports_and_segments(blur_store, tmp_path):
     data = st.arrays("test")
     agent = Agent.load(str(run))
     assert agent.srm.branch == "explicit"
-    T = agent.cfg["env"]["horizon"]
+    T = agent.cfg.env.horizon
     ref = rollout(agent, data, st.decoder(), "policy", "srm", T, (T,))
     images = [read_image(os.path.join(folder, "test", "images", i.split("/")[-1] + ".png")) for i in data["ids"]]
     preds = AlignSAMPredictor(out, clip_weights=weights).predict_batch(images)

@@ -62,16 +62,15 @@ def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx[: n - k], idx[n - k:]
 
 
-def _resolve(config) -> dict:
-    cfg = dict(ENV_DEFAULTS)
+def _resolve(config) -> EnvConfig:
     unknown = set(config) - set(ENV_DEFAULTS) - {"num_envs"}
     if unknown:
         raise ValueError(f"unknown env_config key(s) {sorted(unknown)}; known: {sorted(ENV_DEFAULTS)}")
-    cfg.update({k: v for k, v in dict(config).items() if k != "num_envs"})
-    if not cfg["store"]:
+    cfg = EnvConfig(**{k: v for k, v in dict(config).items() if k != "num_envs"})
+    if not cfg.store:
         raise ValueError("env_config needs 'store' (the path of an embedding store)")
-    if cfg["torch_threads"] or _in_ray_worker():
-        torch.set_num_threads(int(cfg["torch_threads"] or 1))
+    if cfg.torch_threads or _in_ray_worker():
+        torch.set_num_threads(int(cfg.torch_threads or 1))
     return cfg
 
 
@@ -81,24 +80,24 @@ def _in_ray_worker() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
-def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
-    if cfg["store_actor"]:  # published by the driver: this node needs no access to the store
-        data = fetch_store(cfg["store_actor"])
+def _build_episodes(cfg: EnvConfig, num_slots: int) -> PromptEpisodes:
+    if cfg.store_actor:  # published by the driver: this node needs no access to the store
+        data = fetch_store(cfg.store_actor)
         decoder_file = data.pop(DECODER_KEY).tobytes()
     else:
-        store = EmbeddingStore(cfg["store"])
-        data, decoder_file = store.arrays(cfg["split"]), store.decoder_bytes()
+        store = EmbeddingStore(cfg.store)
+        data, decoder_file = store.arrays(cfg.split), store.decoder_bytes()
     decoder = load_prompt_decoder(io.BytesIO(decoder_file))
     grid = PatchGrid.from_env(cfg)
-    srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
+    srm = SRM(data["embeddings"].shape[1], cfg.srm_branch)
     srm.eval()
-    text_map = cfg["text_map"] if cfg["srm_branch"] == "explicit" else None
-    if cfg["srm_branch"] == "explicit" and not text_map:
+    text_map = cfg.text_map if cfg.srm_branch == "explicit" else None
+    if cfg.srm_branch == "explicit" and not text_map:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
-    pool, _ = holdout_split(len(data["ids"]), int(cfg["holdout"]))
-    episodes = PromptEpisodes(data, decoder, grid, num_slots, cfg["horizon"], cfg["obs_res"], cfg["init"],
-                              cfg["labels"], srm, text_map, cfg["seed"], state=cfg["state"], pool=pool)
-    episodes.collect_srm_samples = bool(cfg["collect_srm_samples"])
+    pool, _ = holdout_split(len(data["ids"]), int(cfg.holdout))
+    episodes = PromptEpisodes(data, decoder, grid, num_slots, cfg.horizon, cfg.obs_res, cfg.init,
+                              cfg.labels, srm, text_map, cfg.seed, state=cfg.state, pool=pool)
+    episodes.collect_srm_samples = bool(cfg.collect_srm_samples)
     return episodes
 
 

@@ -51,14 +51,14 @@ def rollout(agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: 
     points = {t: [] for t in record}
     hits = np.zeros((n, horizon), bool)
     label_ok = np.zeros((n, horizon), bool)
-    e = agent.cfg["env"]
+    e = agent.cfg.env
     uses_srm = actions == "srm_topk" or init == "srm" or labels == "srm"
     srm = agent.srm if uses_srm else None
-    text_map = agent.cfg["srm"]["text_map"] if agent.srm.branch == "explicit" and uses_srm else None
+    text_map = agent.cfg.srm.text_map if agent.srm.branch == "explicit" and uses_srm else None
     for start in range(0, n, batch):
         images = np.arange(start, min(n, start + batch))
-        ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e["obs_res"], init, labels,
-                            srm, text_map, seed, state=e.get("state", "probability"))
+        ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e.obs_res, init, labels,
+                            srm, text_map, seed, state=e.state)
         ep.reset(np.arange(len(images)), images)
         rngs = [image_rng(seed, data["ids"][i]) for i in images] if actions == "random" else None
         if 0 in record:
