@@ -253,7 +253,8 @@ class EvalView:
         out = {}
         for name, (actions, init, labels, h) in METHODS.items():
             h = h or self.T
-            r = rollout(p, one, p.decoder, actions, labels, h, tuple(range(h + 1)), batch=1, seed=0, init=init)
+            r = rollout(p, one, p.decoder, actions=actions, init=init, labels=labels, horizon=h,
+                        record=tuple(range(h + 1)), batch=1, seed=0)
             out[name] = (h, {t: to_prediction(p.decoder, *r.points[t][0], r.logits[t][0], hw, input_hw)
                              for t in range(h + 1)})
         if len(self._cache) >= 16:

@@ -35,17 +35,17 @@ from .agent.policy import PolicyNet
 from .agent.srm import SRM
 from .config import ConfigError, RunConfig
 from .env.grid import PatchGrid
-from .env.rollout import Rollout, rollout
+from .env.rollout import Method, Rollout, rollout
 from .metrics import MetricAccumulator, confidence_intervals, image_metrics, paired_difference
 from .store.loader import EmbeddingStore
 
-METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T)
-    "alignsam": ("policy", "srm", "srm", None),
-    "random_actions": ("random", "srm", "srm", None),
-    "all_positive": ("policy", "centre", "positive", None),
-    "single_step": ("policy", "srm", "srm", 1),
-    "srm_topk": ("srm_topk", "srm", "srm", None),
-    "gt_labels": ("policy", "srm", "gt", None),
+METHODS = {  # name -> how it picks, starts and labels (horizon None = the run's T)
+    "alignsam": Method(actions="policy", init="srm", labels="srm"),
+    "random_actions": Method(actions="random", init="srm", labels="srm"),  # w/o RL
+    "all_positive": Method(actions="policy", init="centre", labels="positive"),  # w/o SRM: no SRM anywhere
+    "single_step": Method(actions="policy", init="srm", labels="srm", horizon=1),  # w/o multi-step
+    "srm_topk": Method(actions="srm_topk", init="srm", labels="srm"),
+    "gt_labels": Method(actions="policy", init="srm", labels="gt"),  # oracle labels
 }
 T_SWEEP = (1, 5, 10, 15, 20)
 FIGURE_STEPS = (1, 5, 10, 15)
@@ -156,10 +156,13 @@ def evaluate_shard(agent, store: str | EmbeddingStore, split: str, start: int = 
             out["rows"][name] += [image_metrics(decoder.upscale_mask(lo, hw), gt_full[i])
                                   for lo, i, hw in zip(b.logits, ids, sizes)]
             out["baselines"][name] = tuple(np.add(out["baselines"][name], baselines.point_counts(data, b.points)))
-        rolls = {"main": rollout(agent, data, decoder, "policy", "srm", horizon, record, batch, seed)}
-        for name, (actions, init, labels, h) in METHODS.items():
+        main = METHODS["alignsam"]
+        rolls = {"main": rollout(agent, data, decoder, actions=main.actions, init=main.init, labels=main.labels,
+                                 horizon=horizon, record=record, batch=batch, seed=seed)}
+        for name, m in METHODS.items():
             if rows[name][0] == name:
-                rolls[name] = rollout(agent, data, decoder, actions, labels, h or T, (h or T,), batch, seed, init=init)
+                rolls[name] = rollout(agent, data, decoder, actions=m.actions, init=m.init, labels=m.labels,
+                                      horizon=m.horizon or T, record=(m.horizon or T,), batch=batch, seed=seed)
         scored: dict = {}
         for row, key in rows.items():
             if key not in scored:

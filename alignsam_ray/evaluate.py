@@ -286,7 +286,9 @@ def alignsam_score(agent: Agent, data: dict, gt_full: dict, decoder: SamPromptDe
     """The ``alignsam`` method alone (the paper's protocol: SRM start, greedy policy, SRM labels, the
     run's T) on store arrays -> per-image metrics (model selection, run-to-run comparisons)."""
     T = int(agent.cfg.env.horizon)
-    r = rollout(agent, data, decoder, "policy", "srm", T, (T,), batch, seed)
+    m = METHODS["alignsam"]
+    r = rollout(agent, data, decoder, actions=m.actions, init=m.init, labels=m.labels, horizon=T, record=(T,),
+                batch=batch, seed=seed)
     return score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder)
 
 

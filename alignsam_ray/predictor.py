@@ -211,7 +211,8 @@ class AlignSAMPredictor:
     def _prompt(self, data: dict, T: int, record: tuple) -> dict[int, list[Prediction]]:
         """The rollout of ``prompt_batch``, read at each step in ``record`` -> {step: one Prediction per image}."""
         n = len(data["embeddings"])
-        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, "policy", "srm", T, record, batch=n)
+        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, actions="policy", init="srm", labels="srm",
+                    horizon=T, record=record, batch=n)
         return {t: [to_prediction(self.decoder, *r.points[t][s], r.logits[t][s], data["original_size"][s],
                                   data["input_size"][s]) for s in range(n)] for t in record}
 

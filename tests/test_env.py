@@ -34,8 +34,9 @@ def test_grid_centres_non_square_image():
 
 def _episodes(decoder, labels="gt", horizon=4, slots=1, sizes=((300, 600), (500, 250)), **kw):
     data = toy_data(sizes)
-    return PromptEpisodes(data, decoder, PatchGrid(10, 10), slots, horizon, 8, kw.pop("init", "gt"), labels,
-                          kw.pop("srm", SRM(64)), seed=0, **kw)
+    return PromptEpisodes(data=data, decoder=decoder, grid=PatchGrid(10, 10), num_slots=slots, horizon=horizon,
+                          obs_res=8, init=kw.pop("init", "gt"), labels=labels, state=kw.pop("state", "probability"),
+                          srm=kw.pop("srm", SRM(64)), seed=0, **kw)
 
 
 def test_reward_hit_label_and_void(micro_decoder):
@@ -110,7 +111,7 @@ def _expected_obs(ep, m256: np.ndarray) -> np.ndarray:
     emb = torch.from_numpy(ep.data["embeddings"][0].astype(np.float32))
     m64 = F.avg_pool2d(torch.from_numpy(m256.astype(np.float32))[None], 4)
     h, w = ep._cells64[0]
-    return F.adaptive_avg_pool2d((emb * m64)[:, :h, :w], ep.R).numpy()
+    return F.adaptive_avg_pool2d((emb * m64)[:, :h, :w], ep.obs_res).numpy()
 
 
 def test_state_is_sams_probability_map_by_default(micro_decoder):
@@ -225,7 +226,8 @@ def test_explicit_branch_reads_the_text_map(micro_decoder):
     data["map_clip"] = np.zeros((2, 64, 64), np.float16)
     data["map_clip"][:, :, :32] = 1  # the "text" points at the left half
     srm = SRM(64, "explicit")
-    ep = PromptEpisodes(data, micro_decoder, PatchGrid(10, 10), 1, 3, 8, "srm", "srm", srm, text_map="clip", seed=0)
+    ep = PromptEpisodes(data=data, decoder=micro_decoder, grid=PatchGrid(10, 10), num_slots=1, horizon=3, obs_res=8,
+                        init="srm", labels="srm", state="probability", srm=srm, text_map="clip", seed=0)
     ep.collect_srm_samples = True
     ep.reset([0], [0])
     ep.step([44])

@@ -118,7 +118,8 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     assert all(torch.equal(v, agent.srm.state_dict()[k]) for k, v in Agent.load(legacy).srm.state_dict().items())
     agent.srm.forward = lambda *a, **k: pytest.fail("the SRM ran in the w/o-SRM rollout")
     st = EmbeddingStore(blur_store)
-    r = rollout(agent, st.arrays("test"), st.decoder(), "policy", "positive", 3, (3,), init="centre")
+    r = rollout(agent, st.arrays("test"), st.decoder(), actions="policy", init="centre", labels="positive", horizon=3,
+                record=(3,))
     assert all(len(labels) == 4 and (labels == 1).all() for _, labels in r.points[3])
 
 
@@ -180,5 +181,5 @@ def test_learning_direction(tmp_path):
     hit = {}
     for name in ("iter_000000", "iter_000006"):
         agent = Agent.load(str(tmp_path / "run" / "checkpoints" / name))
-        hit[name] = rollout(agent, data, decoder, "policy", "gt", 15, (15,)).hits.mean()
+        hit[name] = rollout(agent, data, decoder, actions="policy", labels="gt", horizon=15, record=(15,)).hits.mean()
     assert hit["iter_000006"] > hit["iter_000000"] + 0.1, hit

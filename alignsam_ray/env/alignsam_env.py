@@ -95,15 +95,16 @@ def _build_episodes(cfg: EnvConfig, num_slots: int) -> PromptEpisodes:
     if cfg.srm_branch == "explicit" and not text_map:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
     pool, _ = holdout_split(len(data["ids"]), int(cfg.holdout))
-    episodes = PromptEpisodes(data, decoder, grid, num_slots, cfg.horizon, cfg.obs_res, cfg.init,
-                              cfg.labels, srm, text_map, cfg.seed, state=cfg.state, pool=pool)
+    episodes = PromptEpisodes(data=data, decoder=decoder, grid=grid, num_slots=num_slots, horizon=cfg.horizon,
+                              obs_res=cfg.obs_res, init=cfg.init, labels=cfg.labels, state=cfg.state, srm=srm,
+                              text_map=text_map, seed=cfg.seed, pool=pool)
     episodes.collect_srm_samples = bool(cfg.collect_srm_samples)
     return episodes
 
 
 def _spaces(ep: PromptEpisodes) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
     obs = gym.spaces.Dict({
-        "obs": gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (ep.embed_dim, ep.R, ep.R), np.float16),
+        "obs": gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (ep.embed_dim, ep.obs_res, ep.obs_res), np.float16),
         "action_mask": gym.spaces.Box(0.0, 1.0, (ep.grid.n,), np.float32),
         "step": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
     })
