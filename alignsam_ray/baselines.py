@@ -310,7 +310,7 @@ def _point_stats(data: dict, points: list) -> tuple[float, float]:
 def training_references(cfg: RunConfig) -> dict:
     """The arrays of a run's training images (its store's train split without the train.val_images
     holdout): the reference images of persam (the first) and persam_mean (all)."""
-    from .env.alignsam_env import holdout_split
+    from .env.episodes import holdout_split
     from .store.loader import EmbeddingStore
 
     data = EmbeddingStore(cfg.store, verify=False).arrays("train")

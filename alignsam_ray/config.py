@@ -214,7 +214,7 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
-def _merge(base: dict, update: dict, where: str = "") -> dict:
+def merge_config(base: dict, update: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
         if key not in base:
@@ -222,7 +222,7 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where + key!r} must be a mapping")
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            out[key] = merge_config(base[key], value, f"{where}{key}.")
         else:
             numeric = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
             out[key] = _number(value, whole=isinstance(base[key], int)) if numeric else value
@@ -242,7 +242,7 @@ def _number(value, whole: bool = False):
     return value
 
 
-def _load_yaml(text: str, where: str):
+def load_yaml(text: str, where: str):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -262,7 +262,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = _load_yaml(value, f"override {item!r}")
+        node[parts[-1]] = load_yaml(value, f"override {item!r}")
     return out
 
 
@@ -317,15 +317,15 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         with open(path) as f:
-            raw = _load_yaml(f.read(), f"config file {path!r}") or {}
+            raw = load_yaml(f.read(), f"config file {path!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must be a YAML mapping (key: value lines), "
                               f"not a {type(raw).__name__}")
-    cfg = _merge(_merge(DEFAULTS, from_store(store)) if store else DEFAULTS, raw)
+    cfg = merge_config(merge_config(DEFAULTS, from_store(store)) if store else DEFAULTS, raw)
     if store:
         cfg["store"] = store
     if overrides:
-        cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+        cfg = merge_config(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if not cfg["store"]:
         raise ConfigError("the config needs 'store': the embedding store of the task (`alignsam embed --out STORE`)")
     cfg["task"] = cfg["task"] or os.path.basename(os.path.normpath(cfg["store"]))

@@ -169,7 +169,7 @@ def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, see
            precision: str) -> str:
     """Markdown: per task the paper's Table 2 layout (ablations) with paired 95% intervals, mIoU by T
     (Table 5), the figure files; then where the time went."""
-    from .evaluate import NAMES, _cell, _fmt, verdict
+    from .evaluate import NAMES, format_metric, format_value, verdict
     from .metrics import primary_metrics
 
     lines = ["# alignsam demo", "",
@@ -185,9 +185,9 @@ def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, see
                   "|---|" + "---|" * (len(keys) + 1)]
         for name, label in ROWS:
             d = m["paired"].get(name)
-            diff = (f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] "
+            diff = (f"{format_value(d['miou']['diff'])} [{format_value(d['miou']['ci95'][0])}, {format_value(d['miou']['ci95'][1])}] "
                     f"{verdict(d['miou'], 'miou')}") if d else ""
-            lines.append(f"| {label} | " + " | ".join(_cell(m["methods"][name], k) for k in keys) + f" | {diff} |")
+            lines.append(f"| {label} | " + " | ".join(format_metric(m["methods"][name], k) for k in keys) + f" | {diff} |")
         halves = [(d["miou"]["ci95"][1] - d["miou"]["ci95"][0]) / 2 for d in m["paired"].values()]
         lines += ["", f"Resolution: with {m['n_images']} test images the paired intervals' half-widths run from "
                   f"{min(halves):.3f} to {max(halves):.3f}; a true difference smaller than its row's half-width can show "

@@ -49,7 +49,7 @@ import numpy as np
 from .baselines import BASELINES
 from .checkpoint import Agent
 from .config import ConfigError
-from .env.alignsam_env import holdout_split
+from .env.episodes import holdout_split
 from .env.rollout import Rollout, rollout
 from .eval_shard import (
     FIGURE_STEPS,
@@ -306,14 +306,14 @@ LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "
           "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)"}
 
 
-def _fmt(v: float) -> str:
+def format_value(v: float) -> str:
     return f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
-def _cell(m: dict, k: str) -> str:
+def format_metric(m: dict, k: str) -> str:
     v = m.get(k, float("nan"))
     ci = (m.get("ci95") or {}).get(k)
-    return _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+    return format_value(v) + (f" [{format_value(ci[0])}, {format_value(ci[1])}]" if ci else "")
 
 
 def verdict(diff: dict, metric: str) -> str:
@@ -336,7 +336,7 @@ def report_markdown(metrics: dict) -> str:
         f"{', '.join(NAMES[k] for k in prim)} for this task. Brackets: 95% bootstrap interval over images.", "",
         "## Methods and ablations (cf. paper Table 2)", "", head,
     ]
-    lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
+    lines += [f"| {LABELS.get(name, name)} | " + " | ".join(format_metric(m, k) for k in keys) + " |"
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
               "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points)."]
@@ -348,11 +348,11 @@ def report_markdown(metrics: dict) -> str:
     lines += ["| method | " + " | ".join(f"{NAMES[k]} diff [95% CI] | " for k in shown).rstrip(" |") + " |",
               "|---|" + "---|---|" * len(shown)]
     for name, d in metrics["paired"].items():
-        cells = [f"{_fmt(d[k]['diff'])} [{_fmt(d[k]['ci95'][0])}, {_fmt(d[k]['ci95'][1])}] | {verdict(d[k], k)}"
+        cells = [f"{format_value(d[k]['diff'])} [{format_value(d[k]['ci95'][0])}, {format_value(d[k]['ci95'][1])}] | {verdict(d[k], k)}"
                  for k in shown]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     lines += ["", "## Number of steps T (cf. paper Table 5)", "", head.replace("| |", "| T |", 1)]
-    lines += [f"| {t} | " + " | ".join(_cell(m, k) for k in keys) + " |" for t, m in metrics["t_sweep"].items()]
+    lines += [f"| {t} | " + " | ".join(format_metric(m, k) for k in keys) + " |" for t, m in metrics["t_sweep"].items()]
     init = metrics["initial_prompts"]
     lines += ["", f"Initial SRM prompts only (T = 0): mIoU {init['miou']:.3f}.", "", "## Metric definitions", ""]
     lines += [f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()]
@@ -381,13 +381,13 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
     lines = ["| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
     table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
     for c in order:
-        lines.append(f"| {c} | " + " | ".join(_cell(rows[c]["methods"][k], "iou_dataset") for k in methods) + " |")
+        lines.append(f"| {c} | " + " | ".join(format_metric(rows[c]["methods"][k], "iou_dataset") for k in methods) + " |")
     means = {k: mean_of_classes([{"value": rows[c]["methods"][k]["iou_dataset"],
                                   "ci95": (rows[c]["methods"][k].get("ci95") or {}).get("iou_dataset")}
                                  for c in order]) for k in methods}
     mean = {k: means[k]["value"] for k in methods}
     label = "mean over the 20 classes" if len(order) == 20 else f"mean over {len(order)} of the 20 classes"
-    lines.append(f"| **{label}** | " + " | ".join(f"**{_cell({'x': means[k]['value'], 'ci95': {'x': means[k]['ci95']}}, 'x')}**"
+    lines.append(f"| **{label}** | " + " | ".join(f"**{format_metric({'x': means[k]['value'], 'ci95': {'x': means[k]['ci95']}}, 'x')}**"
                                                    for k in methods) + " |")
     text = ("IoU accumulated over each class's test images (PASCAL VOC convention; brackets: 95% bootstrap "
             "interval over images; for the mean, the classes' intervals combined), cf. paper Table 3.\n\n" + "\n".join(lines) + "\n")

@@ -45,7 +45,7 @@ from dataclasses import asdict
 
 import yaml
 
-from .config import VAL_METRICS, ConfigError, RunConfig, SweepConfig, _load_yaml, checks, load_config
+from .config import VAL_METRICS, ConfigError, RunConfig, SweepConfig, checks, load_config, load_yaml
 
 SWEEP_DEFAULTS = asdict(SweepConfig())  # every sweep key, its default and its check: config.SweepConfig
 METRICS = VAL_METRICS  # selection metrics: higher is better, measured on the validation split
@@ -58,14 +58,14 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"sweep file {path!r} not found")
     with open(path) as f:
-        raw = _load_yaml(f.read(), f"sweep file {path!r}") or {}
+        raw = load_yaml(f.read(), f"sweep file {path!r}") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path!r} must be a YAML mapping (key: value lines), not a {type(raw).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"sweep override {item!r} is not key=value")
-        raw[key.strip()] = _load_yaml(value, f"sweep override {item!r}")
+        raw[key.strip()] = load_yaml(value, f"sweep override {item!r}")
     unknown = set(raw) - set(SWEEP_DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; known: {sorted(SWEEP_DEFAULTS)}")
@@ -134,10 +134,10 @@ def param_space(sweep: dict) -> dict:
 
 def trial_config(base: RunConfig, params: dict, run_dir: str) -> RunConfig:
     """A run config: the task's base config, the trial's searched values, the trial folder."""
-    from .config import _merge
+    from .config import merge_config
 
     searched = {k: v for k, v in params.items() if k != "task"}
-    cfg = RunConfig.from_dict(_merge(base.to_dict(), _nested(searched)))  # (checked by Trainer)
+    cfg = RunConfig.from_dict(merge_config(base.to_dict(), _nested(searched)))  # (checked by Trainer)
     cfg.run_dir = run_dir
     return cfg
 

@@ -164,7 +164,7 @@ def test_srm_scores_and_step_fraction(micro_decoder):
 
 
 def test_holdout_pool_keeps_validation_images_out_of_training(micro_decoder):
-    from alignsam_ray.env.alignsam_env import holdout_split
+    from alignsam_ray.env.episodes import holdout_split
 
     train, val = holdout_split(10, 3)
     assert train.tolist() == list(range(7)) and val.tolist() == [7, 8, 9]

@@ -45,21 +45,12 @@ from ..agent.srm import SRM, set_srm_state
 from ..config import EnvConfig
 from ..foundation.decoder import load_prompt_decoder
 from ..store.loader import DECODER_KEY, EmbeddingStore, fetch_store
-from .episodes import PromptEpisodes
+from .episodes import PromptEpisodes, holdout_split
 from .grid import PatchGrid
 
 OBS_BOUND = float(np.finfo(np.float16).max)  # the observation is float16: its whole finite range
 
 ENV_DEFAULTS = asdict(EnvConfig())  # one schema with the run config (config.py)
-
-
-def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, validation) of a split of ``n`` images: the last ``k`` are validation
-    (stores keep images sorted by id, so the choice is fixed and independent of the seed)."""
-    if not 0 <= k < n:
-        raise ValueError(f"a validation holdout of {k} image(s) needs 0 <= k < {n} (the split's images)")
-    idx = np.arange(n)
-    return idx[: n - k], idx[n - k:]
 
 
 def _resolve(config) -> EnvConfig:

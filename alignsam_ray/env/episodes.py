@@ -50,6 +50,15 @@ State = Literal["probability", "binary"]  # M in s_t = E_I(x) (.) M_{t-1}
 INIT_MODES, LABEL_MODES, STATE_MODES = get_args(Init), get_args(Labels), get_args(State)
 
 
+def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) of a split of ``n`` images: the last ``k`` are validation
+    (stores keep images sorted by id, so the choice is fixed and independent of the seed)."""
+    if not 0 <= k < n:
+        raise ValueError(f"a validation holdout of {k} image(s) needs 0 <= k < {n} (the split's images)")
+    idx = np.arange(n)
+    return idx[: n - k], idx[n - k:]
+
+
 @dataclass
 class StepResult:
     """Per-slot results of one batched step (arrays of length B)."""
