@@ -130,8 +130,9 @@ def test_killed_env_runner_is_replaced_and_training_finishes(blur_store, tmp_pat
     os.kill(group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)[1], signal.SIGKILL)
     restored, deadline = [], time.time() + 180
     while len(restored) == 0 and time.time() < deadline:
+        group.foreach_env_runner(lambda r: None, local_env_runner=False)  # a call finds the dead one: out of service
         time.sleep(1)
-        restored = trainer.algo.restore_env_runners(group)
+        restored = trainer.algo.restore_env_runners(group)  # back once Ray has restarted it
     srm = trainer.algo.srm.srm.state_dict()
     runner_srm = group.foreach_env_runner(
         lambda r: {k: v.clone() for k, v in iter_prompt_episodes(r.env)[0].srm.state_dict().items()},
