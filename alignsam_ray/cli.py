@@ -91,8 +91,8 @@ def cmd_train(args) -> int:
 
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="paper protocol + ablations on a test split -> metrics.json, report.md, figures",
-                       description="Evaluate a trained agent: alignsam, random_actions, all_positive, single_step, "
-                       "srm_topk, gt_labels and a T sweep; metrics mIoU, IoU (dataset), F_beta, E_phi, MAE, BER, "
+                       description="Evaluate a trained agent: alignsam, random_actions, all_positive, "
+                       "srm_start_positive, single_step, srm_topk, gt_labels and a T sweep; metrics mIoU, IoU (dataset), F_beta, E_phi, MAE, BER, "
                        "with 95%% bootstrap intervals and paired differences to alignsam.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (its latest checkpoint)")
     p.add_argument("--store", help="embedding store to evaluate on (default: the run's store)")

@@ -55,6 +55,10 @@ class EnvSettings:
                         "R: the state pooled to R x R (docs/agent.md: memory vs learning)")
     state: str = _key("probability", _one_of("probability", "binary"), "'probability' or 'binary'",
                       "s_t = E_I(x) (.) M_{t-1}, M = SAM's probability map (paper Eq. 11) | binary")
+    reward: str = _key("hit", _one_of("hit", "iou_gain", "iou_gain_hit"), "'hit', 'iou_gain' or 'iou_gain_hit'",
+                       "hit: the paper's +1 / -1 (docs/agent.md#reward) | iou_gain: IoU_t - IoU_{t-1} | both")
+    iou_gain_weight: float = _key(10.0, _real(0), "a number >= 0",
+                                  "w in iou_gain_hit = hit + w (IoU_t - IoU_{t-1}); 10: both terms spread alike")
 
 
 @dataclass
@@ -162,6 +166,8 @@ class EnvConfig:
     horizon: int = EnvSettings.horizon
     obs_res: int = EnvSettings.obs_res
     state: str = EnvSettings.state
+    reward: str = EnvSettings.reward
+    iou_gain_weight: float = EnvSettings.iou_gain_weight
     holdout: int = 0  # the split's last k images kept out of episodes (train.val_images)
     init: str = "gt"  # "gt" (training) | "srm" (evaluation)
     labels: str = "srm"  # "srm" | "gt" (oracle) | "positive" (w/o SRM)
@@ -384,5 +390,6 @@ def env_config(cfg: RunConfig, **extra) -> dict:
     """The env_config (a dict: RLlib's form) for ``alignsam_ray.env.make_env`` from a run config."""
     e = cfg.env
     return asdict(EnvConfig(store=cfg.store, grid=e.grid, patch_size=e.patch_size, resize=e.resize,
-                            horizon=e.horizon, obs_res=e.obs_res, state=e.state,
-                            srm_branch=cfg.srm.branch, text_map=cfg.srm.text_map, **extra))
+                            horizon=e.horizon, obs_res=e.obs_res, state=e.state, reward=e.reward,
+                            iou_gain_weight=e.iou_gain_weight, srm_branch=cfg.srm.branch, text_map=cfg.srm.text_map,
+                            **extra))

@@ -41,9 +41,10 @@ def _native_bf16() -> bool:
 DEMO_PRECISION = "bf16" if _native_bf16() else "fp32"
 N_EXAMPLES = 4  # test images copied into each demo bundle's examples/ (the app's example picker)
 
-ROWS = (  # paper Table 2 rows (ablations), then our two extra references
+ROWS = (  # paper Table 2 rows (ablations) and our references
     ("random_actions", "w/o RL (random actions)"),
     ("all_positive", "w/o SRM (every point positive)"),
+    ("srm_start_positive", "SRM start, every later point positive"),
     ("single_step", "w/o multi-step (T = 1)"),
     ("alignsam", "**AlignSAM**"),
     ("srm_topk", "non-RL: the T best SRM cells"),

@@ -39,12 +39,13 @@ from .env.rollout import Method, Rollout, rollout
 from .metrics import MetricAccumulator, confidence_intervals, image_metrics, paired_difference
 from .store.loader import EmbeddingStore
 
-METHODS = {  # name -> how it picks, starts and labels (horizon None = the run's T)
-    "alignsam": Method(actions="policy", init="srm", labels="srm"),
+METHODS = {  # name -> how it picks, starts and labels (horizon None = the run's T); docs/agent.md#evaluation
+    "alignsam": Method(actions="policy", init="srm", labels="srm"),  # the paper's protocol
     "random_actions": Method(actions="random", init="srm", labels="srm"),  # w/o RL
     "all_positive": Method(actions="policy", init="centre", labels="positive"),  # w/o SRM: no SRM anywhere
+    "srm_start_positive": Method(actions="policy", init="srm", labels="positive"),  # SRM start, later clicks positive
     "single_step": Method(actions="policy", init="srm", labels="srm", horizon=1),  # w/o multi-step
-    "srm_topk": Method(actions="srm_topk", init="srm", labels="srm"),
+    "srm_topk": Method(actions="srm_topk", init="srm", labels="srm"),  # no RL: the SRM's best free cell each step
     "gt_labels": Method(actions="policy", init="srm", labels="gt"),  # oracle labels
 }
 T_SWEEP = (1, 5, 10, 15, 20)

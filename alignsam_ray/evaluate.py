@@ -8,11 +8,13 @@ Protocol: each test image starts from the SRM's highest- (positive) and lowest-s
 each is labelled by the SRM and SAM's decoder re-runs on all points. Metrics are computed on the
 final mask upscaled to the image's full resolution (``metrics.py`` states each definition).
 
-Methods (rows of the paper's Table 2, plus two references):
+Methods (rows of the paper's Table 2, plus references of ours):
     alignsam        the trained policy + SRM labels, T steps (T from the run config, paper 15)
     random_actions  w/o RL: uniformly random free patches, SRM start and labels
     all_positive    w/o SRM: no SRM anywhere. Start: one positive point at the image centre (no
                     negative point); the policy picks T patches, every point labelled positive
+    srm_start_positive  the SRM's start points (as alignsam), then the policy's T points all labelled
+                    positive: with all_positive, what the SRM's labels add apart from its start
     single_step     w/o multi-step: T = 1
     srm_topk        non-RL reference: SRM start; at each step the free patch whose current SRM
                     probability is highest, SRM labels (the T best SRM cells, in order)
@@ -301,6 +303,7 @@ def validation_metrics(agent: Agent, val_set: tuple, batch: int = 16, seed: int 
 NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "emeasure": "E_phi", "mae": "MAE",
          "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
 LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
+          "srm_start_positive": "srm_start_positive (SRM start, all positive)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
           "gt_labels": "gt_labels (oracle labels)", "persam": "persam (PerSAM, 1 shot)",
           "persam_mean": "persam_mean (PerSAM, mean target, ours)", "clip_points": "clip_points (CLIP Surgery points)"}

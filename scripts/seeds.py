@@ -43,7 +43,8 @@ def seed_table(name: str, evals: dict) -> str:
              "| method | " + " | ".join(f"{NAMES[k]} mean ± sd" for k in keys) + " | "
              + " | ".join(f"alignsam - method, {NAMES[k]}: mean; seeds with CI > 0 / < 0" for k in keys) + " |",
              "|---|" + "---|" * (2 * len(keys))]
-    for method in METHODS:
+    shown = [m for m in METHODS if all(m in e["methods"] for e in evals.values())]  # older evaluations lack some
+    for method in shown:
         vals = [" ".join(_mean_sd([m["methods"][method][k] for m in evals.values()])) for k in keys]
         diffs = []
         for k in keys:
@@ -66,6 +67,44 @@ def _mean_sd(values) -> tuple[str, str]:
     return f"{v.mean():.3f}", f"± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
+def run_seeds(name: str, seeds, work: str, task: str | None = None, config: str | None = None,
+              iterations: int | None = None, test_images: int | None = None, overrides: dict | None = None) -> dict:
+    """Train and evaluate one configuration per seed (see the module docstring; finished runs and evaluations are
+    reused) -> {seed: {"metrics": metrics.json dict, "eval_dir": its folder, "seconds": float | None (None:
+    reused)}}. ``task``: the demo's data, store and config (``config``: a run config YAML instead)."""
+    overrides = overrides or {}
+    store = prepare_task(task, work) if task else None
+    test_store, suffix = store, ""
+    if test_images:  # the same generator and data seed: test images 0..49 are the demo's
+        suffix = f"_test{test_images}"
+        test_store = prepare_task(task, os.path.join(work, f"test{test_images}"), n_train=0, n_test=test_images)
+    out_runs = {}
+    for seed in seeds:
+        t0 = time.time()
+        run_dir = os.path.join(work, "runs", name, f"seed_{seed}")
+        if task:  # exactly the demo's run config
+            cfg = demo_config(store, run_dir, iterations or DEMO_ITERATIONS, seed, overrides=overrides)
+            # (precision: the demo's; override with model.precision=fp32)
+        else:
+            run = {**overrides, "run_dir": run_dir, "train": {**overrides.get("train", {}), "seed": seed}}
+            if iterations:
+                run["train"].update(iterations=iterations, checkpoint_every=iterations)
+            cfg = load_config(config, run)
+        out = os.path.join(work, "eval", name, f"seed_{seed}{suffix}")
+        done = os.path.join(out, "metrics.json")
+        if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \
+                set(METHODS) <= set(json.load(open(done))["methods"]) and \
+                os.path.isfile(os.path.join(cfg.run_dir, "checkpoints", f"iter_{cfg.train.iterations:06d}", "state.json")):
+            out_runs[seed] = {"metrics": json.load(open(done)), "eval_dir": out, "seconds": None}
+            print(f"[seeds] {name} seed {seed}: reusing {done}", flush=True)
+            continue
+        print(f"[seeds] {name} seed {seed}: training {cfg.train.iterations} iterations", flush=True)
+        result = train(cfg, resume=True)
+        metrics = evaluate(result["checkpoint"], test_store or cfg.store, out, seed=seed)
+        out_runs[seed] = {"metrics": metrics, "eval_dir": out, "seconds": round(time.time() - t0, 1)}
+    return out_runs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -84,37 +123,11 @@ def main(argv=None) -> int:
 
     if args.test_images is not None and (not args.task or args.test_images < 1):
         ap.error("--test-images needs --task and a number >= 1")
-    overrides = parse_overrides(args.overrides)
-    store = prepare_task(args.task, args.work) if args.task else None
-    test_store, suffix = store, ""
-    if args.test_images:  # the same generator and data seed: test images 0..49 are the demo's
-        suffix = f"_test{args.test_images}"
-        test_store = prepare_task(args.task, os.path.join(args.work, f"test{args.test_images}"), n_train=0,
-                                  n_test=args.test_images)
     name = args.name or args.task or os.path.splitext(os.path.basename(args.config))[0]
-    evals, seconds = {}, {}
-    for seed in args.seeds:
-        t0 = time.time()
-        run_dir = os.path.join(args.work, "runs", name, f"seed_{seed}")
-        if args.task:  # exactly the demo's run config
-            cfg = demo_config(store, run_dir, args.iterations or DEMO_ITERATIONS, seed, overrides=overrides)
-            # (precision: the demo's; override with model.precision=fp32)
-        else:
-            run = {**overrides, "run_dir": run_dir, "train": {**overrides.get("train", {}), "seed": seed}}
-            if args.iterations:
-                run["train"].update(iterations=args.iterations, checkpoint_every=args.iterations)
-            cfg = load_config(args.config, run)
-        out = os.path.join(args.work, "eval", name, f"seed_{seed}{suffix}")
-        done = os.path.join(out, "metrics.json")
-        if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \
-                os.path.isfile(os.path.join(cfg.run_dir, "checkpoints", f"iter_{cfg.train.iterations:06d}", "state.json")):
-            evals[seed] = json.load(open(done))
-            print(f"[seeds] {name} seed {seed}: reusing {done}", flush=True)
-            continue
-        print(f"[seeds] {name} seed {seed}: training {cfg.train.iterations} iterations", flush=True)
-        result = train(cfg, resume=True)
-        evals[seed] = evaluate(result["checkpoint"], test_store or cfg.store, out, seed=seed)
-        seconds[seed] = round(time.time() - t0, 1)
+    runs = run_seeds(name, args.seeds, args.work, task=args.task, config=args.config, iterations=args.iterations,
+                     test_images=args.test_images, overrides=parse_overrides(args.overrides))
+    evals = {seed: r["metrics"] for seed, r in runs.items()}
+    seconds = {seed: r["seconds"] for seed, r in runs.items() if r["seconds"] is not None}
     table = seed_table(name, evals)
     print("\n" + table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

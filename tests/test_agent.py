@@ -167,6 +167,7 @@ def test_paper_values_are_the_defaults():
     assert cfg.srm.lr == 1e-4 and cfg.ppo.lr == 1e-4  # Adam 1e-4 everywhere (paper)
     assert cfg.ppo.lambda_ == 1.0  # Eq. 6: the discounted return
     assert cfg.env.state == "probability" and cfg.model.time_input is True
+    assert cfg.env.reward == "hit"  # +1 on foreground, -1 elsewhere
     assert (cfg.env.resize, cfg.env.patch_size, cfg.env.horizon) == (800, 80, 15)
 
 

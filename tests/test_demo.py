@@ -32,7 +32,8 @@ def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tm
     cfg = yaml.safe_load((out / "runs" / "synthetic_shapes" / "config.yaml").read_text())
     assert (cfg.srm.branch, cfg.srm.text_map, cfg.srm.lr) == ("explicit", "star", 1e-4)  # paper Table 4 / defaults
     report = (out / "report.md").read_text()
-    for row in ("w/o RL (random actions)", "w/o SRM (every point positive)", "w/o multi-step (T = 1)", "**AlignSAM**",
+    for row in ("w/o RL (random actions)", "w/o SRM (every point positive)", "SRM start, every later point positive",
+                "w/o multi-step (T = 1)", "**AlignSAM**",
                 "non-RL: the T best SRM cells", "oracle labels", "AlignSAM - method, mIoU [95% CI]",
                 "T = 1:", "T = 15:", "| evaluation |", "Resolution: with 4 test images the paired intervals' half-widths run from",
                 "--test-images 300"):
@@ -45,8 +46,8 @@ def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tm
         assert timing[phase] >= 0, phase
     assert timing["training: sampling"] + timing["training: PPO learner"] <= timing["training"] <= timing["total"]
     metrics = json.loads((out / "eval" / "synthetic_shapes" / "metrics.json").read_text())
-    assert set(metrics["paired"]) == {"random_actions", "all_positive", "single_step", "srm_topk", "gt_labels",
-                                      "persam", "persam_mean", "clip_points"}  # + the training-free baselines
+    assert set(metrics["paired"]) == {"random_actions", "all_positive", "srm_start_positive", "single_step", "srm_topk",
+                                      "gt_labels", "persam", "persam_mean", "clip_points"}  # + the training-free baselines
     assert ray.is_initialized() == ray_was_up  # a Ray the demo started is shut down with it
     bundle = out / "bundles" / "synthetic_shapes"  # what `alignsam app` opens, with no other file
     assert f"alignsam app --bundle {bundle} --eval {out / 'eval' / 'synthetic_shapes'}" in terminal.out

@@ -36,7 +36,7 @@ def _episodes(decoder, labels="gt", horizon=4, slots=1, sizes=((300, 600), (500,
     data = toy_data(sizes)
     return PromptEpisodes(data=data, decoder=decoder, grid=PatchGrid(10, 10), num_slots=slots, horizon=horizon,
                           obs_res=8, init=kw.pop("init", "gt"), labels=labels, state=kw.pop("state", "probability"),
-                          srm=kw.pop("srm", SRM(64)), seed=0, **kw)
+                          srm=kw.pop("srm", SRM(64)), seed=kw.pop("seed", 0), **kw)
 
 
 def test_reward_hit_label_and_void(micro_decoder):
@@ -262,3 +262,119 @@ def test_srm_weights_in_and_samples_out_of_an_env_runner(blur_store):
     samples = pop_srm_samples(runner)
     assert len(samples) == 6 and samples[0][0].shape == (64, 8, 8)  # 2 slots x (s_0, after reset, after the step)
     assert pop_srm_samples(runner) == []
+
+
+def _iou_by_hand(ep, s: int) -> float:
+    """IoU of slot s's binary low-res mask with its ground truth: inside the image, void excluded."""
+    i = ep.image[s]
+    h, w = ep._px256[i]
+    gt, pred = ep.data["gt_lowres"][i][:h, :w], ep.logits[s, :h, :w] > 0
+    valid = gt != 255
+    return float((pred & (gt == 1))[valid].sum() / max((pred | (gt == 1))[valid].sum(), 1))
+
+
+def _random_episode(decoder, reward, steps=4, **kw):
+    """Two slots, the training start (seed 3), the same random free patches each call -> (episodes, IoU_0,
+    [StepResult per step])."""
+    import torch
+
+    torch.manual_seed(0)  # the same SRM (its labels) in every call
+    kw.update({"reward": reward} if reward else {})
+    ep = _episodes(decoder, labels="srm", horizon=steps, slots=2, seed=3, srm=SRM(64), **kw)
+    ep.reset([0, 1])
+    iou0 = ep.iou.copy()
+    rng, results = np.random.default_rng(5), []
+    for _ in range(steps):
+        results.append(ep.step(np.array([rng.choice(np.flatnonzero(m)) for m in ep.action_mask()])))
+    return ep, iou0, results
+
+
+def test_hit_reward_is_the_default_and_unchanged(micro_decoder):
+    """The paper's reward (the default): the same rewards as before env.reward existed (recorded with that
+    code for this seed), and the reward option does not change what happens in the episode."""
+    default, _, rd = _random_episode(micro_decoder, None)
+    assert default.image.tolist() == [1, 0]
+    assert [r.reward.tolist() for r in rd] == [[-1, 1], [0, -1], [-1, 1], [1, -1]]
+    gain, _, rg = _random_episode(micro_decoder, "iou_gain")
+    np.testing.assert_array_equal(default.logits, gain.logits)  # same points, same labels, same masks
+    for a, b in zip(rd, rg):
+        assert a.iou.tolist() == b.iou.tolist() and a.label.tolist() == b.label.tolist()
+    with pytest.raises(ValueError, match="reward must be one of"):
+        _episodes(micro_decoder, reward="dice")
+
+
+def test_iou_gain_reward_is_the_change_in_iou(micro_decoder):
+    """iou_gain: r_t = IoU_t - IoU_{t-1} of SAM's mask (recomputed here from its logits), IoU_0 = the mask of
+    the starting points; an episode returns IoU_T - IoU_0. iou_gain_hit: hit + w (IoU_t - IoU_{t-1})."""
+    ep = _episodes(micro_decoder, horizon=4, reward="iou_gain")
+    ep.reset([0], [0])  # ground truth: left half foreground (a void band on top)
+    before = iou0 = _iou_by_hand(ep, 0)  # IoU_0: the mask of the two start points
+    assert ep.iou[0] == pytest.approx(before)
+    rewards = []
+    for action in (54, 44, 55, 64):  # foreground, foreground, background, foreground
+        r = ep.step([action])
+        after = _iou_by_hand(ep, 0)
+        assert r.reward[0] == pytest.approx(after - before, abs=1e-6) and r.iou[0] == pytest.approx(after)
+        rewards.append(r.reward[0])
+        before = after
+    assert any(abs(x) > 1e-3 for x in rewards)  # the clicks changed the mask
+    assert sum(rewards) == pytest.approx(before - iou0, abs=1e-5)
+    hit_only, iou0, rh = _random_episode(micro_decoder, "hit")
+    mixed, _, rm = _random_episode(micro_decoder, "iou_gain_hit", iou_gain_weight=2.5)
+    previous = iou0
+    for h, m in zip(rh, rm):
+        np.testing.assert_allclose(m.reward, h.reward + 2.5 * (m.iou - previous), atol=1e-6)
+        previous = m.iou
+    assert mixed.iou_gain_weight == 2.5 and hit_only.iou_gain_weight == 10  # the default w (config.EnvSettings)
+
+
+def test_rewards_without_ground_truth_are_zero(micro_decoder):
+    data = toy_data()
+    del data["gt_lowres"]
+    ep = PromptEpisodes(data=data, decoder=micro_decoder, grid=PatchGrid(10, 10), num_slots=1, horizon=2, obs_res=8,
+                        init="srm", labels="srm", state="probability", srm=SRM(64), seed=0, reward="iou_gain_hit")
+    ep.reset([0], [0])
+    assert ep.step([54]).reward.tolist() == [0.0]
+
+
+class _FixedOrderAgent:
+    """What a rollout needs from an agent (env/rollout.py): a fixed SRM, the grid, a run config, and a
+    deterministic stand-in policy (the free patch first in a fixed random order)."""
+
+    def __init__(self):
+        import torch
+
+        from alignsam_ray.config import EnvSettings, RunConfig
+
+        torch.manual_seed(0)
+        self.srm, self.grid = SRM(64), PatchGrid(10, 10)
+        self.cfg = RunConfig(env=EnvSettings(obs_res=8))
+        self.order = np.random.default_rng(0).permutation(self.grid.n) + 1.0
+
+    def greedy(self, obs, action_mask):
+        return np.argmax(action_mask * self.order, axis=1)
+
+
+def test_srm_start_positive_keeps_the_srm_start_and_labels_every_click_positive(micro_decoder):
+    """The evaluation method that separates the SRM's two roles: its start points (as alignsam), then every
+    later click labelled positive (as all_positive, which starts from the image centre instead)."""
+    from alignsam_ray.env.rollout import rollout
+    from alignsam_ray.eval_shard import METHODS
+
+    agent, data, T = _FixedOrderAgent(), toy_data(), 4
+    actions, init, labels, horizon = METHODS["srm_start_positive"]
+    assert (actions, init, labels, horizon) == ("policy", "srm", "positive", None)
+    start_positive = rollout(agent, data, micro_decoder, actions=actions, init=init, labels=labels, horizon=T,
+                             record=(0, T))
+    m = METHODS["alignsam"]
+    alignsam = rollout(agent, data, micro_decoder, actions=m.actions, init=m.init, labels=m.labels, horizon=T,
+                       record=(0, T))
+    for k in range(len(data["ids"])):
+        (c0, l0), (a0, al0) = start_positive.points[0][k], alignsam.points[0][k]
+        np.testing.assert_array_equal(c0, a0)  # the SRM's highest- and lowest-scoring positions
+        assert l0.tolist() == al0.tolist() == [1, 0]
+        coords, point_labels = start_positive.points[T][k]
+        np.testing.assert_array_equal(coords[:2], c0)
+        assert point_labels.tolist() == [1, 0] + [1] * T  # every later click positive
+    assert (start_positive.label_ok == start_positive.hits).all()  # all labels 1: right exactly on hits
+    assert start_positive.hits.any() and not start_positive.hits.all()  # clicks on both: background ones too

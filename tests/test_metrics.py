@@ -284,3 +284,61 @@ def test_voc_table_accumulates_per_class_and_means_over_classes():
     mixed["store_tasks"] = ["voc_cat", "voc_dog"]
     with pytest.raises(ValueError, match="one class per store"):
         voc_table([mixed])
+
+
+def test_reward_study_pairs_two_runs_and_counts_beats(tmp_path):
+    """scripts/rewards.py: alignsam(reward) - alignsam(hit) paired over two evaluations' per_image.json, and
+    "beats" = the paired interval above 0 in at least 2 of 3 seeds (here: iou_gain beats hit, not srm_topk)."""
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    scripts = os.path.join(os.path.dirname(__file__), os.pardir, "scripts")
+    sys.path.insert(0, scripts)  # rewards.py imports its sibling seeds.py
+    try:
+        spec = importlib.util.spec_from_file_location("rewards", os.path.join(scripts, "rewards.py"))
+        rewards = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rewards)
+    finally:
+        sys.path.remove(scripts)
+    n, rng = 20, np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, n)
+    counts = {"tp": [4] * n, "fp": [2] * n, "fn": [4] * n, "tn": [6] * n}
+
+    def row(iou):
+        return {"iou": list(iou), "fbeta": list(iou), "emeasure": list(iou), "mae": list(1 - iou), "ber": [10.0] * n,
+                **counts}
+
+    def run(reward, seed, shift, topk_lo):
+        d = tmp_path / f"{reward}_{seed}"
+        d.mkdir()
+        rows = {"alignsam": row(base + shift), "srm_start_positive": row(base), "all_positive": row(base - 0.05)}
+        (d / "per_image.json").write_text(json.dumps({"ids": [f"i{k}" for k in range(n)], "rows": rows}))
+        paired = {"srm_topk": {k: {"diff": topk_lo + 0.01, "ci95": [topk_lo, topk_lo + 0.02]} for k in SUMMARY_KEYS}}
+        methods = {m: {"hit_rate": 0.5, "label_accuracy": 0.75} for m in ("alignsam", "srm_topk")}
+        return {"metrics": {"paired": paired, "methods": methods}, "eval_dir": str(d), "seconds": None}
+
+    runs = {"hit": {s: run("hit", s, 0.0, -0.05) for s in range(3)},
+            "iou_gain": {s: run("iou_gain", s, [0.1, 0.1, -0.1][s], [0.01, -0.05, -0.05][s]) for s in range(3)}}
+    c = rewards.compare("synthetic_shapes", runs)
+    vs_hit = c["vs_hit"]["iou_gain"]["miou"]
+    assert [d["diff"] for d in vs_hit] == pytest.approx([0.1, 0.1, -0.1])
+    direct = paired_difference(*(_acc(base + 0.1), _acc(base)))["miou"]
+    assert vs_hit[0]["ci95"] == pytest.approx(direct["ci95"])  # the same paired bootstrap as `evaluate`
+    assert c["beats"] == {"hit": {"srm_topk": False, "hit": None}, "iou_gain": {"srm_topk": False, "hit": True}}
+    assert [d["diff"] for d in c["start_vs_centre"]["hit"]["miou"]] == pytest.approx([0.05] * 3)
+    text = rewards.comparison_table("synthetic_shapes", c)
+    assert "| iou_gain | mIoU |" in text and "| 2 / 1 | no | yes |" in text
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "per_image.json").write_text(json.dumps({"ids": ["x"] * n, "rows": {"alignsam": row(base)}}))
+    with pytest.raises(ValueError, match="same test images"):
+        rewards.paired_rows(str(other), "alignsam", runs["hit"][0]["eval_dir"], "alignsam")
+
+
+def _acc(iou):
+    acc = MetricAccumulator()
+    acc.per_image = [{"iou": v, "fbeta": v, "emeasure": v, "mae": 1 - v, "ber": 10.0, "tp": 4, "fp": 2, "fn": 4, "tn": 6}
+                     for v in iou]
+    return acc

@@ -84,8 +84,8 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     assert cli_main(["evaluate", "--checkpoint", str(run), "--store", blur_store, "--out", str(out), "--figures", "2"]) == 0
     m = json.load(open(out / "metrics.json"))
     assert m["n_images"] == 6 and m["horizon"] == 3
-    methods = {"alignsam", "random_actions", "all_positive", "single_step", "srm_topk", "gt_labels", "persam",
-               "persam_mean"}  # clip_points: skipped, the blur store has no CLIP map
+    methods = {"alignsam", "random_actions", "all_positive", "srm_start_positive", "single_step", "srm_topk",
+               "gt_labels", "persam", "persam_mean"}  # clip_points: skipped, the blur store has no CLIP map
     assert set(m["methods"]) == methods and set(m["paired"]) == methods - {"alignsam"}
     assert set(m["skipped"]) == {"clip_points"}
     assert set(m["t_sweep"]) == {"1", "5", "10", "15", "20"}
@@ -101,8 +101,9 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
         assert d["diff"] == pytest.approx(m["methods"]["alignsam"]["miou"] - m["methods"][name]["miou"])
         assert d["ci95"][0] <= d["diff"] + 1e-9 <= d["ci95"][1] + 2e-9
     assert m["methods"]["gt_labels"]["label_accuracy"] == 1.0  # oracle labels always match the ground truth
-    positive = m["methods"]["all_positive"]
-    assert positive["label_accuracy"] == pytest.approx(positive["hit_rate"])  # all labels 1: right exactly on hits
+    for name in ("all_positive", "srm_start_positive"):
+        positive = m["methods"][name]
+        assert positive["label_accuracy"] == pytest.approx(positive["hit_rate"])  # all labels 1: right exactly on hits
     assert m["methods"]["single_step"]["miou"] == m["t_sweep"]["1"]["miou"]
     report = (out / "report.md").read_text()
     assert "| alignsam |" in report and "Table 5" in report and "Paired differences" in report

@@ -3,7 +3,8 @@
     observation  Dict{"obs": Box (E, R, R) float16, "action_mask": Box (N,) float32 (1 = allowed),
                       "step": Box (1,) float32, t / T (the critic's time input)}
     action       Discrete(N), N = grid rows x cols (paper: 10 x 10)
-    reward       +1 picked centre on ground-truth foreground, -1 on background (0 on void)
+    reward       ``reward`` "hit" (paper): +1 picked centre on ground-truth foreground, -1 on background (0 on
+                 void); "iou_gain": IoU_t - IoU_{t-1}; "iou_gain_hit": hit + iou_gain_weight * that (episodes.py)
     terminated   True after T steps; never truncated
     info         {"iou": current IoU, "hit": bool, "label": SRM label of the point, "step": t}
 
@@ -15,6 +16,7 @@ env_config keys (all optional except ``store``; defaults: ``config.EnvConfig``):
     grid / patch_size / resize      the patch grid (``PatchGrid.from_config``)
     horizon        T (paper 15)          obs_res  R, the pooled observation side
     state          "probability" (paper: E_I(x) times SAM's previous probability map) | "binary"
+    reward         "hit" (paper) | "iou_gain" | "iou_gain_hit";  iou_gain_weight: w of the last
     holdout        k: the split's last k images (``holdout_split``) are kept out of training episodes
                    (a validation split for model selection); 0 = use every image
     init           "gt" (training) | "srm" (evaluation)
@@ -87,8 +89,9 @@ def _build_episodes(cfg: EnvConfig, num_slots: int) -> PromptEpisodes:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
     pool, _ = holdout_split(len(data["ids"]), int(cfg.holdout))
     episodes = PromptEpisodes(data=data, decoder=decoder, grid=grid, num_slots=num_slots, horizon=cfg.horizon,
-                              obs_res=cfg.obs_res, init=cfg.init, labels=cfg.labels, state=cfg.state, srm=srm,
-                              text_map=text_map, seed=cfg.seed, pool=pool)
+                              obs_res=cfg.obs_res, init=cfg.init, labels=cfg.labels, state=cfg.state,
+                              reward=cfg.reward, iou_gain_weight=cfg.iou_gain_weight, srm=srm, text_map=text_map,
+                              seed=cfg.seed, pool=pool)
     episodes.collect_srm_samples = bool(cfg.collect_srm_samples)
     return episodes
 

@@ -22,11 +22,14 @@ Starting prompts (``init``): "gt" one positive and one negative point drawn from
 "centre" one positive point at the image centre and no negative one (the w/o-SRM ablation: no SRM
 anywhere in the rollout).
 
-Reward: +1 if the picked centre lies on ground-truth foreground, -1 on background, 0 on void
-(ground truth read at SAM's low-res 256x256 resolution). IoU: the binary mask vs the ground truth
-at low res, inside the image, void excluded. Slots that share a decoder call but hold fewer
-points than the others are padded with label -1 (SAM's "not a point"); slots in lockstep (the
-usual case: every episode lasts T steps) decode exactly as ``SamPredictor`` would.
+Reward (``reward``; docs/agent.md#reward): "hit" (the paper's) +1 if the picked centre lies on
+ground-truth foreground, -1 on background, 0 on void (ground truth read at SAM's low-res 256x256
+resolution); "iou_gain" IoU_t - IoU_{t-1}, what the click did to SAM's mask (IoU_0: the mask of the
+starting points); "iou_gain_hit" hit + ``iou_gain_weight`` * (IoU_t - IoU_{t-1}). Without ground truth
+every reward is 0. IoU: the binary mask vs the ground truth at low res, inside the image, void
+excluded. Slots that share a decoder call but hold fewer points than the others are padded with
+label -1 (SAM's "not a point"); slots in lockstep (the usual case: every episode lasts T steps)
+decode exactly as ``SamPredictor`` would.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import EnvSettings
 from ..foundation.decoder import SamPromptDecoder
 from .grid import PatchGrid
 
@@ -47,7 +51,8 @@ VOID = 255
 Init = Literal["gt", "srm", "centre"]  # the starting prompts (module docstring)
 Labels = Literal["srm", "gt", "positive"]  # who labels a picked point: the SRM, the ground truth (oracle), always 1
 State = Literal["probability", "binary"]  # M in s_t = E_I(x) (.) M_{t-1}
-INIT_MODES, LABEL_MODES, STATE_MODES = get_args(Init), get_args(Labels), get_args(State)
+Reward = Literal["hit", "iou_gain", "iou_gain_hit"]  # module docstring
+INIT_MODES, LABEL_MODES, STATE_MODES, REWARD_MODES = get_args(Init), get_args(Labels), get_args(State), get_args(Reward)
 
 
 def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,19 +88,23 @@ class PromptEpisodes:
     seed: the stream of training images and ground-truth starting points.
     pool: image indices that ``reset`` draws from when no images are given (default: all; training
         with a held-out validation split passes the other indices).
+    reward: "hit" (paper), "iou_gain" or "iou_gain_hit" with weight ``iou_gain_weight`` (module docstring).
     The decoder and the SRM run where their weights are (``decoder.to("cuda")``: evaluation on a GPU);
     the observations are built on the decoder's device; the arrays here stay numpy on the CPU.
     """
 
     def __init__(self, *, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int, horizon: int,
                  obs_res: int, init: Init, labels: Labels, state: State, srm=None, text_map: str | None = None,
-                 seed: int | None = None, pool=None):
+                 seed: int | None = None, pool=None, reward: Reward = EnvSettings.reward,
+                 iou_gain_weight: float = EnvSettings.iou_gain_weight):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         if state not in STATE_MODES:
             raise ValueError(f"state must be one of {STATE_MODES}, got {state!r}")
+        if reward not in REWARD_MODES:
+            raise ValueError(f"reward must be one of {REWARD_MODES}, got {reward!r}")
         if (init == "srm" or labels == "srm") and srm is None:
             raise ValueError("init='srm' or labels='srm' needs an SRM")
         self.data = data
@@ -108,6 +117,7 @@ class PromptEpisodes:
         self.n_start = 1 if init == "centre" else 2  # starting points (n0)
         self.label_mode = labels
         self.state = state
+        self.reward_mode, self.iou_gain_weight = reward, float(iou_gain_weight)
         self.srm = srm
         self.device = next(decoder.parameters()).device
         self.rng = np.random.default_rng(seed)
@@ -241,9 +251,13 @@ class PromptEpisodes:
             self.coords[s, k], self.labels[s, k] = xy, label[j]
             self.taken[s, a] = True
             self.t[s] += 1
+        iou_before = self.iou[slots].copy()  # IoU_{t-1}; at t = 1 the mask of the starting points
         self._decode(slots)
         self._observe(slots)
-        return StepResult(reward, self.t[slots] >= self.horizon, self.iou[slots].copy(), hit, label)
+        if self.reward_mode != "hit" and self.has_gt:
+            gain = self.iou[slots] - iou_before
+            reward = gain if self.reward_mode == "iou_gain" else reward + self.iou_gain_weight * gain
+        return StepResult(reward.astype(np.float32), self.t[slots] >= self.horizon, self.iou[slots].copy(), hit, label)
 
     def _label(self, s: int, action: int, gt_value: int) -> int:
         if self.label_mode == "positive":
