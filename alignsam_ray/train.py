@@ -181,6 +181,8 @@ class Trainer:
         result = self.algo.train()
         er, srm = result.get("env_runners", {}), result.get(RESULTS, {})
         steps = _scalar(er, "num_env_steps_sampled", default=0.0)
+        if not np.isfinite(steps):  # every EnvRunner failed this iteration (RLlib restarts them): none sampled
+            steps = 0.0
         sample_s = _scalar(result, "timers", ENV_RUNNER_SAMPLING_TIMER, default=float("nan"))
         learn_s = _scalar(result, "timers", LEARNER_UPDATE_TIMER, default=float("nan"))
         srm_s = _scalar(srm, "srm_s")
