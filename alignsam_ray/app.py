@@ -100,9 +100,9 @@ def gt_outline(gt: np.ndarray) -> np.ndarray:
 
 def format_cell(m: dict, key: str) -> str:
     """'value [lo, hi]' of one metrics.json method row (evaluate.py's format)."""
-    from .evaluate import _cell
+    from .evaluate import format_metric
 
-    return _cell(m, key)
+    return format_metric(m, key)
 
 
 @dataclass
@@ -192,14 +192,14 @@ class EvalView:
     def metrics_rows(self) -> tuple[list[str], list[list]]:
         """metrics.json -> (headers, one row per method: each metric 'value [lo, hi]', then alignsam - method
         in mIoU with its paired interval and verdict)."""
-        from .evaluate import LABELS, NAMES, _fmt, verdict
+        from .evaluate import LABELS, NAMES, format_value, verdict
 
         keys = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "hit_rate")
         headers = ["method"] + [NAMES[k] for k in keys] + ["alignsam - method, mIoU [95% CI]"]
         rows = []
         for name, m in self.metrics["methods"].items():
             d = self.metrics.get("paired", {}).get(name)
-            diff = (f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] "
+            diff = (f"{format_value(d['miou']['diff'])} [{format_value(d['miou']['ci95'][0])}, {format_value(d['miou']['ci95'][1])}] "
                     f"{verdict(d['miou'], 'miou')}") if d else ""
             rows.append([LABELS.get(name, name)] + [format_cell(m, k) for k in keys] + [diff])
         return headers, rows
@@ -253,7 +253,8 @@ class EvalView:
         out = {}
         for name, (actions, init, labels, h) in METHODS.items():
             h = h or self.T
-            r = rollout(p, one, p.decoder, actions, labels, h, tuple(range(h + 1)), batch=1, seed=0, init=init)
+            r = rollout(p, one, p.decoder, actions=actions, init=init, labels=labels, horizon=h,
+                        record=tuple(range(h + 1)), batch=1, seed=0)
             out[name] = (h, {t: to_prediction(p.decoder, *r.points[t][0], r.logits[t][0], hw, input_hw)
                              for t in range(h + 1)})
         if len(self._cache) >= 16:

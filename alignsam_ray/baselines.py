@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .foundation.batched_decode import decoded_from, masks_from_tokens, prompt_tokens
 from .sam_types import SAM3_TYPES
 
@@ -377,18 +377,18 @@ def _point_stats(data: dict, points: list) -> tuple[float, float]:
     return rates(point_counts(data, points))
 
 
-def training_references(cfg: dict) -> dict:
+def training_references(cfg: RunConfig) -> dict:
     """The arrays of a run's training images (its store's train split without the train.val_images
     holdout): the reference images of persam (the first) and persam_mean (all)."""
-    from .env.alignsam_env import holdout_split
+    from .env.episodes import holdout_split
     from .store.loader import EmbeddingStore
 
-    data = EmbeddingStore(cfg["store"], verify=False).arrays("train")
-    train, _ = holdout_split(len(data["ids"]), int(cfg["train"]["val_images"]))
+    data = EmbeddingStore(cfg.store, verify=False).arrays("train")
+    train, _ = holdout_split(len(data["ids"]), int(cfg.train.val_images))
     return {k: data[k][train] for k in ("ids", "embeddings", "gt_lowres")}
 
 
-def skip_reason(name: str, data: dict, decoder, cfg: dict, manifest: dict | None = None,
+def skip_reason(name: str, data: dict, decoder, cfg: RunConfig, manifest: dict | None = None,
                 sam_checkpoint: str | None = None) -> str | None:
     """Why ``evaluate`` leaves baseline ``name`` out for this store and run (None: it runs). ``manifest``:
     the store's (sam3_text reads whether it is random-init), ``sam_checkpoint``: its sam3.pt, if given."""
@@ -396,7 +396,7 @@ def skip_reason(name: str, data: dict, decoder, cfg: dict, manifest: dict | None
         if name in ("persam", "persam_mean"):
             _check_sam1(decoder)
         elif name == "clip_points":
-            map_key(data, cfg["srm"].get("text_map"))
+            map_key(data, cfg.srm.text_map)
         elif name == "sam3_text":
             return sam3_text_skip_reason(decoder, manifest or {}, sam_checkpoint)
     except ConfigError as exc:
@@ -404,7 +404,7 @@ def skip_reason(name: str, data: dict, decoder, cfg: dict, manifest: dict | None
     return None
 
 
-def prepare(data: dict, decoder, cfg: dict, log=print, store=None, sam_checkpoint: str | None = None,
+def prepare(data: dict, decoder, cfg: RunConfig, log=print, store=None, sam_checkpoint: str | None = None,
             device="cpu") -> tuple[dict, dict]:
     """Which baselines run for this store and run, and what each needs -> ({name: persam's (E,) target
     embedding, sam3_text's SAM 3 model on ``device``, None for clip_points}, {name: why skipped}). Skipped,
@@ -426,7 +426,7 @@ def prepare(data: dict, decoder, cfg: dict, log=print, store=None, sam_checkpoin
                 refs = training_references(cfg) if refs is None else refs
                 ready[name] = persam_target(name, refs, cfg)
             except (OSError, StoreError, ConfigError) as exc:
-                reason = f"the run's training store {cfg['store']!r} (the reference images) is unusable: {exc}"
+                reason = f"the run's training store {cfg.store!r} (the reference images) is unusable: {exc}"
         elif reason is None:
             ready[name] = None
         if reason is not None:
@@ -435,23 +435,23 @@ def prepare(data: dict, decoder, cfg: dict, log=print, store=None, sam_checkpoin
     return ready, skipped
 
 
-def persam_target(name: str, references: dict, cfg: dict) -> np.ndarray:
+def persam_target(name: str, references: dict, cfg: RunConfig) -> np.ndarray:
     """The target embedding of ``persam`` (the first training image with foreground) or ``persam_mean``
     (every such image) from ``training_references(cfg)``."""
     cells = reference_cells(references["gt_lowres"]).reshape(len(references["ids"]), -1).any(1)
     if not cells.any():
-        raise ConfigError(f"persam: no training image of store {cfg['store']!r} has ground-truth foreground on "
+        raise ConfigError(f"persam: no training image of store {cfg.store!r} has ground-truth foreground on "
                           "SAM's 64 x 64 grid to take the target from")
     use = np.flatnonzero(cells)[:1] if name == "persam" else np.flatnonzero(cells)
     return target_embedding(references["embeddings"][use], references["gt_lowres"][use])
 
 
-def run_prepared(name: str, data: dict, decoder, cfg: dict, target, image_paths: list | None = None,
+def run_prepared(name: str, data: dict, decoder, cfg: RunConfig, target, image_paths: list | None = None,
                  device="cpu") -> BaselineResult:
     """Baseline ``name`` on the images of ``data`` (files ``image_paths``: sam3_text reads them) with what
     ``prepare`` gave it (``target``)."""
     if name == "clip_points":
-        return clip_points(data, decoder, cfg["srm"].get("text_map"))
+        return clip_points(data, decoder, cfg.srm.text_map)
     if name == "sam3_text":
         return sam3_text(data, image_paths, target, device)
     if name not in ("persam", "persam_mean"):
@@ -459,7 +459,7 @@ def run_prepared(name: str, data: dict, decoder, cfg: dict, target, image_paths:
     return persam(data, decoder, target)
 
 
-def run_baseline(name: str, data: dict, decoder, cfg: dict, references: dict | None = None) -> BaselineResult:
+def run_baseline(name: str, data: dict, decoder, cfg: RunConfig, references: dict | None = None) -> BaselineResult:
     """Baseline ``name`` on the store arrays ``data`` for the run config ``cfg`` -> per-image low-res logits.
     ``references``: ``training_references(cfg)`` (read once by the caller for both PerSAM variants)."""
     target = None

@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
     if not (args.config or args.store):
         raise ConfigError("give --store STORE (the paper's settings for the store's task) or --config YAML")
     cfg = load_config(args.config, args.overrides, store=args.store)
-    with folder_lock(cfg["run_dir"], "train"):
+    with folder_lock(cfg.run_dir, "train"):
         result = train(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: result.get(k) for k in ("iteration", "hit_rate", "final_iou", "checkpoint")}, indent=2))
     return 0
@@ -117,7 +117,7 @@ def cmd_evaluate(args) -> int:
     from .checkpoint import Agent
     from .evaluate import evaluate
 
-    store = args.store or Agent.load(args.checkpoint).cfg["store"]
+    store = args.store or Agent.load(args.checkpoint).cfg.store
     with folder_lock(args.out, "evaluate"):
         m = evaluate(args.checkpoint, store, args.out, split=args.split, batch=args.batch, n_figures=args.figures,
                      seed=args.seed, device=args.device, shards=args.shards, sam_checkpoint=args.sam_checkpoint)

@@ -2,8 +2,9 @@
 
 One typed schema: ``RunConfig`` (a dataclass per section) holds each key's default, the check a value
 must pass and what it means; ``DEFAULTS`` / ``CHECKS`` derive from it, and ``EnvConfig`` (what an env
-reads) and ``SweepConfig`` (an `alignsam tune` file) sit beside it. Configs travel as plain dicts
-(``asdict``), the form YAML, Ray and Tune take.
+reads) and ``SweepConfig`` (an `alignsam tune` file) sit beside it. ``load_config`` returns a
+``RunConfig``, read by attribute (``cfg.ppo.lr``); a plain dict (``cfg.to_dict()``, back with
+``RunConfig.from_dict``) only where a library takes one: YAML, Tune's search space, RLlib's env_config.
 
 A run config is YAML with the sections below (``tune_configs/<task>.yaml``); anything left out
 takes the default. Command-line overrides use dotted keys: ``ppo.lr=3e-4 env.horizon=10``.
@@ -132,6 +133,25 @@ class RunConfig:
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
 
+    def to_dict(self) -> dict:
+        """The nested dict (YAML, Tune)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """A nested dict (``to_dict``, a saved config.yaml) -> RunConfig; keys it lacks take the default, keys
+        the schema does not know are ignored (``load_config`` is the strict, checked way in)."""
+        def build(schema, values):
+            out = {}
+            for f in fields(schema):
+                if f.name not in (values or {}):
+                    continue
+                v = values[f.name]
+                sub = f.default_factory if isinstance(f.default_factory, type) and is_dataclass(f.default_factory) else None
+                out[f.name] = build(sub, v) if sub else copy.deepcopy(v)
+            return schema(**out)
+        return build(cls, d)
+
 
 @dataclass
 class EnvConfig:
@@ -154,7 +174,6 @@ class EnvConfig:
     srm_branch: str = SrmSettings.branch
     text_map: str | None = SrmSettings.text_map
     collect_srm_samples: bool = False
-    srm_actor: str | None = None  # the run's SrmHolder: a new (or restarted) env loads the latest SRM
     torch_threads: int | None = None
     seed: int | None = None
 
@@ -201,7 +220,7 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
 
-def _merge(base: dict, update: dict, where: str = "") -> dict:
+def merge_config(base: dict, update: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
         if key not in base:
@@ -209,7 +228,7 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where + key!r} must be a mapping")
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            out[key] = merge_config(base[key], value, f"{where}{key}.")
         else:
             numeric = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
             out[key] = _number(value, whole=isinstance(base[key], int)) if numeric else value
@@ -229,7 +248,7 @@ def _number(value, whole: bool = False):
     return value
 
 
-def _load_yaml(text: str, where: str):
+def load_yaml(text: str, where: str):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -249,7 +268,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = _load_yaml(value, f"override {item!r}")
+        node[parts[-1]] = load_yaml(value, f"override {item!r}")
     return out
 
 
@@ -281,37 +300,38 @@ def paper_srm(task: str) -> dict:
     return {"branch": "implicit"}
 
 
-def _check_text_map(cfg: dict) -> None:
+def _check_text_map(cfg: RunConfig) -> None:
     """The explicit branch reads the store's map_<text_map> column: say so before Ray starts if it is missing."""
-    if cfg["srm"]["branch"] != "explicit" or not cfg["srm"]["text_map"] or not os.path.isdir(cfg["store"]):
+    if cfg.srm.branch != "explicit" or not cfg.srm.text_map or not os.path.isdir(cfg.store):
         return  # (a store that is missing or remote is reported where it is opened)
     from .store.shards import read_manifest
 
-    maps = read_manifest(cfg["store"]).get("maps") or []
-    if cfg["srm"]["text_map"] not in maps:
+    maps = read_manifest(cfg.store).get("maps") or []
+    if cfg.srm.text_map not in maps:
         raise ConfigError(
-            f"the explicit SRM branch reads the store's CLIP Surgery map {cfg['srm']['text_map']!r}, but store "
-            f"{cfg['store']!r} has {maps or 'no maps'}: embed it with --clip-model ViT-B-16 --clip-weights FILE "
+            f"the explicit SRM branch reads the store's CLIP Surgery map {cfg.srm.text_map!r}, but store "
+            f"{cfg.store!r} has {maps or 'no maps'}: embed it with --clip-model ViT-B-16 --clip-weights FILE "
             "(or --clip-model micro on synthetic data), or train the implicit branch: srm.branch=implicit")
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None, store: str | None = None) -> dict:
-    """Defaults <- ``from_store(store)`` (when given) <- YAML file <- overrides; relative paths are made
-    absolute against the cwd."""
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
+                store: str | None = None) -> RunConfig:
+    """Defaults <- ``from_store(store)`` (when given) <- YAML file <- overrides, checked (``validate``);
+    relative paths are made absolute against the cwd."""
     raw = {}
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         with open(path) as f:
-            raw = _load_yaml(f.read(), f"config file {path!r}") or {}
+            raw = load_yaml(f.read(), f"config file {path!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must be a YAML mapping (key: value lines), "
                               f"not a {type(raw).__name__}")
-    cfg = _merge(_merge(DEFAULTS, from_store(store)) if store else DEFAULTS, raw)
+    cfg = merge_config(merge_config(DEFAULTS, from_store(store)) if store else DEFAULTS, raw)
     if store:
         cfg["store"] = store
     if overrides:
-        cfg = _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+        cfg = merge_config(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     if not cfg["store"]:
         raise ConfigError("the config needs 'store': the embedding store of the task (`alignsam embed --out STORE`)")
     cfg["task"] = cfg["task"] or os.path.basename(os.path.normpath(cfg["store"]))
@@ -319,16 +339,17 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
     for key in ("store", "run_dir"):
         if "://" not in cfg[key]:  # a store may be a pyarrow URI (s3://bucket/stores/blur)
             cfg[key] = os.path.abspath(cfg[key])
-    validate(cfg)
-    _check_text_map(cfg)
-    return cfg
+    run = validate(RunConfig.from_dict(cfg))
+    _check_text_map(run)
+    return run
 
 
-def validate(cfg: dict) -> dict:
+def validate(run: RunConfig) -> RunConfig:
     """Check every value's type and range, and the values that depend on each other; raise one
-    ConfigError with one line per problem. Returns ``cfg``."""
+    ConfigError with one line per problem. Returns ``run``."""
     from .env.grid import PatchGrid
 
+    cfg = run.to_dict()
     problems = []
     for key, ok, want in CHECKS:
         section, name = key.split(".")
@@ -357,18 +378,18 @@ def validate(cfg: dict) -> dict:
                         "(`alignsam embed --clip-model ...`)")
     if problems:
         raise ConfigError(f"{len(problems)} bad config value(s):\n  " + "\n  ".join(problems))
-    return cfg
+    return run
 
 
-def save_config(cfg: dict, path: str) -> None:
+def save_config(cfg: RunConfig, path: str) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-def env_config(cfg: dict, **extra) -> dict:
-    """The env_config for ``alignsam_ray.env.make_env`` from a run config."""
-    e = cfg["env"]
-    return asdict(EnvConfig(store=cfg["store"], grid=e["grid"], patch_size=e["patch_size"], resize=e["resize"],
-                            horizon=e["horizon"], obs_res=e["obs_res"], state=e["state"], reward=e["reward"],
-                            iou_gain_weight=e["iou_gain_weight"], srm_branch=cfg["srm"]["branch"],
-                            text_map=cfg["srm"]["text_map"], **extra))
+def env_config(cfg: RunConfig, **extra) -> dict:
+    """The env_config (a dict: RLlib's form) for ``alignsam_ray.env.make_env`` from a run config."""
+    e = cfg.env
+    return asdict(EnvConfig(store=cfg.store, grid=e.grid, patch_size=e.patch_size, resize=e.resize,
+                            horizon=e.horizon, obs_res=e.obs_res, state=e.state, reward=e.reward,
+                            iou_gain_weight=e.iou_gain_weight, srm_branch=cfg.srm.branch, text_map=cfg.srm.text_map,
+                            **extra))

@@ -16,6 +16,10 @@ import csv
 import json
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 DEMO_TASKS = ("synthetic_shapes",)  # the VOC analogue: the target class among distractor shapes
 DEMO_ITERATIONS = 12  # PPO iterations of the default 600 env steps (40 episodes): what fits 10 minutes
@@ -64,7 +68,7 @@ def prepare_task(task: str, out: str, n_train: int = 50, n_test: int = 50, seed:
 
 
 def demo_config(store: str, run_dir: str, iterations: int = DEMO_ITERATIONS, seed: int = 0, env_runners: int = 2,
-                precision: str = DEMO_PRECISION, overrides: dict | None = None) -> dict:
+                precision: str = DEMO_PRECISION, overrides: dict | None = None) -> RunConfig:
     """The paper's defaults; the task and its SRM branch come from the store (``config.from_store``);
     ``overrides`` (nested dict) on top."""
     from .config import load_config
@@ -130,9 +134,9 @@ def _run_tasks(out, tasks, n_train, n_test, seed, iterations, env_runners, preci
         phases["synthesis + embedding"] += time.time() - t1
         cfg = demo_config(store, os.path.join(out, "runs", task), iterations, seed, env_runners, precision)
         print(f"\n[demo] {task}: 2/3 training the PPO agent ({iterations} iterations, SRM branch "
-              f"{cfg['srm']['branch']})", flush=True)
+              f"{cfg.srm.branch})", flush=True)
         t1 = time.time()
-        result = train(cfg, resume=os.path.isdir(os.path.join(cfg["run_dir"], "checkpoints")))  # a rerun resumes
+        result = train(cfg, resume=os.path.isdir(os.path.join(cfg.run_dir, "checkpoints")))  # a rerun resumes
         phases["training"] += time.time() - t1
         print(f"[demo] {task}: 3/3 evaluating on the test split", flush=True)
         t1 = time.time()
@@ -166,7 +170,7 @@ def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, see
            precision: str) -> str:
     """Markdown: per task the paper's Table 2 layout (ablations) with paired 95% intervals, mIoU by T
     (Table 5), the figure files; then where the time went."""
-    from .evaluate import NAMES, _cell, _fmt, verdict
+    from .evaluate import NAMES, format_metric, format_value, verdict
     from .metrics import primary_metrics
 
     lines = ["# alignsam demo", "",
@@ -182,9 +186,9 @@ def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, see
                   "|---|" + "---|" * (len(keys) + 1)]
         for name, label in ROWS:
             d = m["paired"].get(name)
-            diff = (f"{_fmt(d['miou']['diff'])} [{_fmt(d['miou']['ci95'][0])}, {_fmt(d['miou']['ci95'][1])}] "
+            diff = (f"{format_value(d['miou']['diff'])} [{format_value(d['miou']['ci95'][0])}, {format_value(d['miou']['ci95'][1])}] "
                     f"{verdict(d['miou'], 'miou')}") if d else ""
-            lines.append(f"| {label} | " + " | ".join(_cell(m["methods"][name], k) for k in keys) + f" | {diff} |")
+            lines.append(f"| {label} | " + " | ".join(format_metric(m["methods"][name], k) for k in keys) + f" | {diff} |")
         halves = [(d["miou"]["ci95"][1] - d["miou"]["ci95"][0]) / 2 for d in m["paired"].values()]
         lines += ["", f"Resolution: with {m['n_images']} test images the paired intervals' half-widths run from "
                   f"{min(halves):.3f} to {max(halves):.3f}; a true difference smaller than its row's half-width can show "

@@ -34,20 +34,20 @@ import torch
 from . import baselines
 from .agent.policy import PolicyNet
 from .agent.srm import SRM
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .env.grid import PatchGrid
-from .env.rollout import Rollout, rollout
+from .env.rollout import Method, Rollout, rollout
 from .metrics import MetricAccumulator, confidence_intervals, image_metrics, paired_difference
 from .store.loader import EmbeddingStore
 
-METHODS = {  # name -> (action rule, start rule, label rule, horizon: None = the run's T); docs/agent.md#evaluation
-    "alignsam": ("policy", "srm", "srm", None),  # the paper's protocol
-    "random_actions": ("random", "srm", "srm", None),  # w/o RL
-    "all_positive": ("policy", "centre", "positive", None),  # w/o SRM: no SRM anywhere, centre start
-    "srm_start_positive": ("policy", "srm", "positive", None),  # the SRM's start, every later click positive
-    "single_step": ("policy", "srm", "srm", 1),  # w/o multi-step
-    "srm_topk": ("srm_topk", "srm", "srm", None),  # no RL: the SRM's best free cell each step
-    "gt_labels": ("policy", "srm", "gt", None),  # oracle labels
+METHODS = {  # name -> how it picks, starts and labels (horizon None = the run's T); docs/agent.md#evaluation
+    "alignsam": Method(actions="policy", init="srm", labels="srm"),  # the paper's protocol
+    "random_actions": Method(actions="random", init="srm", labels="srm"),  # w/o RL
+    "all_positive": Method(actions="policy", init="centre", labels="positive"),  # w/o SRM: no SRM anywhere
+    "srm_start_positive": Method(actions="policy", init="srm", labels="positive"),  # SRM start, later clicks positive
+    "single_step": Method(actions="policy", init="srm", labels="srm", horizon=1),  # w/o multi-step
+    "srm_topk": Method(actions="srm_topk", init="srm", labels="srm"),  # no RL: the SRM's best free cell each step
+    "gt_labels": Method(actions="policy", init="srm", labels="gt"),  # oracle labels
 }
 T_SWEEP = (1, 5, 10, 15, 20)
 FIGURE_STEPS = (1, 5, 10, 15)
@@ -87,7 +87,7 @@ class EvalAgent:
 
     policy: PolicyNet
     srm: SRM
-    cfg: dict
+    cfg: RunConfig
     device: torch.device
 
     def __post_init__(self):
@@ -101,7 +101,7 @@ class EvalAgent:
 
     @property
     def grid(self) -> PatchGrid:
-        return PatchGrid.from_env(self.cfg["env"])
+        return PatchGrid.from_env(self.cfg.env)
 
     @torch.inference_mode()
     def greedy(self, obs: np.ndarray, action_mask: np.ndarray) -> np.ndarray:
@@ -110,16 +110,16 @@ class EvalAgent:
         return logits.argmax(1).cpu().numpy()
 
 
-def plan(cfg: dict, grid: PatchGrid) -> tuple[int, tuple, int, tuple]:
+def plan(cfg: RunConfig, grid: PatchGrid) -> tuple[int, tuple, int, tuple]:
     """(T, the T sweep, the main rollout's horizon, the steps it records)."""
-    T = int(cfg["env"]["horizon"])
+    T = int(cfg.env.horizon)
     t_sweep = tuple(t for t in T_SWEEP if t <= grid.n)
     horizon = max(t_sweep + (T,))
     record = tuple(sorted(set(t_sweep + FIGURE_STEPS + (T, 0)) & set(range(horizon + 1))))
     return T, t_sweep, horizon, record
 
 
-def row_names(cfg: dict, grid: PatchGrid) -> dict:
+def row_names(cfg: RunConfig, grid: PatchGrid) -> dict:
     """row -> (rollout it reads, step): the methods, "t=<T>" per T of the sweep, "initial" (T = 0)."""
     T, t_sweep, _, _ = plan(cfg, grid)
     rows = {name: ("main", T if name == "alignsam" else 1) if name in ("alignsam", "single_step")
@@ -159,10 +159,13 @@ def evaluate_shard(agent, store: str | EmbeddingStore, split: str, start: int = 
             b = baselines.run_prepared(name, data, decoder, agent.cfg, target, paths, device)
             out["rows"][name] += [image_metrics(m, gt_full[i]) for m, i in zip(b.full_masks(decoder, sizes), ids)]
             out["baselines"][name] = tuple(np.add(out["baselines"][name], baselines.point_counts(data, b.points)))
-        rolls = {"main": rollout(agent, data, decoder, "policy", "srm", horizon, record, batch, seed)}
-        for name, (actions, init, labels, h) in METHODS.items():
+        main = METHODS["alignsam"]
+        rolls = {"main": rollout(agent, data, decoder, actions=main.actions, init=main.init, labels=main.labels,
+                                 horizon=horizon, record=record, batch=batch, seed=seed)}
+        for name, m in METHODS.items():
             if rows[name][0] == name:
-                rolls[name] = rollout(agent, data, decoder, actions, labels, h or T, (h or T,), batch, seed, init=init)
+                rolls[name] = rollout(agent, data, decoder, actions=m.actions, init=m.init, labels=m.labels,
+                                      horizon=m.horizon or T, record=(m.horizon or T,), batch=batch, seed=seed)
         scored: dict = {}
         for row, key in rows.items():
             if key not in scored:
@@ -196,7 +199,7 @@ def _accumulator(records: list[dict]) -> MetricAccumulator:
     return acc
 
 
-def merge_shards(results: list[dict], cfg: dict, grid: PatchGrid) -> tuple[dict, dict]:
+def merge_shards(results: list[dict], cfg: RunConfig, grid: PatchGrid) -> tuple[dict, dict]:
     """Shard results (any order; together the split's images [0, n) without gap or overlap) ->
     ({"methods", "paired", "t_sweep", "initial_prompts"}, per_image {"ids", "rows": {row: [dict]}})."""
     results = sorted(results, key=lambda r: r["start"])

@@ -54,7 +54,7 @@ import numpy as np
 from .baselines import BASELINES, check_sam3_checkpoint
 from .checkpoint import Agent
 from .config import ConfigError
-from .env.alignsam_env import holdout_split
+from .env.episodes import holdout_split
 from .env.rollout import Rollout, rollout
 from .eval_shard import (
     FIGURE_STEPS,
@@ -112,10 +112,10 @@ def trained_sam(agent: Agent) -> dict:
         sam = None
     if not sam:
         try:
-            manifest = read_manifest(agent.cfg["store"])
+            manifest = read_manifest(agent.cfg.store)
         except Exception as exc:
             raise ConfigError(f"cannot tell which SAM checkpoint {agent.checkpoint!r} was trained with: its "
-                              f"checkpoint records none and its run's store {agent.cfg['store']!r} is unreadable "
+                              f"checkpoint records none and its run's store {agent.cfg.store!r} is unreadable "
                               f"({exc}); evaluate on that store, or make it reachable") from None
         sam = {key: manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}
     return sam
@@ -154,7 +154,7 @@ def evaluate(checkpoint: str, store: str, out: str, split: str = "test", batch: 
         check_sam3_checkpoint(st.manifest, store, sam_checkpoint)
     n = len(st.split_ids(split))
     log = _logger("evaluate", progress)
-    log(f"{n} {split} images, T = {agent.cfg['env']['horizon']}, {shards} shard(s)")
+    log(f"{n} {split} images, T = {agent.cfg.env.horizon}, {shards} shard(s)")
     if shards <= 1:
         dev = eval_device(device)
         counter = ProgressLine(n, log)
@@ -261,8 +261,8 @@ def write_evaluation(out: str, agent, st: EmbeddingStore, store: str, split: str
     """Merge shard results (``merge_shards``) and write metrics.json, report.md, per_image.json, figures/."""
     merged, per_image = merge_shards(results, agent.cfg, agent.grid)
     metrics = {
-        "task": agent.cfg["task"], "n_images": len(per_image["ids"]), "split": split,
-        "horizon": int(agent.cfg["env"]["horizon"]), "checkpoint": agent.checkpoint,
+        "task": agent.cfg.task, "n_images": len(per_image["ids"]), "split": split,
+        "horizon": int(agent.cfg.env.horizon), "checkpoint": agent.checkpoint,
         "store": store if "://" in store else os.path.abspath(store), "store_tasks": st.manifest.get("tasks", []),
         **merged, "shards": len(results), "devices": devices, "seconds": round(time.time() - t0, 1),
     }
@@ -294,8 +294,10 @@ def alignsam_score(agent: Agent, data: dict, gt_full: dict, decoder: SamPromptDe
                    seed: int = 0) -> MetricAccumulator:
     """The ``alignsam`` method alone (the paper's protocol: SRM start, greedy policy, SRM labels, the
     run's T) on store arrays -> per-image metrics (model selection, run-to-run comparisons)."""
-    T = int(agent.cfg["env"]["horizon"])
-    r = rollout(agent, data, decoder, "policy", "srm", T, (T,), batch, seed)
+    T = int(agent.cfg.env.horizon)
+    m = METHODS["alignsam"]
+    r = rollout(agent, data, decoder, actions=m.actions, init=m.init, labels=m.labels, horizon=T, record=(T,),
+                batch=batch, seed=seed)
     return score(r.logits[T], data["ids"], data["original_size"], gt_full, decoder)
 
 
@@ -315,14 +317,14 @@ LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "
           "sam3_text": "sam3_text (SAM 3 given the task's text)"}
 
 
-def _fmt(v: float) -> str:
+def format_value(v: float) -> str:
     return f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
-def _cell(m: dict, k: str) -> str:
+def format_metric(m: dict, k: str) -> str:
     v = m.get(k, float("nan"))
     ci = (m.get("ci95") or {}).get(k)
-    return _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+    return format_value(v) + (f" [{format_value(ci[0])}, {format_value(ci[1])}]" if ci else "")
 
 
 def verdict(diff: dict, metric: str) -> str:
@@ -345,7 +347,7 @@ def report_markdown(metrics: dict) -> str:
         f"{', '.join(NAMES[k] for k in prim)} for this task. Brackets: 95% bootstrap interval over images.", "",
         "## Methods and ablations (cf. paper Table 2)", "", head,
     ]
-    lines += [f"| {LABELS.get(name, name)} | " + " | ".join(_cell(m, k) for k in keys) + " |"
+    lines += [f"| {LABELS.get(name, name)} | " + " | ".join(format_metric(m, k) for k in keys) + " |"
               for name, m in metrics["methods"].items()]
     lines += ["", "hit rate = share of picked points on foreground; label acc. = share of picked points whose label "
               "(SRM, oracle or all-positive) matches the ground truth (baselines: of their own points"
@@ -358,11 +360,11 @@ def report_markdown(metrics: dict) -> str:
     lines += ["| method | " + " | ".join(f"{NAMES[k]} diff [95% CI] | " for k in shown).rstrip(" |") + " |",
               "|---|" + "---|---|" * len(shown)]
     for name, d in metrics["paired"].items():
-        cells = [f"{_fmt(d[k]['diff'])} [{_fmt(d[k]['ci95'][0])}, {_fmt(d[k]['ci95'][1])}] | {verdict(d[k], k)}"
+        cells = [f"{format_value(d[k]['diff'])} [{format_value(d[k]['ci95'][0])}, {format_value(d[k]['ci95'][1])}] | {verdict(d[k], k)}"
                  for k in shown]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     lines += ["", "## Number of steps T (cf. paper Table 5)", "", head.replace("| |", "| T |", 1)]
-    lines += [f"| {t} | " + " | ".join(_cell(m, k) for k in keys) + " |" for t, m in metrics["t_sweep"].items()]
+    lines += [f"| {t} | " + " | ".join(format_metric(m, k) for k in keys) + " |" for t, m in metrics["t_sweep"].items()]
     init = metrics["initial_prompts"]
     lines += ["", f"Initial SRM prompts only (T = 0): mIoU {init['miou']:.3f}.", "", "## Metric definitions", ""]
     lines += [f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()]
@@ -391,13 +393,13 @@ def voc_table(evaluations: list[dict]) -> tuple[str, dict]:
     lines = ["| class | " + " | ".join(LABELS[k] for k in methods) + " |", "|---|" + "---|" * len(methods)]
     table = {c: {k: rows[c]["methods"][k]["iou_dataset"] for k in methods} for c in order}
     for c in order:
-        lines.append(f"| {c} | " + " | ".join(_cell(rows[c]["methods"][k], "iou_dataset") for k in methods) + " |")
+        lines.append(f"| {c} | " + " | ".join(format_metric(rows[c]["methods"][k], "iou_dataset") for k in methods) + " |")
     means = {k: mean_of_classes([{"value": rows[c]["methods"][k]["iou_dataset"],
                                   "ci95": (rows[c]["methods"][k].get("ci95") or {}).get("iou_dataset")}
                                  for c in order]) for k in methods}
     mean = {k: means[k]["value"] for k in methods}
     label = "mean over the 20 classes" if len(order) == 20 else f"mean over {len(order)} of the 20 classes"
-    lines.append(f"| **{label}** | " + " | ".join(f"**{_cell({'x': means[k]['value'], 'ci95': {'x': means[k]['ci95']}}, 'x')}**"
+    lines.append(f"| **{label}** | " + " | ".join(f"**{format_metric({'x': means[k]['value'], 'ci95': {'x': means[k]['ci95']}}, 'x')}**"
                                                    for k in methods) + " |")
     text = ("IoU accumulated over each class's test images (PASCAL VOC convention; brackets: 95% bootstrap "
             "interval over images; for the mean, the classes' intervals combined), cf. paper Table 3.\n\n" + "\n".join(lines) + "\n")

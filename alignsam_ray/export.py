@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from .agent.policy import PolicyNet
+from .agent.srm import save_srm
 from .checksum import file_sha256
 
 BUNDLE_FORMAT = 1
@@ -38,8 +39,8 @@ def export_bundle(checkpoint: str, out: str, pt2: bool = False) -> dict:
 
     agent = Agent.load(checkpoint)
     policy = PolicyNet.from_module(agent.module)
-    e = agent.cfg["env"]
-    R, N, E = int(e["obs_res"]), agent.grid.n, agent.srm.embed_dim
+    e = agent.cfg.env
+    R, N, E = int(e.obs_res), agent.grid.n, agent.srm.embed_dim
     example = (torch.randn(2, E, R, R), torch.ones(2, N))
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -53,24 +54,23 @@ def export_bundle(checkpoint: str, out: str, pt2: bool = False) -> dict:
     if pt2:
         torch.export.save(torch.export.export(policy, example, dynamic_shapes=shapes), os.path.join(tmp, POLICY_PT2))
         files.append(POLICY_PT2)
-    torch.save({"branch": agent.srm.branch, "embed_dim": E, "state_dict": agent.srm.state_dict()},
-               os.path.join(tmp, SRM_FILE))
+    save_srm(agent.srm, os.path.join(tmp, SRM_FILE))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        yaml.safe_dump(agent.cfg, f, sort_keys=False)
+        yaml.safe_dump(agent.cfg.to_dict(), f, sort_keys=False)
     files += [SRM_FILE, CONFIG_FILE]
     try:
-        store = read_manifest(agent.cfg["store"])
+        store = read_manifest(agent.cfg.store)
         sam = {"sam_type": store["sam_type"], "checkpoint_sha256": store["checkpoint_sha256"],
                "embed_dim": store["embed_dim"], "maps": store.get("maps", [])}
         clip = store.get("clip")  # model, weights sha256, map name -> text: what segment must recompute
     except Exception as exc:  # the store may live elsewhere by now; the checkpoint still says what it needs
-        raise FileNotFoundError(f"cannot read the training store {agent.cfg['store']!r} to record which SAM the "
+        raise FileNotFoundError(f"cannot read the training store {agent.cfg.store!r} to record which SAM the "
                                 f"policy was trained on ({exc}); pass a checkpoint whose store is reachable") from exc
     manifest = {
-        "format_version": BUNDLE_FORMAT, "task": agent.cfg["task"], "sam": sam, "clip": clip,
-        "grid": [agent.grid.rows, agent.grid.cols], "obs_res": R, "horizon": int(e["horizon"]),
+        "format_version": BUNDLE_FORMAT, "task": agent.cfg.task, "sam": sam, "clip": clip,
+        "grid": [agent.grid.rows, agent.grid.cols], "obs_res": R, "horizon": int(e.horizon),
         "policy_inputs": {"obs": ["B", E, R, R], "action_mask": ["B", N]}, "policy_output": ["B", N],
-        "srm_branch": agent.srm.branch, "text_map": agent.cfg["srm"]["text_map"],
+        "srm_branch": agent.srm.branch, "text_map": agent.cfg.srm.text_map,
         "source_checkpoint": agent.checkpoint,
         "files": {name: file_sha256(os.path.join(tmp, name)) for name in files},
     }

@@ -29,7 +29,8 @@ import onnxruntime
 import torch
 import yaml
 
-from .agent.srm import SRM
+from .agent.srm import load_srm
+from .config import RunConfig
 from .env.grid import PatchGrid
 from .env.rollout import rollout
 from .export import CONFIG_FILE, MANIFEST, POLICY_ONNX, SRM_FILE
@@ -39,7 +40,6 @@ from .foundation import (
     SamPromptDecoder,
     file_sha256,
     load_sam,
-    load_weights,
     pick_device,
 )
 from .foundation.sam2_models import Sam2ImageEncoder, Sam2PromptDecoder, is_sam2, load_sam2, square_frame
@@ -92,7 +92,9 @@ class AlignSAMPredictor:
         embeddings made elsewhere (``alignsam segment --ray``): neither SAM's image encoder nor CLIP is kept."""
         self.manifest = read_bundle_manifest(bundle)
         with open(os.path.join(bundle, CONFIG_FILE)) as f:
-            self.cfg = yaml.safe_load(f)
+            raw = yaml.safe_load(f)
+        raw["env"].setdefault("state", "binary")  # bundles from before the probability state were binary
+        self.cfg = RunConfig.from_dict(raw)
         sam = self.manifest["sam"]
         if sam["checkpoint_sha256"] != "random-init":
             ckpt = sam_checkpoint
@@ -130,14 +132,10 @@ class AlignSAMPredictor:
                 self.encoder = SamImageEncoder(model, self.device)
             self.decoder = SamPromptDecoder.from_sam(model, sam["sam_type"]).eval()
         self.policy = onnxruntime.InferenceSession(os.path.join(bundle, POLICY_ONNX), providers=["CPUExecutionProvider"])
-        blob = load_weights(os.path.join(bundle, SRM_FILE), "bundle SRM")
-        self.srm = SRM(blob["embed_dim"], blob["branch"])
-        self.srm.load_state_dict(blob["state_dict"])
-        self.srm.eval()
-        e = self.cfg["env"]
+        self.srm = load_srm(os.path.join(bundle, SRM_FILE), "bundle SRM")
+        e = self.cfg.env
         self.grid = PatchGrid.from_env(e)
-        self.horizon, self.obs_res = int(e["horizon"]), int(e["obs_res"])
-        e.setdefault("state", "binary")  # bundles from before the probability state were binary
+        self.horizon, self.obs_res = int(e.horizon), int(e.obs_res)
 
     def _load_clip(self, clip_weights: str | None) -> None:
         from .foundation.clip_surgery import ClipSurgery
@@ -223,7 +221,8 @@ class AlignSAMPredictor:
     def _prompt(self, data: dict, T: int, record: tuple) -> dict[int, list[Prediction]]:
         """The rollout of ``prompt_batch``, read at each step in ``record`` -> {step: one Prediction per image}."""
         n = len(data["embeddings"])
-        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, "policy", "srm", T, record, batch=n)
+        r = rollout(self, {**data, "ids": np.arange(n)}, self.decoder, actions="policy", init="srm", labels="srm",
+                    horizon=T, record=record, batch=n)
         return {t: [to_prediction(self.decoder, *r.points[t][s], r.logits[t][s], data["original_size"][s],
                                   data["input_size"][s]) for s in range(n)] for t in record}
 

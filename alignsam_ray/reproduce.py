@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import DEFAULTS, ConfigError, paper_srm
+from .config import DEFAULTS, ConfigError, RunConfig, paper_srm
 from .data import DataError
 from .data.samples import VOC_CLASSES
 from .evaluate import METHODS, T_SWEEP
@@ -131,7 +131,7 @@ def plan(out: str, found: dict[str, str], tasks: list[str] | None, voc_classes: 
     return stores, runs
 
 
-def run_config(run: Run, seed: int, iterations: int | None, smoke: bool) -> dict:
+def run_config(run: Run, seed: int, iterations: int | None, smoke: bool) -> RunConfig:
     """The paper's settings for the run's task; its SRM branch (reading the store's CLIP Surgery map
     of the task's text when explicit)."""
     from .config import load_config
@@ -192,14 +192,14 @@ def embed_stores(stores: list[Store], sam: str, checkpoint: str | None, clip_mod
         done += len(s.samples)
 
 
-def _run_done(run: Run, cfg: dict) -> bool:
+def _run_done(run: Run, cfg: RunConfig) -> bool:
     from .checkpoint import checkpoints
 
     found = checkpoints(run.run_dir)
     if not found:
         return False
     with open(os.path.join(found[-1], "state.json")) as f:
-        return json.load(f)["iteration"] >= cfg["train"]["iterations"]
+        return json.load(f)["iteration"] >= cfg.train.iterations
 
 
 def _train_trial(params: dict, configs: dict) -> None:
@@ -209,7 +209,7 @@ def _train_trial(params: dict, configs: dict) -> None:
     from .train import Trainer, checkpoints
 
     cfg = configs[params["run"]]
-    trainer = Trainer(cfg, resume=bool(checkpoints(cfg["run_dir"])), progress=False)
+    trainer = Trainer(cfg, resume=bool(checkpoints(cfg.run_dir)), progress=False)
     try:
         trainer.run(lambda row, saved: tune.report({"iteration": row["iteration"], "final_iou": row["final_iou"],
                                                     "hit_rate": row["hit_rate"]}))

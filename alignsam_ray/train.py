@@ -2,16 +2,19 @@
 
     alignsam train --config tune_configs/synthetic_blur.yaml [KEY=VALUE ...] [--resume]
 
-One iteration = one PPO update (``algo.train()``: EnvRunners sample ``train_batch_size`` env steps
-on CPU, the learner runs K epochs, on GPU when there is one), then q SRM updates on the
-(state, ground truth) pairs the EnvRunners collected, then the new SRM weights go to every
-EnvRunner. The store is published once to the object store; EnvRunners read it zero-copy.
+One iteration = one ``AlignSamPPO.train()`` (agent/algorithm.py): EnvRunners sample
+``train_batch_size`` env steps on CPU, the learner runs K epochs (on GPU when there is one), then q
+SRM updates on the (state, ground truth) pairs the EnvRunners collected, then the new SRM weights go
+to every EnvRunner. The algorithm owns the SRM: its checkpoint (algo/) holds it. ``Trainer`` keeps
+the run folder, the logs and the loop. The store is published once to the object store; EnvRunners
+read it zero-copy.
 
 run_dir/
     config.yaml                     the resolved config of the run
     progress.csv                    one row per iteration
     tb/                             TensorBoard scalars
-    checkpoints/iter_000010/        algo/ (RLlib checkpoint), srm.pt, config.yaml, state.json
+    checkpoints/iter_000010/        algo/ (RLlib checkpoint: policy, optimisers, SRM), config.yaml,
+                                    state.json (a record: iteration, env steps, task, store, SAM)
 """
 from __future__ import annotations
 
@@ -25,17 +28,22 @@ import time
 import numpy as np
 import ray
 import torch
-from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    TIMERS,
+)
 from ray.tune.registry import register_env
 
 from . import ray_session
-from .agent.callbacks import AlignSamMetrics, pop_srm_samples, set_runner_srm, srm_holder
+from .agent.algorithm import RESULTS, SRM_STATE, AlignSamPPOConfig
+from .agent.callbacks import AlignSamMetrics
 from .agent.rl_module import AlignSamActorCritic
-from .agent.srm import SrmTrainer
-from .checkpoint import CHECKPOINTS, checkpoints, resolve_checkpoint  # noqa: F401  (checkpoints: re-exported)
-from .config import ConfigError, env_config, save_config, validate
+from .checkpoint import CHECKPOINTS, checkpoints, legacy_srm_state, resolve_checkpoint
+from .config import ConfigError, RunConfig, env_config, save_config, validate
 from .env.alignsam_env import make_env
 from .env.grid import PatchGrid
 from .store.loader import EmbeddingStore, publish_store
@@ -57,10 +65,10 @@ def init_ray(**kwargs) -> None:
     ray_session.init_ray(logging_level="WARNING", **kwargs)
 
 
-def num_gpus(cfg: dict) -> float:
+def num_gpus(cfg: RunConfig) -> float:
     """The learner's GPUs: "auto" = 1 when the Ray cluster has a GPU (connected), else when this
     machine has one (a driver on a CPU-only head node still gives its Tune trials a GPU node)."""
-    g = cfg["resources"]["num_gpus_per_learner"]
+    g = cfg.resources.num_gpus_per_learner
     if g != "auto":
         return float(g)
     if ray.is_initialized():
@@ -68,10 +76,10 @@ def num_gpus(cfg: dict) -> float:
     return 1 if torch.cuda.is_available() else 0
 
 
-def check_cluster_fits(cfg: dict) -> None:
+def check_cluster_fits(cfg: RunConfig) -> None:
     """Refuse EnvRunners this Ray cluster can never host (RLlib would wait for their CPUs forever, silently)."""
-    r = cfg["resources"]
-    n, per = r["num_env_runners"], float(r["num_cpus_per_env_runner"])
+    r = cfg.resources
+    n, per = r.num_env_runners, float(r.num_cpus_per_env_runner)
     if not n or not per:
         return
     nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
@@ -84,37 +92,35 @@ def check_cluster_fits(cfg: dict) -> None:
             f"resources.num_cpus_per_env_runner (e.g. {sum(nodes) / n:.2g}), or add nodes")
 
 
-def srm_actor_name(cfg: dict) -> str:
-    return f"alignsam-srm:{cfg['run_dir']}"
-
-
-def build_ppo_config(cfg: dict, store_actor: str | None = None) -> PPOConfig:
-    """The RLlib PPOConfig of a run config (paper hyperparameters set explicitly)."""
+def build_ppo_config(cfg: RunConfig, *, embed_dim: int, store_actor: str | None = None) -> AlignSamPPOConfig:
+    """The RLlib config of a run config (paper hyperparameters set explicitly); ``embed_dim``: the store's
+    SAM embedding width (the SRM's input channels)."""
     register_env(ENV_NAME, make_env)
-    p, r = cfg["ppo"], cfg["resources"]
-    grid = PatchGrid.from_env(cfg["env"])
+    p, r, s = cfg.ppo, cfg.resources, cfg.srm
+    grid = PatchGrid.from_env(cfg.env)
     return (
-        PPOConfig()
+        AlignSamPPOConfig()
         .environment(ENV_NAME, env_config=env_config(cfg, store_actor=store_actor, split="train", init="gt",
                                                      labels="srm", collect_srm_samples=True,
-                                                     holdout=cfg["train"]["val_images"],
-                                                     srm_actor=srm_actor_name(cfg), seed=cfg["train"]["seed"]))
-        .env_runners(num_env_runners=r["num_env_runners"], num_envs_per_env_runner=r["num_envs_per_env_runner"],
-                     num_cpus_per_env_runner=r["num_cpus_per_env_runner"], sample_timeout_s=r["sample_timeout_s"],
+                                                     holdout=cfg.train.val_images, seed=cfg.train.seed))
+        .env_runners(num_env_runners=r.num_env_runners, num_envs_per_env_runner=r.num_envs_per_env_runner,
+                     num_cpus_per_env_runner=r.num_cpus_per_env_runner, sample_timeout_s=r.sample_timeout_s,
                      gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=0, num_gpus_per_learner=num_gpus(cfg))
-        .training(gamma=p["gamma"], clip_param=p["clip_param"], num_epochs=p["num_epochs"], lr=p["lr"],
-                  lambda_=p["lambda_"], entropy_coeff=p["entropy_coeff"], vf_loss_coeff=p["vf_loss_coeff"],
-                  vf_clip_param=p["vf_clip_param"], use_kl_loss=p["use_kl_loss"],
-                  train_batch_size_per_learner=p["train_batch_size"], minibatch_size=p["minibatch_size"],
-                  grad_clip=p["grad_clip"])
+        .training(gamma=p.gamma, clip_param=p.clip_param, num_epochs=p.num_epochs, lr=p.lr,
+                  lambda_=p.lambda_, entropy_coeff=p.entropy_coeff, vf_loss_coeff=p.vf_loss_coeff,
+                  vf_clip_param=p.vf_clip_param, use_kl_loss=p.use_kl_loss,
+                  train_batch_size_per_learner=p.train_batch_size, minibatch_size=p.minibatch_size,
+                  grad_clip=p.grad_clip)
         .rl_module(rl_module_spec=RLModuleSpec(
             module_class=AlignSamActorCritic,
-            model_config={"grid": [grid.rows, grid.cols], "width": cfg["model"]["width"],
-                          "time_input": cfg["model"]["time_input"], "precision": cfg["model"]["precision"]}))
+            model_config={"grid": [grid.rows, grid.cols], "width": cfg.model.width,
+                          "time_input": cfg.model.time_input, "precision": cfg.model.precision}))
+        .srm_training(embed_dim=embed_dim, branch=s.branch, lr=s.lr, q=s.q, batch_size=s.batch_size,
+                      seed=cfg.train.seed, bf16=cfg.model.precision == "bf16")
         .callbacks(AlignSamMetrics)
         .fault_tolerance(restart_failed_env_runners=True)
-        .debugging(seed=cfg["train"]["seed"], log_level="WARN")
+        .debugging(seed=cfg.train.seed, log_level="WARN")
     )
 
 
@@ -135,70 +141,58 @@ def unsmoothed_timers(algo) -> None:
 
 
 class Trainer:
-    """Owns the Algorithm, the SRM trainer and the run folder."""
+    """Owns the algorithm (``AlignSamPPO``: policy and SRM), the run folder, the logs and the loop."""
 
-    def __init__(self, cfg: dict, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
         self.cfg = validate(cfg)  # before Ray starts (tune trials come here with searched values too)
         self.progress = progress
-        self.run_dir = cfg["run_dir"]
-        store = EmbeddingStore(cfg["store"], verify=False)
-        n_train, k = store.manifest.get("counts", {}).get("train", 0), cfg["train"]["val_images"]
+        self.run_dir = cfg.run_dir
+        store = EmbeddingStore(cfg.store, verify=False)
+        n_train, k = store.manifest.get("counts", {}).get("train", 0), cfg.train.val_images
         if k >= n_train:
             raise ConfigError(f"train.val_images ({k}) must be smaller than the {n_train} training images of store "
-                              f"{cfg['store']!r} (the last k are held out for validation)")
+                              f"{cfg.store!r} (the last k are held out for validation)")
         self.sam = {key: store.manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}  # -> state.json
         init_ray()
         check_cluster_fits(cfg)
-        self.store_actor = publish_store(cfg["store"], "train")
-        s = cfg["srm"]
-        self.srm = SrmTrainer(store.embed_dim, s["branch"], s["lr"], s["q"], s["batch_size"], cfg["train"]["seed"],
-                              bf16=cfg["model"]["precision"] == "bf16")
-        self.srm_holder = srm_holder(srm_actor_name(cfg))  # envs built later (restarts) read the SRM here
-        ray.get(self.srm_holder.set.remote(self.srm.state()))
+        self.store_actor = publish_store(cfg.store, "train")
         with ray_session.native_to_log():  # the EnvRunners' start (core worker notices) off the terminal
-            self.algo = build_ppo_config(cfg, self.store_actor).build_algo()
+            self.algo = build_ppo_config(cfg, embed_dim=store.embed_dim, store_actor=self.store_actor).build_algo()
         unsmoothed_timers(self.algo)
         os.makedirs(self.run_dir, exist_ok=True)  # only once the run can start: a failed start leaves nothing
         save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.iteration = 0
         self._val_set = None  # (arrays, ground truth, decoder) of the validation images, read on first use
-        self.env_steps = 0
         if resume:
             self._restore()
-        self.push_srm()
 
-    # ------------------------------------------------------------------ SRM <-> EnvRunners
-    def push_srm(self) -> None:
-        state = self.srm.state()
-        ray.get(self.srm_holder.set.remote(state))  # first: a runner restarted from now on reads it
-        self.algo.env_runner_group.foreach_env_runner(lambda r: set_runner_srm(r, state), local_env_runner=True)
+    @property
+    def iteration(self) -> int:
+        """Finished iterations (RLlib's count: restored with the checkpoint)."""
+        return self.algo.training_iteration
 
-    def pull_srm_samples(self) -> list:
-        out = self.algo.env_runner_group.foreach_env_runner(pop_srm_samples, local_env_runner=True)
-        return [s for part in out if part for s in part]
+    @property
+    def env_steps(self) -> int:
+        """Env steps sampled over the run (RLlib's lifetime count: restored with the checkpoint)."""
+        return int(self.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
 
     # ------------------------------------------------------------------ loop
     def train_iteration(self) -> dict:
         t0 = time.time()
         result = self.algo.train()
-        t1 = time.time()
-        srm_stats = self.srm.update(self.pull_srm_samples())
-        self.push_srm()
-        srm_s = time.time() - t1
-        self.iteration += 1
-        er = result.get("env_runners", {})
+        er, srm = result.get("env_runners", {}), result.get(RESULTS, {})
         steps = _scalar(er, "num_env_steps_sampled", default=0.0)
         if not np.isfinite(steps):  # every EnvRunner failed this iteration (RLlib restarts them): none sampled
             steps = 0.0
-        self.env_steps += int(steps)
         sample_s = _scalar(result, "timers", ENV_RUNNER_SAMPLING_TIMER, default=float("nan"))
         learn_s = _scalar(result, "timers", LEARNER_UPDATE_TIMER, default=float("nan"))
+        srm_s = _scalar(srm, "srm_s")
         row = {
             "iteration": self.iteration, "env_steps": self.env_steps,
             "episode_return": _scalar(er, "episode_return_mean"), "hit_rate": _scalar(er, "hit_rate"),
             "final_iou": _scalar(er, "final_iou"), "label_accuracy": _scalar(er, "label_accuracy"),
-            "srm_loss": srm_stats.get("srm_loss", float("nan")), "srm_pixel_acc": srm_stats.get("srm_pixel_acc", float("nan")),
-            "env_steps_per_s": steps / sample_s if sample_s and sample_s == sample_s else steps / (t1 - t0),
+            "srm_loss": _scalar(srm, "srm_loss"), "srm_pixel_acc": _scalar(srm, "srm_pixel_acc"),
+            "env_steps_per_s": (steps / sample_s if sample_s and sample_s == sample_s
+                                else steps / (time.time() - t0 - srm_s)),
             "sample_s": sample_s, "learn_s": learn_s, "srm_s": srm_s, "iter_s": time.time() - t0,
         }
         return row
@@ -209,8 +203,8 @@ class Trainer:
         progress), a checkpoint every train.checkpoint_every and at the end. ``report(row, checkpoint)``
         (Tune trials: validation metrics + ``tune.report``) is called after each iteration, with the
         folder saved at that iteration or None. Returns the last row + "checkpoint"."""
-        c = self.cfg["train"]
-        total = c["iterations"]
+        c = self.cfg.train
+        total = c.iterations
         if self.iteration >= total:
             print(f"[train] {self.run_dir}: already at iteration {self.iteration} of {total}; nothing to do")
             return {"iteration": self.iteration, "checkpoint": resolve_checkpoint(self.run_dir)}
@@ -243,7 +237,7 @@ class Trainer:
                     print(f"[train] iter {row['iteration']:>3}/{total}  return {row['episode_return']:6.2f}  "
                           f"hit {row['hit_rate']:.3f}  IoU {row['final_iou']:.3f}  SRM acc {row['srm_pixel_acc']:.3f}  "
                           f"{row['env_steps_per_s']:6.1f} steps/s  ({row['iter_s']:.1f}s)", flush=True)
-                saved = self.save() if self.iteration % c["checkpoint_every"] == 0 or self.iteration == total else None
+                saved = self.save() if self.iteration % c.checkpoint_every == 0 or self.iteration == total else None
                 last = saved or last
                 if report is not None:
                     report(row, saved)
@@ -260,11 +254,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         self.algo.save_to_path(os.path.abspath(os.path.join(tmp, "algo")))
-        self.srm.save(os.path.join(tmp, "srm.pt"))
         save_config(self.cfg, os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"iteration": self.iteration, "env_steps": self.env_steps, "task": self.cfg["task"],
-                       "store": self.cfg["store"], "sam": self.sam, "time": time.time()}, f, indent=2)
+            json.dump({"iteration": self.iteration, "env_steps": self.env_steps, "task": self.cfg.task,
+                       "store": self.cfg.store, "sam": self.sam, "time": time.time()}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if self.progress:
@@ -277,15 +270,14 @@ class Trainer:
             print(f"[train] --resume: no checkpoint in {self.run_dir}; starting from scratch", file=sys.stderr)
             return
         ckpt = found[-1]
-        self.algo.restore_from_path(os.path.abspath(os.path.join(ckpt, "algo")))
+        self.algo.restore_from_path(os.path.abspath(os.path.join(ckpt, "algo")))  # policy, SRM, iteration, steps
         # restored weights live on the learner; EnvRunners keep stale ones unless synced. RLlib's
         # default timeout 0.0 is fire-and-forget: wait, so the runners hold them when this returns
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
                                                 inference_only=True, timeout_seconds=120.0)
-        self.srm.load(os.path.join(ckpt, "srm.pt"))
-        with open(os.path.join(ckpt, "state.json")) as f:
-            state = json.load(f)
-        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        legacy = legacy_srm_state(ckpt)
+        if legacy is not None:  # a checkpoint written before AlignSamPPO: its SRM is the srm.pt beside algo/
+            self.algo.set_state({SRM_STATE: legacy})
         print(f"[train] resumed from {ckpt} (iteration {self.iteration})", flush=True)
 
     def validate(self) -> dict:
@@ -294,18 +286,17 @@ class Trainer:
         from .evaluate import validation_metrics, validation_set
 
         if self._val_set is None:  # the held-out images are read once per run, not per iteration
-            self._val_set = validation_set(self.cfg["store"], self.cfg["train"]["val_images"])
+            self._val_set = validation_set(self.cfg.store, self.cfg.train.val_images)
         module = self.algo.get_module()
         module.eval()
-        agent = Agent(module, self.srm.srm, self.cfg, checkpoint=f"{self.run_dir} (iteration {self.iteration})")
+        agent = Agent(module, self.algo.srm.srm, self.cfg, checkpoint=f"{self.run_dir} (iteration {self.iteration})")
         return validation_metrics(agent, self._val_set)
 
     def stop(self) -> None:
         self.algo.stop()
-        ray.kill(self.srm_holder)
 
 
-def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
         return trainer.run()

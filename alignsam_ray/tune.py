@@ -45,7 +45,7 @@ from dataclasses import asdict
 
 import yaml
 
-from .config import VAL_METRICS, ConfigError, SweepConfig, _load_yaml, checks, load_config
+from .config import VAL_METRICS, ConfigError, RunConfig, SweepConfig, checks, load_config, load_yaml
 
 SWEEP_DEFAULTS = asdict(SweepConfig())  # every sweep key, its default and its check: config.SweepConfig
 METRICS = VAL_METRICS  # selection metrics: higher is better, measured on the validation split
@@ -58,14 +58,14 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"sweep file {path!r} not found")
     with open(path) as f:
-        raw = _load_yaml(f.read(), f"sweep file {path!r}") or {}
+        raw = load_yaml(f.read(), f"sweep file {path!r}") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path!r} must be a YAML mapping (key: value lines), not a {type(raw).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"sweep override {item!r} is not key=value")
-        raw[key.strip()] = _load_yaml(value, f"sweep override {item!r}")
+        raw[key.strip()] = load_yaml(value, f"sweep override {item!r}")
     unknown = set(raw) - set(SWEEP_DEFAULTS)
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; known: {sorted(SWEEP_DEFAULTS)}")
@@ -86,7 +86,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> dict:
         cfg = load_config(full, task_overrides)  # checks keys early
         for key in sweep["search"]:
             _check_key(cfg, key, path)
-        tasks[cfg["task"]] = cfg
+        tasks[cfg.task] = cfg
     sweep["task_configs"] = tasks
     storage = sweep["storage"]
     sweep["storage"] = storage if "://" in storage else os.path.abspath(storage)
@@ -104,8 +104,8 @@ def _nested(dotted: dict) -> dict:
     return out
 
 
-def _check_key(cfg: dict, key: str, where: str) -> None:
-    node = cfg
+def _check_key(cfg: RunConfig, key: str, where: str) -> None:
+    node = cfg.to_dict()
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(f"{where}: search key {key!r} is not a run config key (see alignsam_ray/config.py)")
@@ -132,13 +132,13 @@ def param_space(sweep: dict) -> dict:
     return space
 
 
-def trial_config(base: dict, params: dict, run_dir: str) -> dict:
+def trial_config(base: RunConfig, params: dict, run_dir: str) -> RunConfig:
     """A run config: the task's base config, the trial's searched values, the trial folder."""
-    from .config import _merge
+    from .config import merge_config
 
     searched = {k: v for k, v in params.items() if k != "task"}
-    cfg = _merge(base, _nested(searched))
-    cfg["run_dir"] = run_dir
+    cfg = RunConfig.from_dict(merge_config(base.to_dict(), _nested(searched)))  # (checked by Trainer)
+    cfg.run_dir = run_dir
     return cfg
 
 
@@ -163,18 +163,18 @@ def _trainable(params: dict, task_configs: dict) -> None:
         trainer.stop()
 
 
-def trial_resources(cfg: dict):
+def trial_resources(cfg: RunConfig):
     """Placement group of one trial: the learner (1 CPU, + GPU) and one bundle per EnvRunner."""
     from ray import tune
 
     from .train import num_gpus
 
-    r = cfg["resources"]
+    r = cfg.resources
     learner = {"CPU": 1.0}
     gpus = num_gpus(cfg)
     if gpus:
         learner["GPU"] = float(gpus)
-    runners = [{"CPU": float(r["num_cpus_per_env_runner"])}] * int(r["num_env_runners"])
+    runners = [{"CPU": float(r.num_cpus_per_env_runner)}] * int(r.num_env_runners)
     return tune.PlacementGroupFactory([learner] + runners)
 
 
@@ -206,7 +206,7 @@ def run_sweep(sweep: dict, resume: bool = False, progress: bool = True):
     init_ray()
     check_resources(sweep)
     for cfg in sweep["task_configs"].values():  # the driver that runs fit() owns the stores' object refs
-        publish_store(cfg["store"], "train")
+        publish_store(cfg.store, "train")
     any_cfg = next(iter(sweep["task_configs"].values()))  # trial resources: the first task's `resources`
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, task_configs=sweep["task_configs"]),
@@ -222,7 +222,7 @@ def run_sweep(sweep: dict, resume: bool = False, progress: bool = True):
             a = sweep["asha"]
             scheduler = ASHAScheduler(time_attr="iteration", grace_period=int(a["grace_period"]),
                                       reduction_factor=float(a["reduction_factor"]),
-                                      max_t=max(c["train"]["iterations"] for c in sweep["task_configs"].values()))
+                                      max_t=max(c.train.iterations for c in sweep["task_configs"].values()))
         tuner = tune.Tuner(
             trainable, param_space=param_space(sweep),
             tune_config=tune.TuneConfig(metric=sweep["metric"], mode="max", num_samples=int(sweep["num_samples"]),

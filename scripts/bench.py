@@ -167,11 +167,12 @@ def run_config(store: str, **overrides) -> dict:
 
 
 def build_algo(cfg: dict):
-    from alignsam_ray.store.loader import publish_store
+    from alignsam_ray.store.loader import EmbeddingStore, publish_store
     from alignsam_ray.train import build_ppo_config, init_ray
 
     init_ray()
-    return build_ppo_config(cfg, publish_store(cfg["store"], "train")).build_algo()
+    return build_ppo_config(cfg, embed_dim=EmbeddingStore(cfg.store, verify=False).embed_dim,
+                            store_actor=publish_store(cfg.store, "train")).build_algo()
 
 
 def runner_sample(algo, steps_per_runner: int) -> tuple[int, float]:
@@ -593,7 +594,7 @@ def bench_eval_shards(work: str, args) -> dict:
     n = args.eval_images
     store = _eval_store(work, n)
     cfg = load_config(None, ["task=bench", "store=unused", *args.eval_override])
-    grid = PatchGrid.from_env(cfg["env"])
+    grid = PatchGrid.from_env(cfg.env)
     rows, rate, core, merged = [], {}, {}, {}
     for k in (1, 2):
         wall, results = _eval_procs(store, shard_bounds(n, k), work, args.eval_override)

@@ -98,10 +98,10 @@ def random_agent(embed_dim: int, device: torch.device, overrides: tuple = ()):
     from alignsam_ray.eval_shard import EvalAgent
 
     cfg = load_config(None, ["task=bench", "store=unused", *overrides])  # default: the paper's T = 15, grid, R
-    grid = PatchGrid.from_env(cfg["env"])
+    grid = PatchGrid.from_env(cfg.env)
     torch.manual_seed(0)
     srm = SRM(embed_dim, "implicit")
-    return EvalAgent(PolicyNet.random(embed_dim, int(cfg["model"]["width"]), (grid.rows, grid.cols)), srm, cfg, device)
+    return EvalAgent(PolicyNet.random(embed_dim, int(cfg.model.width), (grid.rows, grid.cols)), srm, cfg, device)
 
 
 def peak_rss_mb() -> float:

@@ -157,8 +157,8 @@ def reward_spread(store: str, n: int = 50, horizon: int = 15, seed: int = 0) -> 
     n = min(n, len(data["ids"]))
     out = {"store": store, "episodes": n, "horizon": horizon}
     for reward in ("hit", "iou_gain"):
-        ep = PromptEpisodes(data, st.decoder(), PatchGrid(10, 10), n, horizon, 16, "gt", "gt", seed=seed,
-                            reward=reward)
+        ep = PromptEpisodes(data=data, decoder=st.decoder(), grid=PatchGrid(10, 10), num_slots=n, horizon=horizon,
+                            obs_res=16, init="gt", labels="gt", state="probability", seed=seed, reward=reward)
         ep.reset(np.arange(n), np.arange(n))
         rng = np.random.default_rng(seed)
         r = np.array([ep.step([rng.choice(np.flatnonzero(m)) for m in ep.action_mask()]).reward for _ in range(horizon)])

@@ -94,13 +94,13 @@ def run_seeds(name: str, seeds, work: str, task: str | None = None, config: str 
         done = os.path.join(out, "metrics.json")
         if os.path.isfile(done) and json.load(open(done)).get("horizon") is not None and \
                 set(METHODS) <= set(json.load(open(done))["methods"]) and \
-                os.path.isfile(os.path.join(cfg["run_dir"], "checkpoints", f"iter_{cfg['train']['iterations']:06d}", "state.json")):
+                os.path.isfile(os.path.join(cfg.run_dir, "checkpoints", f"iter_{cfg.train.iterations:06d}", "state.json")):
             out_runs[seed] = {"metrics": json.load(open(done)), "eval_dir": out, "seconds": None}
             print(f"[seeds] {name} seed {seed}: reusing {done}", flush=True)
             continue
-        print(f"[seeds] {name} seed {seed}: training {cfg['train']['iterations']} iterations", flush=True)
+        print(f"[seeds] {name} seed {seed}: training {cfg.train.iterations} iterations", flush=True)
         result = train(cfg, resume=True)
-        metrics = evaluate(result["checkpoint"], test_store or cfg["store"], out, seed=seed)
+        metrics = evaluate(result["checkpoint"], test_store or cfg.store, out, seed=seed)
         out_runs[seed] = {"metrics": metrics, "eval_dir": out, "seconds": round(time.time() - t0, 1)}
     return out_runs
 

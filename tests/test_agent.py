@@ -1,6 +1,8 @@
 """SRM, the actor-critic RLModule and the run config."""
 from __future__ import annotations
 
+import pickle
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -39,13 +41,31 @@ def test_srm_trainer_learns_a_rule():
     for _ in range(64):
         s = rng.standard_normal((8, 8, 8)).astype(np.float16)
         samples.append((s, None, (s[0] > 0).astype(np.float16)))
-    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=30, batch_size=32)
+    trainer = SrmTrainer(embed_dim=8, branch="implicit", lr=3e-3, q=30, batch_size=32, seed=0, bf16=False)
     assert trainer.q == 30
     first = trainer.update(samples)
     assert trainer.updates == 30 * 2  # q epochs of 64 / 32 minibatches
     second = trainer.update(samples)
     assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
-    assert SrmTrainer(8, "explicit").q == 5 and SrmTrainer(8, "implicit").q == 1  # the paper's q
+    paper = {"embed_dim": 8, "lr": 1e-4, "q": None, "batch_size": 64, "seed": 0, "bf16": False}
+    assert SrmTrainer(branch="explicit", **paper).q == 5 and SrmTrainer(branch="implicit", **paper).q == 1
+
+
+def test_srm_trainer_state_resumes_exactly():
+    """get_state / set_state (the SRM's part of AlignSamPPO's checkpoint): a trainer restored from it makes
+    the same next update as the one that went on (weights, Adam moments and minibatch order)."""
+    rng = np.random.default_rng(0)
+    samples = [(s, None, (s[0] > 0).astype(np.float16))
+               for s in (rng.standard_normal((8, 8, 8)).astype(np.float16) for _ in range(40))]
+    settings = {"embed_dim": 8, "branch": "implicit", "lr": 3e-3, "q": 2, "batch_size": 16, "bf16": False}
+    trainer = SrmTrainer(seed=0, **settings)
+    trainer.update(samples)
+    restored = SrmTrainer(seed=1, **settings)  # other initial weights and stream
+    restored.set_state(pickle.loads(pickle.dumps(trainer.get_state())))
+    a, b = trainer.update(samples), restored.update(samples)
+    assert a == b and restored.updates == trainer.updates
+    for k, v in trainer.srm.state_dict().items():
+        assert torch.equal(v, restored.srm.state_dict()[k]), k
 
 
 def _module(grid=(10, 10), embed=16, res=8, time_input=True, precision="fp32"):
@@ -113,10 +133,10 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32():
     rng = np.random.default_rng(0)
     samples = [(s, None, (s[0] > 0).astype(np.float16))
                for s in (rng.standard_normal((8, 8, 8)).astype(np.float16) for _ in range(64))]
-    trainer = SrmTrainer(8, "implicit", lr=3e-3, q=30, batch_size=32, bf16=True)
+    trainer = SrmTrainer(embed_dim=8, branch="implicit", lr=3e-3, q=30, batch_size=32, seed=0, bf16=True)
     first, second = trainer.update(samples), trainer.update(samples)
     assert second["srm_loss"] < first["srm_loss"] and second["srm_pixel_acc"] > 0.9
-    assert load_config(None, ["store=somewhere"])["model"]["precision"] == "fp32"
+    assert load_config(None, ["store=somewhere"]).model.precision == "fp32"
     with pytest.raises(ConfigError, match="model.precision"):
         load_config(None, ["store=somewhere", "model.precision=fp16"])
 
@@ -144,17 +164,17 @@ def test_one_typed_schema_every_key_checked_and_documented():
 
 def test_paper_values_are_the_defaults():
     cfg = load_config(None, ["store=somewhere"])
-    assert cfg["srm"]["lr"] == 1e-4 and cfg["ppo"]["lr"] == 1e-4  # Adam 1e-4 everywhere (paper)
-    assert cfg["ppo"]["lambda_"] == 1.0  # Eq. 6: the discounted return
-    assert cfg["env"]["state"] == "probability" and cfg["model"]["time_input"] is True
-    assert cfg["env"]["reward"] == "hit"  # +1 on foreground, -1 elsewhere
-    assert (cfg["env"]["resize"], cfg["env"]["patch_size"], cfg["env"]["horizon"]) == (800, 80, 15)
+    assert cfg.srm.lr == 1e-4 and cfg.ppo.lr == 1e-4  # Adam 1e-4 everywhere (paper)
+    assert cfg.ppo.lambda_ == 1.0  # Eq. 6: the discounted return
+    assert cfg.env.state == "probability" and cfg.model.time_input is True
+    assert cfg.env.reward == "hit"  # +1 on foreground, -1 elsewhere
+    assert (cfg.env.resize, cfg.env.patch_size, cfg.env.horizon) == (800, 80, 15)
 
 
 def test_config_defaults_overrides_and_typos(tmp_path):
     cfg = load_config(None, ["store=somewhere", "ppo.lr=3e-4", "env.grid=[8,8]"])
-    assert cfg["ppo"]["lr"] == 3e-4 and cfg["env"]["grid"] == [8, 8]
-    assert (cfg["ppo"]["gamma"], cfg["ppo"]["clip_param"], cfg["ppo"]["num_epochs"], cfg["env"]["horizon"]) == (0.99, 0.2, 20, 15)
+    assert cfg.ppo.lr == 3e-4 and cfg.env.grid == [8, 8]
+    assert (cfg.ppo.gamma, cfg.ppo.clip_param, cfg.ppo.num_epochs, cfg.env.horizon) == (0.99, 0.2, 20, 15)
     with pytest.raises(ConfigError, match="unknown config key 'ppo.learning_rate'"):
         load_config(None, ["store=x", "ppo.learning_rate=1"])
     with pytest.raises(ConfigError, match="needs 'store'"):
@@ -181,8 +201,8 @@ def test_every_shipped_config_loads():
             assert set(sweep["task_configs"]) and sweep["search"]
             continue
         cfg = load_config(p)
-        assert cfg["ppo"]["num_epochs"] == 20 and cfg["store"] and cfg["srm"]["branch"] in ("implicit", "explicit")
-        if cfg["srm"]["branch"] == "explicit":
-            assert cfg["srm"]["text_map"]
-            if cfg["task"] in TASK_TEXT:   # the column `alignsam embed --clip-model ...` writes for the task's text
-                assert cfg["srm"]["text_map"] == map_name(TASK_TEXT[cfg["task"]]), p
+        assert cfg.ppo.num_epochs == 20 and cfg.store and cfg.srm.branch in ("implicit", "explicit")
+        if cfg.srm.branch == "explicit":
+            assert cfg.srm.text_map
+            if cfg.task in TASK_TEXT:   # the column `alignsam embed --clip-model ...` writes for the task's text
+                assert cfg.srm.text_map == map_name(TASK_TEXT[cfg.task]), p

@@ -10,7 +10,7 @@ import torch
 from conftest import toy_data
 
 from alignsam_ray import baselines as B
-from alignsam_ray.config import ConfigError
+from alignsam_ray.config import ConfigError, RunConfig
 
 
 def _toy_embedding(e=64, pos=(10, 40), neg=(50, 5), seed=0):
@@ -151,7 +151,7 @@ def test_persam_runs_both_refinements_and_keeps_the_last(micro_decoder):
 
 def test_persam_and_persam_mean_over_a_store(micro_decoder):
     data = toy_data()
-    cfg = {"srm": {"text_map": None}, "store": "unused", "train": {"val_images": 0}}
+    cfg = RunConfig(store="unused")  # srm.text_map None, train.val_images 0
     refs = {k: data[k] for k in ("ids", "embeddings", "gt_lowres")}
     one = B.run_baseline("persam", data, micro_decoder, cfg, refs)
     mean = B.run_baseline("persam_mean", data, micro_decoder, cfg, refs)
@@ -182,7 +182,7 @@ def test_clip_points_on_the_store_map_and_refused_without_one(micro_decoder):
     data["map_star"] = m
     r = B.clip_points(data, micro_decoder, "star")
     assert len(r.logits) == 2 and all(p[1].sum() * 2 == len(p[1]) for p in r.points)
-    cfg = {"srm": {"text_map": None}}
+    cfg = RunConfig()  # srm.text_map None
     assert B.skip_reason("clip_points", data, micro_decoder, cfg) is None
     assert "has none" in B.skip_reason("clip_points", toy_data(), micro_decoder, cfg)
 

@@ -130,8 +130,8 @@ def test_train_from_a_store_without_yaml(blur_store, tmp_path):
     from alignsam_ray.config import ConfigError, load_config
 
     cfg = load_config(None, ["train.iterations=3"], store=blur_store)
-    assert cfg["task"] == "synthetic_blur" and cfg["srm"]["branch"] == "implicit" and cfg["train"]["iterations"] == 3
-    assert cfg["store"] == blur_store and cfg["ppo"]["lr"] == 1e-4
+    assert cfg.task == "synthetic_blur" and cfg.srm.branch == "implicit" and cfg.train.iterations == 3
+    assert cfg.store == blur_store and cfg.ppo.lr == 1e-4
     shadow = tmp_path / "shadow_store"  # a copy of the store whose task is a paper task with the explicit branch
     shutil.copytree(blur_store, shadow)
     manifest = json.loads((shadow / "manifest.json").read_text())
@@ -139,5 +139,5 @@ def test_train_from_a_store_without_yaml(blur_store, tmp_path):
     (shadow / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="map 'shadow'.*--clip-model"):
         load_config(None, [], store=str(shadow))
-    assert load_config(None, ["srm.branch=implicit"], store=str(shadow))["srm"]["branch"] == "implicit"
+    assert load_config(None, ["srm.branch=implicit"], store=str(shadow)).srm.branch == "implicit"
     assert main(["train"]) == 1  # neither --store nor --config

@@ -15,9 +15,11 @@ import time
 
 import pytest
 import ray
+import torch
 import yaml
 
 from alignsam_ray.config import load_config
+from alignsam_ray.env import iter_prompt_episodes
 from alignsam_ray.train import Trainer, checkpoints
 
 TINY = {"env": {"horizon": 3, "obs_res": 8}, "model": {"width": 16},
@@ -122,8 +124,23 @@ def test_killed_env_runner_is_replaced_and_training_finishes(blur_store, tmp_pat
     weights = group.foreach_env_runner(lambda r: sum(float(p.sum()) for p in r.module.parameters()),
                                        local_env_runner=False)
     healthy = group.num_healthy_remote_env_runners()
-    trainer.stop()
     assert healthy == 2 and weights[0] == pytest.approx(weights[1])  # both carry the learner's weights
+    # killed between iterations, a runner comes back with a random SRM: the algorithm's restore_env_runners
+    # (no training step in between) gives it the run's SRM
+    os.kill(group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)[1], signal.SIGKILL)
+    restored, deadline = [], time.time() + 180
+    while len(restored) == 0 and time.time() < deadline:
+        group.foreach_env_runner(lambda r: None, local_env_runner=False)  # a call finds the dead one: out of service
+        time.sleep(1)
+        restored = trainer.algo.restore_env_runners(group)  # back once Ray has restarted it
+    srm = trainer.algo.srm.srm.state_dict()
+    runner_srm = group.foreach_env_runner(
+        lambda r: {k: v.clone() for k, v in iter_prompt_episodes(r.env)[0].srm.state_dict().items()},
+        local_env_runner=False)
+    trainer.stop()
+    assert restored and len(runner_srm) == 2
+    for state in runner_srm:
+        assert all(torch.equal(state[k], srm[k]) for k in srm)  # the restarted runner labels with the run's SRM
 
 
 def test_killed_driver_resumes_from_last_checkpoint(blur_store, tmp_path, no_local_ray):

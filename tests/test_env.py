@@ -34,8 +34,9 @@ def test_grid_centres_non_square_image():
 
 def _episodes(decoder, labels="gt", horizon=4, slots=1, sizes=((300, 600), (500, 250)), **kw):
     data = toy_data(sizes)
-    return PromptEpisodes(data, decoder, PatchGrid(10, 10), slots, horizon, 8, kw.pop("init", "gt"), labels,
-                          kw.pop("srm", SRM(64)), seed=kw.pop("seed", 0), **kw)
+    return PromptEpisodes(data=data, decoder=decoder, grid=PatchGrid(10, 10), num_slots=slots, horizon=horizon,
+                          obs_res=8, init=kw.pop("init", "gt"), labels=labels, state=kw.pop("state", "probability"),
+                          srm=kw.pop("srm", SRM(64)), seed=kw.pop("seed", 0), **kw)
 
 
 def test_reward_hit_label_and_void(micro_decoder):
@@ -110,7 +111,7 @@ def _expected_obs(ep, m256: np.ndarray) -> np.ndarray:
     emb = torch.from_numpy(ep.data["embeddings"][0].astype(np.float32))
     m64 = F.avg_pool2d(torch.from_numpy(m256.astype(np.float32))[None], 4)
     h, w = ep._cells64[0]
-    return F.adaptive_avg_pool2d((emb * m64)[:, :h, :w], ep.R).numpy()
+    return F.adaptive_avg_pool2d((emb * m64)[:, :h, :w], ep.obs_res).numpy()
 
 
 def test_state_is_sams_probability_map_by_default(micro_decoder):
@@ -163,7 +164,7 @@ def test_srm_scores_and_step_fraction(micro_decoder):
 
 
 def test_holdout_pool_keeps_validation_images_out_of_training(micro_decoder):
-    from alignsam_ray.env.alignsam_env import holdout_split
+    from alignsam_ray.env.episodes import holdout_split
 
     train, val = holdout_split(10, 3)
     assert train.tolist() == list(range(7)) and val.tolist() == [7, 8, 9]
@@ -225,7 +226,8 @@ def test_explicit_branch_reads_the_text_map(micro_decoder):
     data["map_clip"] = np.zeros((2, 64, 64), np.float16)
     data["map_clip"][:, :, :32] = 1  # the "text" points at the left half
     srm = SRM(64, "explicit")
-    ep = PromptEpisodes(data, micro_decoder, PatchGrid(10, 10), 1, 3, 8, "srm", "srm", srm, text_map="clip", seed=0)
+    ep = PromptEpisodes(data=data, decoder=micro_decoder, grid=PatchGrid(10, 10), num_slots=1, horizon=3, obs_res=8,
+                        init="srm", labels="srm", state="probability", srm=srm, text_map="clip", seed=0)
     ep.collect_srm_samples = True
     ep.reset([0], [0])
     ep.step([44])
@@ -237,28 +239,29 @@ def test_explicit_branch_reads_the_text_map(micro_decoder):
     assert ep.pop_srm_samples() == []
 
 
-def test_new_env_loads_the_runs_latest_srm(blur_store):
-    """An env built after the trainer published SRM weights (e.g. in an EnvRunner that RLlib restarted)
-    labels with those weights, not with a fresh random SRM."""
-    import ray
+def test_srm_weights_in_and_samples_out_of_an_env_runner(blur_store):
+    """What AlignSamPPO does on each EnvRunner (vector env or single): load the run's SRM weights into
+    every env (``set_srm_weights``; a restarted runner's env starts with a random SRM) and take the
+    samples they collected (``pop_srm_samples``)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from alignsam_ray.agent.callbacks import srm_holder
+    from alignsam_ray.env.alignsam_env import AlignSamVectorEnv, pop_srm_samples, set_srm_weights
 
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        torch.manual_seed(123)
-        trained = SRM(64)
-        state = {k: v.numpy() for k, v in trained.state_dict().items()}
-        holder = srm_holder("alignsam-srm:test")
-        ray.get(holder.set.remote(state))
-        env = AlignSamEnv({"store": blur_store, "obs_res": 8, "srm_actor": "alignsam-srm:test"})
-        for k, v in env.episodes.srm.state_dict().items():
-            np.testing.assert_array_equal(v.numpy(), state[k])
-        fresh = AlignSamEnv({"store": blur_store, "obs_res": 8})  # no holder: a random SRM, different weights
-        assert any(not np.array_equal(v.numpy(), state[k]) for k, v in fresh.episodes.srm.state_dict().items())
-    finally:
-        ray.shutdown()
+    torch.manual_seed(123)
+    weights = {k: v.numpy() for k, v in SRM(64).state_dict().items()}
+    runner = SimpleNamespace(env=AlignSamVectorEnv({"store": blur_store, "obs_res": 8, "horizon": 3,
+                                                    "collect_srm_samples": True}, num_envs=2))
+    assert any(not np.array_equal(v.numpy(), weights[k]) for k, v in runner.env.episodes.srm.state_dict().items())
+    assert set_srm_weights(runner, weights) == 1
+    for k, v in runner.env.episodes.srm.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), weights[k])
+    runner.env.reset(seed=0)
+    runner.env.step(np.zeros(2, np.int64))
+    samples = pop_srm_samples(runner)
+    assert len(samples) == 6 and samples[0][0].shape == (64, 8, 8)  # 2 slots x (s_0, after reset, after the step)
+    assert pop_srm_samples(runner) == []
 
 
 def _iou_by_hand(ep, s: int) -> float:
@@ -328,8 +331,8 @@ def test_iou_gain_reward_is_the_change_in_iou(micro_decoder):
 def test_rewards_without_ground_truth_are_zero(micro_decoder):
     data = toy_data()
     del data["gt_lowres"]
-    ep = PromptEpisodes(data, micro_decoder, PatchGrid(10, 10), 1, 2, 8, "srm", "srm", SRM(64), seed=0,
-                        reward="iou_gain_hit")
+    ep = PromptEpisodes(data=data, decoder=micro_decoder, grid=PatchGrid(10, 10), num_slots=1, horizon=2, obs_res=8,
+                        init="srm", labels="srm", state="probability", srm=SRM(64), seed=0, reward="iou_gain_hit")
     ep.reset([0], [0])
     assert ep.step([54]).reward.tolist() == [0.0]
 
@@ -341,11 +344,11 @@ class _FixedOrderAgent:
     def __init__(self):
         import torch
 
-        from alignsam_ray.config import DEFAULTS
+        from alignsam_ray.config import EnvSettings, RunConfig
 
         torch.manual_seed(0)
         self.srm, self.grid = SRM(64), PatchGrid(10, 10)
-        self.cfg = {**DEFAULTS, "env": {**DEFAULTS["env"], "obs_res": 8}}
+        self.cfg = RunConfig(env=EnvSettings(obs_res=8))
         self.order = np.random.default_rng(0).permutation(self.grid.n) + 1.0
 
     def greedy(self, obs, action_mask):
@@ -361,9 +364,11 @@ def test_srm_start_positive_keeps_the_srm_start_and_labels_every_click_positive(
     agent, data, T = _FixedOrderAgent(), toy_data(), 4
     actions, init, labels, horizon = METHODS["srm_start_positive"]
     assert (actions, init, labels, horizon) == ("policy", "srm", "positive", None)
-    start_positive = rollout(agent, data, micro_decoder, actions, labels, T, (0, T), init=init)
-    alignsam = rollout(agent, data, micro_decoder, *METHODS["alignsam"][:1], METHODS["alignsam"][2], T, (0, T),
-                       init=METHODS["alignsam"][1])
+    start_positive = rollout(agent, data, micro_decoder, actions=actions, init=init, labels=labels, horizon=T,
+                             record=(0, T))
+    m = METHODS["alignsam"]
+    alignsam = rollout(agent, data, micro_decoder, actions=m.actions, init=m.init, labels=m.labels, horizon=T,
+                       record=(0, T))
     for k in range(len(data["ids"])):
         (c0, l0), (a0, al0) = start_positive.points[0][k], alignsam.points[0][k]
         np.testing.assert_array_equal(c0, a0)  # the SRM's highest- and lowest-scoring positions

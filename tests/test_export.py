@@ -75,8 +75,8 @@ def test_predictor_reproduces_evaluation_rollout(trained_run, bundle, blur_store
     st = EmbeddingStore(blur_store)
     data = st.arrays("test")
     agent = Agent.load(trained_run)
-    T = agent.cfg["env"]["horizon"]
-    ref = rollout(agent, data, st.decoder(), "policy", "srm", T, (T,))
+    T = agent.cfg.env.horizon
+    ref = rollout(agent, data, st.decoder(), actions="policy", labels="srm", horizon=T, record=(T,))
     folder = os.path.join(os.path.dirname(blur_store), "data", "test", "images")
     paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
     assert [os.path.splitext(os.path.basename(p))[0] for p in paths] == [i.split("/")[-1] for i in data["ids"]]
@@ -136,8 +136,8 @@ def test_explicit_branch_trains_exports_and_segments(blur_store, tmp_path):
     data = st.arrays("test")
     agent = Agent.load(str(run))
     assert agent.srm.branch == "explicit"
-    T = agent.cfg["env"]["horizon"]
-    ref = rollout(agent, data, st.decoder(), "policy", "srm", T, (T,))
+    T = agent.cfg.env.horizon
+    ref = rollout(agent, data, st.decoder(), actions="policy", labels="srm", horizon=T, record=(T,))
     images = [read_image(os.path.join(folder, "test", "images", i.split("/")[-1] + ".png")) for i in data["ids"]]
     preds = AlignSAMPredictor(out, clip_weights=weights).predict_batch(images)
     for k, pred in enumerate(preds):

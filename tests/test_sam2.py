@@ -143,7 +143,8 @@ def test_sam2_store_env_train_evaluate_export_segment(tiny_checkpoint, reference
     gt = st.gt_full("test")
     dec = load_prompt_decoder(__import__("io").BytesIO(st.decoder_bytes()))  # what an EnvRunner loads
     assert isinstance(dec, Sam2PromptDecoder)
-    episodes = PromptEpisodes(data, dec, PatchGrid(10, 10), init="gt", labels="gt")
+    episodes = PromptEpisodes(data=data, decoder=dec, grid=PatchGrid(10, 10), num_slots=1, horizon=15, obs_res=16,
+                              init="gt", labels="gt", state="probability")
     for k, i in enumerate(data["ids"]):
         image = read_image(paths[i])
         reference.set_image(image)
@@ -185,7 +186,7 @@ def test_sam2_store_env_train_evaluate_export_segment(tiny_checkpoint, reference
     from alignsam_ray.predictor import AlignSAMPredictor
 
     agent = Agent.load(run)
-    ref = rollout(agent, data, st.decoder(), "policy", "srm", 3, (3,))
+    ref = rollout(agent, data, st.decoder(), actions="policy", labels="srm", horizon=3, record=(3,))
     preds = AlignSAMPredictor(bundle, sam_checkpoint=tiny_checkpoint).predict_batch([read_image(p) for p in images])
     for k, pred in enumerate(preds):
         np.testing.assert_array_equal(pred.labels, ref.points[3][k][1])

@@ -10,7 +10,9 @@ import pytest
 import ray
 import torch
 import yaml
+from ray.rllib.core.rl_module.rl_module import RLModule
 
+from alignsam_ray.checkpoint import MODULE_SUBDIR, checkpoint_srm
 from alignsam_ray.cli import main as cli_main
 from alignsam_ray.config import load_config, parse_overrides
 from alignsam_ray.train import Trainer, checkpoints
@@ -40,8 +42,9 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     assert cli_main(["train", "--config", _yaml(tmp_path, blur_store, run), "--quiet", "train.iterations=1"]) == 0
     ckpts = checkpoints(str(run))
     assert [os.path.basename(c) for c in ckpts] == ["iter_000001"]
-    for part in ("algo", "srm.pt", "config.yaml", "state.json"):
+    for part in ("algo", "config.yaml", "state.json"):
         assert os.path.exists(os.path.join(ckpts[0], part))
+    assert not os.path.exists(os.path.join(ckpts[0], "srm.pt"))  # the SRM is in the algorithm's state
     assert len(open(run / "progress.csv").read().splitlines()) == 2  # header + 1 iteration
     row = next(csv.DictReader(open(run / "progress.csv")))
     sample_s, learn_s, iter_s = (float(row[k]) for k in ("sample_s", "learn_s", "iter_s"))
@@ -50,20 +53,25 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
 
     # 2) --resume continues the iteration count; EnvRunners get the restored (trained) weights
     cfg = load_config(str(tmp_path / "run.yaml"), TINY + ["train.iterations=2"])
+    saved_state = json.load(open(os.path.join(ckpts[0], "state.json")))
     fresh = Trainer(cfg)  # not resumed: initial weights
-    w0 = _weights(fresh.algo.get_module())
+    w0, fresh_srm = _weights(fresh.algo.get_module()), _weights(fresh.algo.srm.srm)
     fresh.stop()
     trainer = Trainer(cfg, resume=True, progress=False)
-    assert trainer.iteration == 1
+    assert trainer.iteration == 1 and trainer.env_steps == saved_state["env_steps"]  # exact resume: the count ...
     learner = _weights(trainer.algo.get_module())
     assert any(not torch.equal(learner[k], w0[k]) for k in w0)  # restored, not fresh
+    saved_policy = _weights(RLModule.from_checkpoint(os.path.join(ckpts[0], MODULE_SUBDIR)))
+    assert learner.keys() == saved_policy.keys() and all(torch.equal(learner[k], saved_policy[k]) for k in learner)
+    saved_srm = checkpoint_srm(ckpts[0]).state_dict()  # ... the policy and the SRM as saved
+    srm = trainer.algo.srm.srm.state_dict()
+    assert any(not torch.equal(saved_srm[k], fresh_srm[k]) for k in fresh_srm)  # the SRM trained in iteration 1
+    assert all(torch.equal(srm[k], saved_srm[k]) for k in saved_srm)
     for runner in _runner_weights(trainer.algo):
         for k, v in runner.items():
             assert torch.equal(v, learner[k]), f"EnvRunner weight {k} is stale after restore"
-    srm_runner = trainer.algo.env_runner_group.foreach_env_runner(
-        lambda r: __import__("alignsam_ray.env", fromlist=["x"]).iter_prompt_episodes(r.env)[0].srm.state_dict()["head.bias"].clone(),
-        local_env_runner=False)[0]
-    assert torch.equal(srm_runner, trainer.srm.srm.state_dict()["head.bias"])  # SRM weights reached the runner
+    for runner in _runner_srm(trainer.algo):
+        assert all(torch.equal(runner[k], saved_srm[k]) for k in saved_srm)  # SRM weights reached the runners
     result = trainer.run()
     trainer.stop()
     assert result["iteration"] == 2 and os.path.basename(result["checkpoint"]) == "iter_000002"
@@ -107,10 +115,39 @@ def test_train_checkpoint_resume_and_evaluate(blur_store, tmp_path):
     from alignsam_ray.store.loader import EmbeddingStore
 
     agent = Agent.load(str(run))
+    legacy = _legacy_checkpoint(checkpoints(str(run))[-1], tmp_path / "legacy")  # the layout before AlignSamPPO
+    assert all(torch.equal(v, agent.srm.state_dict()[k]) for k, v in Agent.load(legacy).srm.state_dict().items())
     agent.srm.forward = lambda *a, **k: pytest.fail("the SRM ran in the w/o-SRM rollout")
     st = EmbeddingStore(blur_store)
-    r = rollout(agent, st.arrays("test"), st.decoder(), "policy", "positive", 3, (3,), init="centre")
+    r = rollout(agent, st.arrays("test"), st.decoder(), actions="policy", init="centre", labels="positive", horizon=3,
+                record=(3,))
     assert all(len(labels) == 4 and (labels == 1).all() for _, labels in r.points[3])
+
+
+def _runner_srm(algo) -> list[dict]:
+    from alignsam_ray.env import iter_prompt_episodes
+
+    return algo.env_runner_group.foreach_env_runner(
+        lambda r: {k: v.clone() for k, v in iter_prompt_episodes(r.env)[0].srm.state_dict().items()},
+        local_env_runner=False)
+
+
+def _legacy_checkpoint(ckpt: str, out) -> str:
+    """A copy of ``ckpt`` in the layout written before AlignSamPPO: the SRM trainer's state in an srm.pt
+    beside algo/ (weights, optimiser, update count) and not in the algorithm's state."""
+    import pickle
+    import shutil
+
+    from alignsam_ray.checkpoint import ALGO_STATE
+
+    shutil.copytree(ckpt, out)
+    state = pickle.load(open(out / ALGO_STATE, "rb"))
+    srm = state.pop("srm")
+    pickle.dump(state, open(out / ALGO_STATE, "wb"))
+    torch.save({"branch": srm["branch"], "embed_dim": srm["embed_dim"],
+                "state_dict": {k: torch.from_numpy(v) for k, v in srm["weights"].items()},
+                "optimizer": srm["optimizer"], "updates": srm["updates"]}, out / "srm.pt")
+    return str(out)
 
 
 def _yaml(tmp_path, store, run) -> str:
@@ -145,5 +182,5 @@ def test_learning_direction(tmp_path):
     hit = {}
     for name in ("iter_000000", "iter_000006"):
         agent = Agent.load(str(tmp_path / "run" / "checkpoints" / name))
-        hit[name] = rollout(agent, data, decoder, "policy", "gt", 15, (15,)).hits.mean()
+        hit[name] = rollout(agent, data, decoder, actions="policy", labels="gt", horizon=15, record=(15,)).hits.mean()
     assert hit["iter_000006"] > hit["iter_000000"] + 0.1, hit

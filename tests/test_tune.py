@@ -55,15 +55,15 @@ def test_command_line_keys_and_store_root(tmp_path, blur_store):
     """`alignsam tune --config S storage=... store_root=...`: what a cluster run sets on the command line."""
     sweep = load_sweep(_sweep(tmp_path, blur_store), ["storage=/mnt/shared/sweeps", "store_root=s3://bucket/stores/"])
     assert sweep["storage"] == "/mnt/shared/sweeps"
-    assert sweep["task_configs"]["synthetic_blur"]["store"] == "s3://bucket/stores/synthetic_blur"
+    assert sweep["task_configs"]["synthetic_blur"].store == "s3://bucket/stores/synthetic_blur"
     local = load_sweep(_sweep(tmp_path, blur_store), [f"store_root={os.path.dirname(blur_store)}"])
-    assert local["task_configs"]["synthetic_blur"]["store"] == os.path.join(os.path.dirname(blur_store), "synthetic_blur")
+    assert local["task_configs"]["synthetic_blur"].store == os.path.join(os.path.dirname(blur_store), "synthetic_blur")
 
 
 def test_trials_that_cannot_fit_are_refused(tmp_path, blur_store):
     sweep = load_sweep(_sweep(tmp_path, blur_store))
-    sweep["task_configs"]["synthetic_blur"]["resources"]["num_env_runners"] = 4
-    sweep["task_configs"]["synthetic_blur"]["resources"]["num_cpus_per_env_runner"] = 1
+    sweep["task_configs"]["synthetic_blur"].resources.num_env_runners = 4
+    sweep["task_configs"]["synthetic_blur"].resources.num_cpus_per_env_runner = 1
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         with pytest.raises(ConfigError, match="cannot be scheduled.*CPU: needs 5, the cluster has 2"):
@@ -74,7 +74,7 @@ def test_trials_that_cannot_fit_are_refused(tmp_path, blur_store):
 
 def test_tiny_sweep_writes_best_per_task_and_restores(tmp_path, blur_store):
     path = _sweep(tmp_path, blur_store, val_images=2)
-    assert load_sweep(path)["task_configs"]["synthetic_blur"]["train"]["val_images"] == 2
+    assert load_sweep(path)["task_configs"]["synthetic_blur"].train.val_images == 2
     assert cli_main(["tune", "--config", path, "--quiet"]) == 0
     out = tmp_path / "results" / "t"
     rows = list(csv.DictReader(open(out / "trials.csv")))

@@ -77,13 +77,14 @@ def srm_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tu
 class SrmTrainer:
     """Holds the SRM and its optimiser; ``update`` makes q SRM updates on the samples collected
     during one PPO update. As a PPO update is K epochs over its batch, one SRM update is one
-    epoch over its samples (minibatches of ``batch_size``).
+    epoch over its samples (minibatches of ``batch_size``). Every setting comes from the run
+    config (``config.SrmSettings``: the defaults live there, once); q None = the paper's.
 
     samples: list of (s_t (E,R,R) f16, s_c (E,R,R) f16 | None, target (R,R) f16) from the envs.
     """
 
-    def __init__(self, embed_dim: int, branch: str = "implicit", lr: float = 1e-3, q: int | None = None,
-                 batch_size: int = 64, seed: int = 0, bf16: bool = False):
+    def __init__(self, *, embed_dim: int, branch: str, lr: float, q: int | None, batch_size: int, seed: int,
+                 bf16: bool):
         torch.manual_seed(seed)
         self.srm = SRM(embed_dim, branch)
         self.srm.eval()
@@ -119,31 +120,45 @@ class SrmTrainer:
         stats["srm_loss"] = stats["srm_bce"] + stats["srm_dice"]
         return stats
 
-    def state(self) -> dict:
+    def weights(self) -> dict:
         """Weights as numpy arrays (what travels to the EnvRunners)."""
         return {k: v.detach().cpu().numpy() for k, v in self.srm.state_dict().items()}
 
-    def save(self, path: str) -> None:
-        torch.save({"branch": self.srm.branch, "embed_dim": self.srm.embed_dim, "state_dict": self.srm.state_dict(),
-                    "optimizer": self.opt.state_dict(), "updates": self.updates}, path)
+    def get_state(self) -> dict:
+        """Everything a resumed run needs to go on exactly: weights, optimiser, update count and the
+        minibatch order's random stream (part of ``AlignSamPPO``'s checkpointed state)."""
+        return {"branch": self.srm.branch, "embed_dim": self.srm.embed_dim, "weights": self.weights(),
+                "optimizer": self.opt.state_dict(), "updates": self.updates, "rng": self.rng.bit_generator.state}
 
-    def load(self, path: str) -> None:
-        from ..foundation.sam_models import load_weights
+    def set_state(self, state: dict) -> None:
+        """The inverse of ``get_state``; also takes a checkpoint written before ``AlignSamPPO`` (its srm.pt:
+        state_dict, optimizer and updates, no random stream: that one then goes on from where it is)."""
+        weights = state["weights"] if "weights" in state else state["state_dict"]
+        set_srm_state(self.srm, weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
 
-        blob = load_weights(path, "SRM checkpoint")
-        self.srm.load_state_dict(blob["state_dict"])
-        self.opt.load_state_dict(blob["optimizer"])
-        self.updates = blob["updates"]
+
+def srm_from_state(state: dict) -> SRM:
+    """An SRM (eval mode) from ``SrmTrainer.get_state()`` or a saved SRM file's dict."""
+    srm = SRM(state["embed_dim"], state["branch"])
+    set_srm_state(srm, state["weights"] if "weights" in state else state["state_dict"])
+    return srm
 
 
-def load_srm(path: str) -> SRM:
-    """An SRM saved by ``SrmTrainer.save`` (for evaluation and export)."""
+def save_srm(srm: SRM, path: str) -> None:
+    """The SRM alone, tensors only ({"branch", "embed_dim", "state_dict"}: ``weights_only`` loads it); an
+    exported bundle's srm.pt, and the srm.pt beside the policy of checkpoints written before ``AlignSamPPO``."""
+    torch.save({"branch": srm.branch, "embed_dim": srm.embed_dim, "state_dict": srm.state_dict()}, path)
+
+
+def load_srm(path: str, what: str = "SRM checkpoint") -> SRM:
+    """An SRM saved by ``save_srm`` (eval mode)."""
     from ..foundation.sam_models import load_weights
 
-    blob = load_weights(path, "SRM checkpoint")
-    srm = SRM(blob["embed_dim"], blob["branch"])
-    srm.load_state_dict(blob["state_dict"])
-    return srm.eval()
+    return srm_from_state(load_weights(path, what))
 
 
 def set_srm_state(srm: SRM, state: dict) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .samples import TASK_TEXT, VOC_CLASSES, DataError, Sample, _decode, _voc_indices, check_sample
+from .samples import TASK_TEXT, VOC_CLASSES, DataError, Sample, check_sample, decode_file, voc_indices
 
 __all__ = ["LAYOUTS", "IMAGE_EXTENSIONS", "open_dataset", "check_sample"]
 
@@ -209,7 +209,7 @@ def _check_pair(image_path: str, mask_path: str, problems: _Problems, deep: bool
     sizes = {}
     for what, path in (("image", image_path), ("mask", mask_path)):
         try:
-            sizes[what] = _decode(path, what).size if deep else _header_size(path)
+            sizes[what] = decode_file(path, what).size if deep else _header_size(path)
         except Exception as exc:
             message = str(exc) if isinstance(exc, DataError) else f"cannot read {what} {path}: {exc}"
             problems.add(f"unreadable {what}", os.path.basename(path), message, path)
@@ -345,13 +345,13 @@ def _open_voc(root: str, *, n_train, seed, skip_bad, skipped, classes) -> list[S
                 continue
             image_path, mask_path = os.path.join(jpeg_dir, images[stem][0]), os.path.join(seg_dir, masks[stem][0])
             try:
-                idx = _voc_indices(_decode(mask_path, "mask"), mask_path)
+                idx = voc_indices(decode_file(mask_path, "mask"), mask_path)
             except DataError as exc:
                 problems.add("unreadable mask", masks[stem][0], str(exc), mask_path)
                 continue
             mh, mw = idx.shape
             try:
-                iw, ih = _decode(image_path, "image").size if skip_bad else _header_size(image_path)
+                iw, ih = decode_file(image_path, "image").size if skip_bad else _header_size(image_path)
             except Exception as exc:
                 message = str(exc) if isinstance(exc, DataError) else f"cannot read image {image_path}: {exc}"
                 problems.add("unreadable image", images[stem][0], message, image_path)

@@ -62,7 +62,7 @@ class Sample:
     voc_class: int | None = None
 
 
-def _decode(path: str, what: str) -> Image.Image:
+def decode_file(path: str, what: str) -> Image.Image:
     """Open and fully decode ``path`` (a truncated or corrupt file raises DataError naming it)."""
     try:
         img = Image.open(path)
@@ -96,7 +96,7 @@ def load_image(sample: Sample) -> np.ndarray:
 
 def read_image(path: str) -> np.ndarray:
     """Decode an image file -> (H, W, 3) uint8 RGB; a clear ``DataError`` naming the file otherwise."""
-    img = _to_8bit(_decode(path, "image"))
+    img = _to_8bit(decode_file(path, "image"))
     try:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except Exception as exc:
@@ -116,7 +116,7 @@ def _grey_values(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"))
 
 
-def _voc_indices(img: Image.Image, path: str) -> np.ndarray:
+def voc_indices(img: Image.Image, path: str) -> np.ndarray:
     """A VOC SegmentationClass mask -> (H, W) uint8 class indices (0..20, 255 void)."""
     if img.mode in ("P", "L"):
         idx = np.asarray(img)
@@ -161,9 +161,9 @@ def load_mask(sample: Sample) -> np.ndarray:
     value >= ``threshold`` on the 0..255 scale (16-bit: 0..65535 scaled). Then ``invert`` swaps
     foreground and background. (``load_pair`` refuses a mask with no foreground left.)
     """
-    img = _decode(sample.mask_path, "mask")
+    img = decode_file(sample.mask_path, "mask")
     if sample.voc_class is not None:
-        idx = _voc_indices(img, sample.mask_path)
+        idx = voc_indices(img, sample.mask_path)
         out = (idx == sample.voc_class).astype(np.uint8)
         out[idx == 255] = 255
         return out

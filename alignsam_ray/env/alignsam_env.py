@@ -23,13 +23,14 @@ env_config keys (all optional except ``store``; defaults: ``config.EnvConfig``):
     labels         "srm" | "gt" (oracle) | "positive" (w/o SRM ablation)
     srm_branch     "implicit" | "explicit";  text_map: the store's map column for the explicit branch
     collect_srm_samples   keep (state, ground truth) pairs for the SRM trainer
-    srm_actor      name of the run's ``SrmHolder``: a new (or restarted) env loads the latest SRM from it
     torch_threads  torch threads in this process (default: 1 inside Ray actors, e.g. EnvRunners)
     seed           seeds image and start-point sampling (RLlib also reseeds through reset(seed=...))
 
 ``make_env(config)`` is what RLlib gets: with ``num_envs`` in the config (RLlib's
 ``gym_env_vectorize_mode="vector_entry_point"``) it builds ``AlignSamVectorEnv``, whose k
-slots share one batched decoder call per step.
+slots share one batched decoder call per step. The SRM of a training env starts random; the
+algorithm (``agent.algorithm.AlignSamPPO``) sends it the run's weights (``set_srm_weights``) and
+collects its samples (``pop_srm_samples``), on every EnvRunner, restarted ones included.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from ..agent.srm import SRM, set_srm_state
 from ..config import EnvConfig
 from ..foundation.decoder import load_prompt_decoder
 from ..store.loader import DECODER_KEY, EmbeddingStore, fetch_store
-from .episodes import PromptEpisodes
+from .episodes import PromptEpisodes, holdout_split
 from .grid import PatchGrid
 
 OBS_BOUND = float(np.finfo(np.float16).max)  # the observation is float16: its whole finite range
@@ -54,25 +55,15 @@ OBS_BOUND = float(np.finfo(np.float16).max)  # the observation is float16: its w
 ENV_DEFAULTS = asdict(EnvConfig())  # one schema with the run config (config.py)
 
 
-def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, validation) of a split of ``n`` images: the last ``k`` are validation
-    (stores keep images sorted by id, so the choice is fixed and independent of the seed)."""
-    if not 0 <= k < n:
-        raise ValueError(f"a validation holdout of {k} image(s) needs 0 <= k < {n} (the split's images)")
-    idx = np.arange(n)
-    return idx[: n - k], idx[n - k:]
-
-
-def _resolve(config) -> dict:
-    cfg = dict(ENV_DEFAULTS)
+def _resolve(config) -> EnvConfig:
     unknown = set(config) - set(ENV_DEFAULTS) - {"num_envs"}
     if unknown:
         raise ValueError(f"unknown env_config key(s) {sorted(unknown)}; known: {sorted(ENV_DEFAULTS)}")
-    cfg.update({k: v for k, v in dict(config).items() if k != "num_envs"})
-    if not cfg["store"]:
+    cfg = EnvConfig(**{k: v for k, v in dict(config).items() if k != "num_envs"})
+    if not cfg.store:
         raise ValueError("env_config needs 'store' (the path of an embedding store)")
-    if cfg["torch_threads"] or _in_ray_worker():
-        torch.set_num_threads(int(cfg["torch_threads"] or 1))
+    if cfg.torch_threads or _in_ray_worker():
+        torch.set_num_threads(int(cfg.torch_threads or 1))
     return cfg
 
 
@@ -82,37 +73,32 @@ def _in_ray_worker() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
-def _build_episodes(cfg: dict, num_slots: int) -> PromptEpisodes:
-    if cfg["store_actor"]:  # published by the driver: this node needs no access to the store
-        data = fetch_store(cfg["store_actor"])
+def _build_episodes(cfg: EnvConfig, num_slots: int) -> PromptEpisodes:
+    if cfg.store_actor:  # published by the driver: this node needs no access to the store
+        data = fetch_store(cfg.store_actor)
         decoder_file = data.pop(DECODER_KEY).tobytes()
     else:
-        store = EmbeddingStore(cfg["store"])
-        data, decoder_file = store.arrays(cfg["split"]), store.decoder_bytes()
+        store = EmbeddingStore(cfg.store)
+        data, decoder_file = store.arrays(cfg.split), store.decoder_bytes()
     decoder = load_prompt_decoder(io.BytesIO(decoder_file))
     grid = PatchGrid.from_env(cfg)
-    srm = SRM(data["embeddings"].shape[1], cfg["srm_branch"])
+    srm = SRM(data["embeddings"].shape[1], cfg.srm_branch)
     srm.eval()
-    if cfg["srm_actor"]:  # the run's latest SRM, also for an EnvRunner that RLlib restarted mid-run
-        from ..agent.callbacks import fetch_srm_state
-
-        state = fetch_srm_state(cfg["srm_actor"])
-        if state is not None:
-            set_srm_state(srm, state)
-    text_map = cfg["text_map"] if cfg["srm_branch"] == "explicit" else None
-    if cfg["srm_branch"] == "explicit" and not text_map:
+    text_map = cfg.text_map if cfg.srm_branch == "explicit" else None
+    if cfg.srm_branch == "explicit" and not text_map:
         raise ValueError("srm_branch 'explicit' needs text_map (the name of the store's per-image map column)")
-    pool, _ = holdout_split(len(data["ids"]), int(cfg["holdout"]))
-    episodes = PromptEpisodes(data, decoder, grid, num_slots, cfg["horizon"], cfg["obs_res"], cfg["init"],
-                              cfg["labels"], srm, text_map, cfg["seed"], state=cfg["state"], pool=pool,
-                              reward=cfg["reward"], iou_gain_weight=cfg["iou_gain_weight"])
-    episodes.collect_srm_samples = bool(cfg["collect_srm_samples"])
+    pool, _ = holdout_split(len(data["ids"]), int(cfg.holdout))
+    episodes = PromptEpisodes(data=data, decoder=decoder, grid=grid, num_slots=num_slots, horizon=cfg.horizon,
+                              obs_res=cfg.obs_res, init=cfg.init, labels=cfg.labels, state=cfg.state,
+                              reward=cfg.reward, iou_gain_weight=cfg.iou_gain_weight, srm=srm, text_map=text_map,
+                              seed=cfg.seed, pool=pool)
+    episodes.collect_srm_samples = bool(cfg.collect_srm_samples)
     return episodes
 
 
 def _spaces(ep: PromptEpisodes) -> tuple[gym.spaces.Dict, gym.spaces.Discrete]:
     obs = gym.spaces.Dict({
-        "obs": gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (ep.embed_dim, ep.R, ep.R), np.float16),
+        "obs": gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (ep.embed_dim, ep.obs_res, ep.obs_res), np.float16),
         "action_mask": gym.spaces.Box(0.0, 1.0, (ep.grid.n,), np.float32),
         "step": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
     })
@@ -212,3 +198,16 @@ def iter_prompt_episodes(env) -> list[PromptEpisodes]:
     if isinstance(env, (AlignSamEnv, AlignSamVectorEnv)):
         return [env.episodes]
     return [e for sub in getattr(env, "envs", []) for e in iter_prompt_episodes(sub)]
+
+
+def pop_srm_samples(env_runner) -> list:
+    """On an EnvRunner: the (state, text state, target) samples its envs collected since the last call."""
+    return [s for ep in iter_prompt_episodes(env_runner.env) for s in ep.pop_srm_samples()]
+
+
+def set_srm_weights(env_runner, weights: dict) -> int:
+    """On an EnvRunner: load SRM weights (numpy arrays) into every env; returns how many envs got them."""
+    eps = iter_prompt_episodes(env_runner.env)
+    for ep in eps:
+        set_srm_state(ep.srm, weights)
+    return len(eps)

@@ -1,4 +1,4 @@
-"""The AlignSAM episode logic for B images at once (the batched core behind every env).
+"""The AlignSAM episode logic for ``num_slots`` images at once (the batched core behind every env).
 
 One episode = one image. Reset puts one positive and one negative point; each step adds the
 patch centre the agent picked, labelled by the SRM (or by an ablation's rule), and re-runs SAM's
@@ -36,6 +36,7 @@ decode exactly as ``SamPredictor`` would.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -47,10 +48,20 @@ from .grid import PatchGrid
 
 VOID = 255
 
-INIT_MODES = ("gt", "srm", "centre")
-LABEL_MODES = ("srm", "gt", "positive")
-STATE_MODES = ("probability", "binary")
-REWARD_MODES = ("hit", "iou_gain", "iou_gain_hit")
+Init = Literal["gt", "srm", "centre"]  # the starting prompts (module docstring)
+Labels = Literal["srm", "gt", "positive"]  # who labels a picked point: the SRM, the ground truth (oracle), always 1
+State = Literal["probability", "binary"]  # M in s_t = E_I(x) (.) M_{t-1}
+Reward = Literal["hit", "iou_gain", "iou_gain_hit"]  # module docstring
+INIT_MODES, LABEL_MODES, STATE_MODES, REWARD_MODES = get_args(Init), get_args(Labels), get_args(State), get_args(Reward)
+
+
+def holdout_split(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) of a split of ``n`` images: the last ``k`` are validation
+    (stores keep images sorted by id, so the choice is fixed and independent of the seed)."""
+    if not 0 <= k < n:
+        raise ValueError(f"a validation holdout of {k} image(s) needs 0 <= k < {n} (the split's images)")
+    idx = np.arange(n)
+    return idx[: n - k], idx[n - k:]
 
 
 @dataclass
@@ -65,11 +76,16 @@ class StepResult:
 
 
 class PromptEpisodes:
-    """B concurrent episodes over the images of one store split.
+    """``num_slots`` concurrent episodes over the images of one store split (keyword arguments only;
+    the run config's values: ``config.EnvSettings`` holds the defaults).
 
     data: dict from ``EmbeddingStore.arrays`` / ``fetch_store`` (read-only arrays are fine).
+    grid: the patch grid (N = rows x cols actions); horizon: T, steps per episode; obs_res: R, the
+        observation's side (obs (num_slots, E, R, R)).
+    init, labels, state: the modes of the module docstring (``Init``, ``Labels``, ``State``).
     srm: an ``agent.srm.SRM`` (or None when neither init nor labels use it: then no SRM runs at all).
-    state: "probability" (paper) or "binary" (see module docstring).
+    text_map: the store's map column of the explicit SRM branch (None: implicit).
+    seed: the stream of training images and ground-truth starting points.
     pool: image indices that ``reset`` draws from when no images are given (default: all; training
         with a held-out validation split passes the other indices).
     reward: "hit" (paper), "iou_gain" or "iou_gain_hit" with weight ``iou_gain_weight`` (module docstring).
@@ -77,10 +93,9 @@ class PromptEpisodes:
     the observations are built on the decoder's device; the arrays here stay numpy on the CPU.
     """
 
-    def __init__(self, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int = 1,
-                 horizon: int = 15, obs_res: int = 16, init: str = "gt", labels: str = "srm",
-                 srm=None, text_map: str | None = None, seed: int | None = None, state: str = "probability",
-                 pool=None, reward: str = EnvSettings.reward,
+    def __init__(self, *, data: dict, decoder: SamPromptDecoder, grid: PatchGrid, num_slots: int, horizon: int,
+                 obs_res: int, init: Init, labels: Labels, state: State, srm=None, text_map: str | None = None,
+                 seed: int | None = None, pool=None, reward: Reward = EnvSettings.reward,
                  iou_gain_weight: float = EnvSettings.iou_gain_weight):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
@@ -95,11 +110,11 @@ class PromptEpisodes:
         self.data = data
         self.decoder = decoder
         self.grid = grid
-        self.B = num_slots
-        self.T = horizon
-        self.R = obs_res
+        self.num_slots = num_slots
+        self.horizon = horizon
+        self.obs_res = obs_res
         self.init = init
-        self.n0 = 1 if init == "centre" else 2  # starting points
+        self.n_start = 1 if init == "centre" else 2  # starting points (n0)
         self.label_mode = labels
         self.state = state
         self.reward_mode, self.iou_gain_weight = reward, float(iou_gain_weight)
@@ -127,18 +142,18 @@ class PromptEpisodes:
         # the decoder's frame: side, embedding grid, low-res side (SAM 1: 1024, 64, 256)
         self.frame, self.lowres = decoder.frame_size, decoder.lowres_size
         self.pool_k = decoder.lowres_size // decoder.grid_size  # low-res pixels per embedding cell (4)
-        P = horizon + self.n0
-        self.image = np.zeros(self.B, np.int64)
-        self.t = np.zeros(self.B, np.int64)
-        self.coords = np.zeros((self.B, P, 2), np.float32)
-        self.labels = -np.ones((self.B, P), np.int64)
-        self.taken = np.zeros((self.B, grid.n), bool)
-        self.mask = np.zeros((self.B, self.lowres, self.lowres), bool)  # current binary low-res mask (logits > 0)
-        self.logits = np.zeros((self.B, self.lowres, self.lowres), np.float32)  # current low-res logits
-        self.prob = np.zeros((self.B, self.lowres, self.lowres), np.float32)  # M_t: sigmoid(logits), or the binary mask
-        self.iou = np.zeros(self.B, np.float32)
-        self.obs = np.zeros((self.B, self.embed_dim, self.R, self.R), np.float16)
-        self.srm_prob = np.full((self.B, self.R, self.R), 0.5, np.float32)
+        P = horizon + self.n_start
+        self.image = np.zeros(self.num_slots, np.int64)
+        self.t = np.zeros(self.num_slots, np.int64)
+        self.coords = np.zeros((self.num_slots, P, 2), np.float32)
+        self.labels = -np.ones((self.num_slots, P), np.int64)
+        self.taken = np.zeros((self.num_slots, grid.n), bool)
+        self.mask = np.zeros((self.num_slots, self.lowres, self.lowres), bool)  # current binary low-res mask (logits > 0)
+        self.logits = np.zeros((self.num_slots, self.lowres, self.lowres), np.float32)  # current low-res logits
+        self.prob = np.zeros((self.num_slots, self.lowres, self.lowres), np.float32)  # M_t: sigmoid(logits), or the binary mask
+        self.iou = np.zeros(self.num_slots, np.float32)
+        self.obs = np.zeros((self.num_slots, self.embed_dim, self.obs_res, self.obs_res), np.float16)
+        self.srm_prob = np.full((self.num_slots, self.obs_res, self.obs_res), 0.5, np.float32)
         self.srm_samples: list = []  # (obs, text_obs | None, gt_R) for SRM training
         self.collect_srm_samples = False
         self.srm_buffer = 1024
@@ -148,7 +163,7 @@ class PromptEpisodes:
         self._px256 = np.ceil(ins * self.lowres / self.frame).astype(int)
         self._centres = {}  # image -> (N, 2) centres in SAM's frame
         self._gt_pooled = {}  # image -> (R, R) foreground fraction
-        self._centre_cells = np.minimum((grid.centres_normalised()[:, ::-1] * self.R).astype(int), self.R - 1)  # (N, 2) row, col
+        self._centre_cells = np.minimum((grid.centres_normalised()[:, ::-1] * self.obs_res).astype(int), self.obs_res - 1)  # (N, 2) row, col
 
     # ------------------------------------------------------------------ geometry
     def centres_sam(self, i: int) -> np.ndarray:
@@ -166,7 +181,7 @@ class PromptEpisodes:
     def _crop_pool(self, x: torch.Tensor, i: int, cells: bool = True) -> torch.Tensor:
         """(C, 64, 64) or (C, 256, 256) in SAM's frame -> (C, R, R) over the image area."""
         h, w = self._cells64[i] if cells else self._px256[i]
-        return F.adaptive_avg_pool2d(x[:, :h, :w], self.R)
+        return F.adaptive_avg_pool2d(x[:, :h, :w], self.obs_res)
 
     def gt_pooled(self, i: int) -> np.ndarray:
         """(R, R) foreground fraction of the image's ground truth (void counts as background)."""
@@ -190,7 +205,7 @@ class PromptEpisodes:
         if self.init == "srm" or self.collect_srm_samples:
             self._observe(slots, full_mask=True)  # s_0 = E_I(x): the SRM scores the whole image
         for s, i in zip(slots, images):
-            self.coords[s, : self.n0], self.labels[s, : self.n0] = self._initial_points(s, i)
+            self.coords[s, : self.n_start], self.labels[s, : self.n_start] = self._initial_points(s, i)
         self._decode(slots)
         self._observe(slots)
 
@@ -215,19 +230,19 @@ class PromptEpisodes:
             return np.array(pts, np.float32), np.array([1, 0])
         prob = self.srm_prob[s]
         hi, lo = np.unravel_index(prob.argmax(), prob.shape), np.unravel_index(prob.argmin(), prob.shape)
-        uv = np.array([[(hi[1] + 0.5) / self.R, (hi[0] + 0.5) / self.R], [(lo[1] + 0.5) / self.R, (lo[0] + 0.5) / self.R]])
+        uv = np.array([[(hi[1] + 0.5) / self.obs_res, (hi[0] + 0.5) / self.obs_res], [(lo[1] + 0.5) / self.obs_res, (lo[0] + 0.5) / self.obs_res]])
         xy = self.decoder.to_input_frame(uv * np.array([w, h]), (int(h), int(w)))
         return xy.astype(np.float32), np.array([1, 0])
 
     def step(self, actions, slots=None) -> StepResult:
         """Apply ``actions[s]`` in each of ``slots`` (default: all B); results are per slot given."""
-        actions = np.asarray(actions, np.int64).reshape(self.B)
-        slots = np.arange(self.B) if slots is None else np.atleast_1d(np.asarray(slots, np.int64))
+        actions = np.asarray(actions, np.int64).reshape(self.num_slots)
+        slots = np.arange(self.num_slots) if slots is None else np.atleast_1d(np.asarray(slots, np.int64))
         picked = self.taken[slots, actions[slots]]
         if picked.any():
             raise ValueError(f"patch(es) {actions[slots][picked].tolist()} already picked in slot(s) "
                              f"{slots[picked].tolist()}; respect the action mask")
-        if (self.t[slots] >= self.T).any():
+        if (self.t[slots] >= self.horizon).any():
             raise RuntimeError("step() on a finished episode; call reset() first")
         n = len(slots)
         label, hit, reward = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, np.float32)
@@ -238,7 +253,7 @@ class PromptEpisodes:
             hit[j] = g == 1
             reward[j] = 1.0 if g == 1 else (0.0 if g == VOID else -1.0)
             label[j] = self._label(s, a, g)
-            k = self.n0 + self.t[s]
+            k = self.n_start + self.t[s]
             self.coords[s, k], self.labels[s, k] = xy, label[j]
             self.taken[s, a] = True
             self.t[s] += 1
@@ -248,7 +263,7 @@ class PromptEpisodes:
         if self.reward_mode != "hit" and self.has_gt:
             gain = self.iou[slots] - iou_before
             reward = gain if self.reward_mode == "iou_gain" else reward + self.iou_gain_weight * gain
-        return StepResult(reward.astype(np.float32), self.t[slots] >= self.T, self.iou[slots].copy(), hit, label)
+        return StepResult(reward.astype(np.float32), self.t[slots] >= self.horizon, self.iou[slots].copy(), hit, label)
 
     def _label(self, s: int, action: int, gt_value: int) -> int:
         if self.label_mode == "positive":
@@ -261,7 +276,7 @@ class PromptEpisodes:
     # ------------------------------------------------------------------ SAM + observation
     def _decode(self, slots: np.ndarray) -> None:
         emb = torch.from_numpy(np.ascontiguousarray(self.data["embeddings"][self.image[slots]])).to(self.device)
-        n = self.n0 + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
+        n = self.n_start + int(self.t[slots].max())  # slots in lockstep decode exactly as SamPredictor would
         extra = {k: torch.from_numpy(np.ascontiguousarray(self.data[k][self.image[slots]])).to(self.device)
                  for k in self.decoder.extra_keys}  # SAM 2.1: the images' high-resolution features
         low, _ = self.decoder.decode(emb, self.coords[slots, :n], self.labels[slots, :n], **extra)
@@ -315,7 +330,7 @@ class PromptEpisodes:
 
     def step_fraction(self) -> np.ndarray:
         """(B, 1) float32, t / T: where each episode is in time (the critic's input)."""
-        return (self.t / self.T).astype(np.float32)[:, None]
+        return (self.t / self.horizon).astype(np.float32)[:, None]
 
     def srm_scores(self) -> np.ndarray:
         """(B, N) float32: the SRM's current foreground probability at each patch centre."""
@@ -324,7 +339,7 @@ class PromptEpisodes:
 
     def points(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """Slot ``s``'s prompts so far: coords (n, 2) in SAM's frame, labels (n,), n = n0 + t."""
-        n = self.n0 + int(self.t[s])
+        n = self.n_start + int(self.t[s])
         return self.coords[s, :n].copy(), self.labels[s, :n].copy()
 
     def pop_srm_samples(self) -> list:

@@ -43,9 +43,10 @@ class PatchGrid:
         return cls(resize // patch, resize // patch)
 
     @classmethod
-    def from_env(cls, env: dict) -> PatchGrid:
-        """The grid of a run config's ``env`` section (or an env_config): its grid, patch_size, resize."""
-        return cls.from_config(env["grid"], env["patch_size"], env["resize"])
+    def from_env(cls, env) -> PatchGrid:
+        """The grid of a run config's ``env`` section (``config.EnvSettings``) or an env's ``config.EnvConfig``:
+        its grid, patch_size, resize."""
+        return cls.from_config(env.grid, env.patch_size, env.resize)
 
     @property
     def n(self) -> int:

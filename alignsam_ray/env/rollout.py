@@ -1,19 +1,48 @@
 """The greedy rollout shared by evaluation and the Ray-free predictor (no Ray import here).
 
-    rollout(agent, data, decoder, actions, labels, horizon, record) -> Rollout
-        agent: anything with ``cfg`` (a run config), ``srm`` (an SRM), ``grid`` (a PatchGrid) and
-        ``greedy(obs (B, E, R, R), action_mask (B, N)) -> (B,)`` actions: ``checkpoint.Agent`` (the
-        RLModule) or ``predictor.AlignSAMPredictor`` (the exported ONNX policy).
+    rollout(agent, data, decoder, actions=..., labels=..., init=..., horizon=T, record=(...)) -> Rollout
+        agent: a ``RolloutAgent`` (``checkpoint.Agent``: the RLModule; ``eval_shard.EvalAgent``: plain
+        modules on a device; ``predictor.AlignSAMPredictor``: the exported ONNX policy).
+    Method(actions, init, labels, horizon): one row of evaluation's method table (``eval_shard.METHODS``).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
 
 from ..foundation.decoder import SamPromptDecoder
-from .episodes import PromptEpisodes
+from .episodes import Init, Labels, PromptEpisodes
+from .grid import PatchGrid
+
+if TYPE_CHECKING:
+    from ..agent.srm import SRM
+    from ..config import RunConfig
+
+Actions = Literal["policy", "random", "srm_topk"]  # greedy policy | uniform over free patches | best free SRM cell
+ACTION_MODES = get_args(Actions)
+
+
+class RolloutAgent(Protocol):
+    """What a rollout needs from an agent."""
+
+    cfg: RunConfig  # reads env.obs_res, env.state, srm.text_map
+    srm: SRM
+    grid: PatchGrid
+
+    def greedy(self, obs: np.ndarray, action_mask: np.ndarray) -> np.ndarray:
+        """obs (B, E, R, R) float16, action_mask (B, N) float32 -> (B,) int actions (argmax of masked logits)."""
+
+
+class Method(NamedTuple):
+    """How one evaluated method picks, starts and labels; horizon None = the run's T."""
+
+    actions: Actions
+    init: Init
+    labels: Labels
+    horizon: int | None = None
 
 
 @dataclass
@@ -37,28 +66,32 @@ def image_rng(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, key])
 
 
-def rollout(agent, data: dict, decoder: SamPromptDecoder, actions: str, labels: str, horizon: int,
-            record: tuple, batch: int = 16, seed: int = 0, init: str = "srm") -> Rollout:
-    """Run ``horizon`` steps on every image of ``data`` (``batch`` images per decoder call).
+def rollout(agent: RolloutAgent, data: dict, decoder: SamPromptDecoder, *, actions: Actions, labels: Labels,
+            horizon: int, record: tuple, init: Init = "srm", batch: int = 16, seed: int = 0) -> Rollout:
+    """Run ``horizon`` steps on every image of ``data`` (``batch`` images per decoder call), keeping the
+    masks and points of the steps in ``record``.
 
     actions: "policy" (greedy), "random" (uniform over free patches) or "srm_topk" (the free patch
-    with the highest current SRM probability); init: "srm" or "centre"; labels: "srm", "gt" or
-    "positive". A rollout that uses the SRM for none of them runs without any SRM. Random actions
-    are drawn from each image's own stream (``image_rng(seed, id)``).
+    with the highest current SRM probability); init: "srm" (the paper's evaluation) or "centre";
+    labels: "srm", "gt" or "positive". A rollout that uses the SRM for none of them runs without any
+    SRM. Random actions are drawn from each image's own stream (``image_rng(seed, id)``).
     """
+    if actions not in ACTION_MODES:
+        raise ValueError(f"actions must be one of {ACTION_MODES}, got {actions!r}")
     n = len(data["ids"])
     logits = {t: [] for t in record}
     points = {t: [] for t in record}
     hits = np.zeros((n, horizon), bool)
     label_ok = np.zeros((n, horizon), bool)
-    e = agent.cfg["env"]
+    e = agent.cfg.env
     uses_srm = actions == "srm_topk" or init == "srm" or labels == "srm"
     srm = agent.srm if uses_srm else None
-    text_map = agent.cfg["srm"]["text_map"] if agent.srm.branch == "explicit" and uses_srm else None
+    text_map = agent.cfg.srm.text_map if agent.srm.branch == "explicit" and uses_srm else None
     for start in range(0, n, batch):
         images = np.arange(start, min(n, start + batch))
-        ep = PromptEpisodes(data, decoder, agent.grid, len(images), horizon, e["obs_res"], init, labels,
-                            srm, text_map, seed, state=e.get("state", "probability"))
+        ep = PromptEpisodes(data=data, decoder=decoder, grid=agent.grid, num_slots=len(images), horizon=horizon,
+                            obs_res=e.obs_res, init=init, labels=labels, state=e.state, srm=srm, text_map=text_map,
+                            seed=seed)
         ep.reset(np.arange(len(images)), images)
         rngs = [image_rng(seed, data["ids"][i]) for i in images] if actions == "random" else None
         if 0 in record:

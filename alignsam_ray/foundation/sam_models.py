@@ -16,7 +16,6 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
-from ..checksum import file_sha256  # noqa: F401  (re-exported: foundation.file_sha256)
 from .micro_sam import build_sam_micro
 
 SAM_REGISTRY = {

@@ -31,7 +31,8 @@ def main():
         st = EmbeddingStore(path)
         data = st.arrays(args.split)
         n = min(args.n, len(data["ids"]))
-        ep = PromptEpisodes(data, st.decoder(), grid, n, 15, 16, "gt", "gt", seed=0)
+        ep = PromptEpisodes(data=data, decoder=st.decoder(), grid=grid, num_slots=n, horizon=15, obs_res=16, init="gt",
+                            labels="gt", state="probability", seed=0)
         ep.reset(np.arange(n), np.arange(n))
         rng = np.random.default_rng(0)
         fg = np.stack([ep.gt_at(i, ep.centres_sam(i)) == 1 for i in range(n)])
