@@ -231,8 +231,8 @@ def train_runs(runs: list[Run], configs: dict, out: str) -> None:
         return
     check_resources({"task_configs": {r.name: configs[r.name] for r in todo}})
     for r in todo:  # the driver that runs fit() owns the stores' object refs
-        publish_store(configs[r.name]["store"], "train")
-    total = sum(configs[r.name]["train"]["iterations"] for r in todo)
+        publish_store(configs[r.name].store, "train")
+    total = sum(configs[r.name].train.iterations for r in todo)
 
     class Progress(tune.Callback):
         def __init__(self):

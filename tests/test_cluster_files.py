@@ -41,7 +41,7 @@ def test_rayjob_runs_a_command_our_cli_accepts():
     assert argv[:3] == ["alignsam", "tune", "--config"]
     sweep = load_sweep(os.path.join(ROOT, argv[3]), argv[4:])
     assert sweep["storage"].startswith("/mnt/shared/")
-    assert all(c["store"].startswith("/mnt/shared/stores/") for c in sweep["task_configs"].values())
+    assert all(c.store.startswith("/mnt/shared/stores/") for c in sweep["task_configs"].values())
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for group in spec["rayClusterSpec"]["workerGroupSpecs"]:

@@ -30,7 +30,7 @@ def test_demo_trains_the_voc_analogue_with_the_explicit_srm_and_prints_table2(tm
     manifest = json.loads((out / "stores" / "synthetic_shapes" / "manifest.json").read_text())
     assert manifest["maps"] == ["star"]  # the micro CLIP's CLIP Surgery map of the task's text
     cfg = yaml.safe_load((out / "runs" / "synthetic_shapes" / "config.yaml").read_text())
-    assert (cfg.srm.branch, cfg.srm.text_map, cfg.srm.lr) == ("explicit", "star", 1e-4)  # paper Table 4 / defaults
+    assert (cfg["srm"]["branch"], cfg["srm"]["text_map"], cfg["srm"]["lr"]) == ("explicit", "star", 1e-4)  # paper Table 4 / defaults
     report = (out / "report.md").read_text()
     for row in ("w/o RL (random actions)", "w/o SRM (every point positive)", "SRM start, every later point positive",
                 "w/o multi-step (T = 1)", "**AlignSAM**",

@@ -128,7 +128,7 @@ def test_env_runs_in_sam3s_frame(tracker):
     assert data["gt_lowres"].shape == (2, 288, 288) and data["gt_lowres"][0, :, 143].max() == 0 and \
         data["gt_lowres"][0, :, 144].min() == 1
     grid = PatchGrid(10, 10)
-    ep = PromptEpisodes(data, dec, grid, num_slots=2, horizon=3, obs_res=8, init="gt", labels="gt", seed=0)
+    ep = PromptEpisodes(data=data, decoder=dec, grid=grid, num_slots=2, horizon=3, obs_res=8, init="gt", labels="gt", state="probability", seed=0)
     ep.reset([0, 1], [0, 1])
     assert ep.logits.shape == (2, 288, 288) and ep.obs.shape == (2, 256, 8, 8)
     centres = ep.centres_sam(0)
