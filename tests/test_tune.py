@@ -90,7 +90,7 @@ def test_tiny_sweep_writes_best_per_task_and_restores(tmp_path, blur_store):
     assert len(glob.glob(str(out / "*" / "run" / "checkpoints" / "iter_000001"))) == 2
     assert len(glob.glob(str(out / "*" / "run" / "progress.csv"))) == 2
     tune_copies = glob.glob(str(out / "*" / "checkpoint_000000"))
-    assert len(tune_copies) == 2 and all(os.path.isfile(os.path.join(c, "srm.pt")) for c in tune_copies)
+    assert len(tune_copies) == 2 and all(os.path.isdir(os.path.join(c, "algo")) for c in tune_copies)
     # --resume restores the (finished) sweep through Tuner.restore and rewrites the same summary
     assert cli_main(["tune", "--config", path, "--quiet", "--resume"]) == 0
     assert len(list(csv.DictReader(open(out / "trials.csv")))) == 2
