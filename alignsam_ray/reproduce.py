@@ -241,7 +241,7 @@ def train_runs(runs: list[Run], configs: dict, out: str) -> None:
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.done += 1
             name = trial.config["run"]
-            print(f"[reproduce] train {name}: iteration {result['iteration']}/{configs[name]['train']['iterations']}"
+            print(f"[reproduce] train {name}: iteration {result['iteration']}/{configs[name].train.iterations}"
                   f" (final IoU {result['final_iou']:.3f}); all runs: {self.done}/{total} iterations"
                   f"{_eta(self.done, total, self.t0)}", file=sys.stderr, flush=True)
 
