@@ -192,7 +192,8 @@ class EvalView:
     def metrics_rows(self) -> tuple[list[str], list[list]]:
         """metrics.json -> (headers, one row per method: each metric 'value [lo, hi]', then alignsam - method
         in mIoU with its paired interval and verdict)."""
-        from .evaluate import LABELS, NAMES, format_value, verdict
+        from .evaluate import LABELS, format_value, verdict
+        from .metrics import NAMES
 
         keys = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "hit_rate")
         headers = ["method"] + [NAMES[k] for k in keys] + ["alignsam - method, mIoU [95% CI]"]

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import yaml
 
+from .metrics import VAL_METRICS
+
 
 def _whole(lo=None, hi=None):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
@@ -176,9 +178,6 @@ class EnvConfig:
     collect_srm_samples: bool = False
     torch_threads: int | None = None
     seed: int | None = None
-
-
-VAL_METRICS = ("val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure")  # higher is better
 
 
 @dataclass

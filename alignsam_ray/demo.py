@@ -170,8 +170,8 @@ def report(out: str, summary: dict, phases: dict, n_train: int, n_test: int, see
            precision: str) -> str:
     """Markdown: per task the paper's Table 2 layout (ablations) with paired 95% intervals, mIoU by T
     (Table 5), the figure files; then where the time went."""
-    from .evaluate import NAMES, format_metric, format_value, verdict
-    from .metrics import primary_metrics
+    from .evaluate import format_metric, format_value, verdict
+    from .metrics import NAMES, primary_metrics
 
     lines = ["# alignsam demo", "",
              f"Synthetic data ({n_train} training + {n_test} test images per task, seed {seed}), the embedded "

@@ -69,8 +69,12 @@ from .eval_shard import (
 )
 from .foundation.decoder import SamPromptDecoder
 from .metrics import (
+    COUNT_KEYS,
     IMAGE_KEYS,
-    METRIC_DEFINITIONS,
+    LOWER_IS_BETTER,
+    METRICS,
+    NAMES,
+    SUMMARY_KEYS,
     MetricAccumulator,
     confidence_intervals,
     mean_of_classes,
@@ -80,9 +84,7 @@ from .store.loader import EmbeddingStore
 from .visualise import overlay
 
 __all__ = ["FIGURE_STEPS", "METHODS", "T_SWEEP", "Agent", "Rollout", "evaluate", "rollout"]
-METRIC_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image")
-LOWER_IS_BETTER = ("mae", "ber", "ber_per_image")
-PER_IMAGE_KEYS = IMAGE_KEYS + ("tp", "fp", "fn", "tn")
+PER_IMAGE_KEYS = IMAGE_KEYS + COUNT_KEYS
 
 
 def score(logits: list, ids, sizes, gt_full: dict, decoder: SamPromptDecoder) -> MetricAccumulator:
@@ -304,11 +306,9 @@ def alignsam_score(agent: Agent, data: dict, gt_full: dict, decoder: SamPromptDe
 def validation_metrics(agent: Agent, val_set: tuple, batch: int = 16, seed: int = 0) -> dict:
     """alignsam (the paper's protocol) on a ``validation_set`` -> {"val_miou", ...}."""
     summary = alignsam_score(agent, *val_set, batch=batch, seed=seed).summary()
-    return {f"val_{m}": summary[m] for m in METRIC_KEYS}
+    return {f"val_{m}": summary[m] for m in SUMMARY_KEYS}
 
 
-NAMES = {"miou": "mIoU", "iou_dataset": "IoU (dataset)", "fbeta": "F_beta", "emeasure": "E_phi", "mae": "MAE",
-         "ber": "BER %", "ber_per_image": "BER % (per image)", "hit_rate": "hit rate", "label_accuracy": "label acc."}
 LABELS = {"alignsam": "alignsam", "random_actions": "random_actions (w/o RL)", "all_positive": "all_positive (w/o SRM)",
           "srm_start_positive": "srm_start_positive (SRM start, all positive)",
           "single_step": "single_step (w/o multi-step, T = 1)", "srm_topk": "srm_topk (no RL: best SRM cells)",
@@ -337,7 +337,7 @@ def verdict(diff: dict, metric: str) -> str:
 
 
 def report_markdown(metrics: dict) -> str:
-    keys = METRIC_KEYS + ("hit_rate", "label_accuracy")
+    keys = SUMMARY_KEYS + ("hit_rate", "label_accuracy")
     head = "| | " + " | ".join(NAMES[k] for k in keys) + " |\n|" + "---|" * (len(keys) + 1)
     prim = primary_metrics(metrics["task"])
     lines = [
@@ -367,7 +367,7 @@ def report_markdown(metrics: dict) -> str:
     lines += [f"| {t} | " + " | ".join(format_metric(m, k) for k in keys) + " |" for t, m in metrics["t_sweep"].items()]
     init = metrics["initial_prompts"]
     lines += ["", f"Initial SRM prompts only (T = 0): mIoU {init['miou']:.3f}.", "", "## Metric definitions", ""]
-    lines += [f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()]
+    lines += [f"- **{k}**: {m.definition}" for k, m in METRICS.items()]
     return "\n".join(lines) + "\n"
 
 

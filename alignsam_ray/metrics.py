@@ -32,33 +32,57 @@ summed counts, on bootstrap resamples of the images (``scipy.stats.bootstrap``, 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-import py_sod_metrics as sod
-from scipy import stats
 
 VOID = 255
 BETA2 = 0.3  # beta^2 of F_beta, the salient-object convention
 IMAGE_KEYS = ("iou", "fbeta", "emeasure", "mae", "ber")  # per-image metrics (ber in percent)
 COUNT_KEYS = ("tp", "fp", "fn", "tn")  # per-image counts of non-void pixels
-SUMMARY_KEYS = ("miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image")
 
-METRIC_DEFINITIONS: dict[str, str] = {
-    "miou": "mean over images of the per-image foreground IoU TP/(TP+FP+FN), void pixels excluded; 1 when mask and "
-            "ground truth are both empty. Reported as mIoU for blur and glass: the AlignSAM paper does not say "
-            "whether its mIoU is per-image or accumulated, we use the per-image mean",
-    "iou_dataset": "PASCAL VOC accumulated foreground IoU: sum over images of TP / sum over images of (TP+FP+FN), "
-                   "void (255) pixels excluded; 1 if the union is empty on every image",
-    "fbeta": "mean over images of F_beta = (1+b2)PR/(b2 P + R) with beta^2 = 0.3 (salient-object convention) of the "
-             "binary mask (pysodmetrics), void excluded; 1 when both are empty",
-    "emeasure": "mean over images of the enhanced-alignment measure E_phi (Fan et al., IJCAI 2018) of the binary mask "
-                "(pysodmetrics, sum over pixels / (N-1)), void excluded",
-    "mae": "mean over images of the mean absolute error |mask - gt| over non-void pixels, mask in {0,1} (pysodmetrics)",
-    "ber": "balanced error rate in PERCENT over the whole test set, as the SBU shadow reference code: "
-           "100 * (1 - (sum TP / sum N_pos + sum TN / sum N_neg) / 2), counts summed over all images, void excluded",
-    "ber_per_image": "mean over images of the per-image balanced error rate in percent, "
-                     "100 * (1 - (TP/N_pos + TN/N_neg)/2), void excluded; only the defined term when a class is absent",
+
+@dataclass(frozen=True)
+class Metric:
+    """One summary metric of a test set: the one home of its name, direction and definition."""
+    label: str             # column heading in our reports ("BER %")
+    paper_label: str       # the paper's name for it in its tables (reproduce's report)
+    lower_is_better: bool  # MAE and BER: lower is better; every other metric: higher
+    definition: str        # what it computes (report.md, docs/metrics.md)
+
+
+METRICS: dict[str, Metric] = {
+    "miou": Metric("mIoU", "mIoU", False,
+                   "mean over images of the per-image foreground IoU TP/(TP+FP+FN), void pixels excluded; 1 when "
+                   "mask and ground truth are both empty. Reported as mIoU for blur and glass: the AlignSAM paper "
+                   "does not say whether its mIoU is per-image or accumulated, we use the per-image mean"),
+    "iou_dataset": Metric("IoU (dataset)", "mIoU", False,
+                          "PASCAL VOC accumulated foreground IoU: sum over images of TP / sum over images of "
+                          "(TP+FP+FN), void (255) pixels excluded; 1 if the union is empty on every image"),
+    "fbeta": Metric("F_beta", "F_beta", False,
+                    "mean over images of F_beta = (1+b2)PR/(b2 P + R) with beta^2 = 0.3 (salient-object "
+                    "convention) of the binary mask (pysodmetrics), void excluded; 1 when both are empty"),
+    "emeasure": Metric("E_phi", "E_phi", False,
+                       "mean over images of the enhanced-alignment measure E_phi (Fan et al., IJCAI 2018) of the "
+                       "binary mask (pysodmetrics, sum over pixels / (N-1)), void excluded"),
+    "mae": Metric("MAE", "MAE", True,
+                  "mean over images of the mean absolute error |mask - gt| over non-void pixels, mask in {0,1} "
+                  "(pysodmetrics)"),
+    "ber": Metric("BER %", "BER", True,
+                  "balanced error rate in PERCENT over the whole test set, as the SBU shadow reference code: "
+                  "100 * (1 - (sum TP / sum N_pos + sum TN / sum N_neg) / 2), counts summed over all images, "
+                  "void excluded"),
+    "ber_per_image": Metric("BER % (per image)", "BER", True,
+                            "mean over images of the per-image balanced error rate in percent, "
+                            "100 * (1 - (TP/N_pos + TN/N_neg)/2), void excluded; only the defined term when a "
+                            "class is absent"),
 }
+SUMMARY_KEYS = tuple(METRICS)  # the summary of a test set, in this order everywhere (tables, bootstrap rows)
+LOWER_IS_BETTER = tuple(k for k, m in METRICS.items() if m.lower_is_better)
+# Tune's selection metrics, measured on the validation split: the higher-is-better ones
+VAL_METRICS = tuple(f"val_{k}" for k, m in METRICS.items() if not m.lower_is_better)
+ROLLOUT_STATS = {"hit_rate": "hit rate", "label_accuracy": "label acc."}  # per-method rollout figures, not metrics
+NAMES = {k: m.label for k, m in METRICS.items()} | ROLLOUT_STATS  # a column heading for every reported key
 
 PRIMARY_METRICS = {
     "blur": ("miou", "fbeta"),
@@ -109,6 +133,8 @@ def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     tn = p.size - tp - fp - fn
     iou = tp / (tp + fp + fn) if tp + fp + fn else 1.0
 
+    import py_sod_metrics as sod  # (imported here: the registry above is read by light modules)
+
     pf, gb = p.astype(np.float64)[None], g[None]  # (1, N): the pysodmetrics metrics used are count-based
     fm = sod.FmeasureV2({"f": sod.FmeasureHandler(with_dynamic=False, with_adaptive=False, with_binary=True, beta=BETA2)})
     fm.step(pf, gb, normalize=False)
@@ -158,7 +184,7 @@ class MetricAccumulator:
 
     def summary(self) -> dict:
         """{"miou", "iou_dataset", "fbeta", "emeasure", "mae", "ber", "ber_per_image"} as floats (see
-        METRIC_DEFINITIONS; NaN if no image), plus "n_images"."""
+        METRICS; NaN if no image), plus "n_images"."""
         n = len(self.per_image)
         vals = _summaries(np.ones((1, n)), self.table())[:, 0] if n else np.full(len(SUMMARY_KEYS), np.nan)
         return {**{k: float(v) for k, v in zip(SUMMARY_KEYS, vals)}, "n_images": n}
@@ -177,6 +203,8 @@ def _bootstrap(stat, n: int, point: np.ndarray, n_boot: int, seed: int, level: f
         flat = idx.reshape(-1, idx.shape[-1])
         w = np.bincount((flat + n * np.arange(len(flat))[:, None]).ravel(), minlength=len(flat) * n)
         return stat(w.reshape(len(flat), n).astype(np.float64)).reshape(-1, *idx.shape[:-1])
+
+    from scipy import stats
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)

@@ -35,7 +35,7 @@ from .config import DEFAULTS, ConfigError, RunConfig, paper_srm
 from .data import DataError
 from .data.samples import VOC_CLASSES
 from .evaluate import METHODS, T_SWEEP
-from .metrics import mean_of_classes
+from .metrics import METRICS, mean_of_classes
 
 BENCHMARKS = {  # layout -> the task of its tables' column (the paper's order)
     "cuhk": "blur", "sbu": "shadow", "msd": "glass", "duts": "saliency", "voc": "voc"}
@@ -46,8 +46,6 @@ ROW_LABELS = {"random_actions": "w/o RL (random actions)", "all_positive": "w/o 
               "single_step": "w/o multi-step (T = 1)", "alignsam": "AlignSAM", "persam": "PerSAM (training-free, 1 shot)",
               "implicit": "implicit V(0, s_t)", "explicit": "explicit V(s_c, s_t)"}
 COLUMN_NAMES = {"blur": "CUHK", "shadow": "SBU", "glass": "MSD", "saliency": "DUTS", "voc": "VOC"}
-METRIC_NAMES = {"miou": "mIoU", "iou_dataset": "mIoU", "fbeta": "F_beta", "emeasure": "E_phi", "mae": "MAE",
-                "ber": "BER"}
 SMOKE = {"n_train": 3, "n_test": 2, "iterations": 1,  # --smoke: every stage, shrunk
          "overrides": {"ppo": {"train_batch_size": 60, "minibatch_size": 30},
                        "resources": {"num_env_runners": 1}}}
@@ -458,7 +456,7 @@ def _heading(key: str, col: str) -> str:
     if key == "table5":
         return f"T = {col}"
     task, metric = col.split(".")
-    return f"{COLUMN_NAMES.get(task, task)} {METRIC_NAMES.get(metric, metric)}"
+    return f"{COLUMN_NAMES.get(task, task)} {METRICS[metric].paper_label if metric in METRICS else metric}"
 
 
 def _row_label(key: str, row: str) -> str:

@@ -45,10 +45,9 @@ from dataclasses import asdict
 
 import yaml
 
-from .config import VAL_METRICS, ConfigError, RunConfig, SweepConfig, checks, load_config, load_yaml
+from .config import ConfigError, RunConfig, SweepConfig, checks, load_config, load_yaml
 
 SWEEP_DEFAULTS = asdict(SweepConfig())  # every sweep key, its default and its check: config.SweepConfig
-METRICS = VAL_METRICS  # selection metrics: higher is better, measured on the validation split
 RESULT_KEYS = ("iteration", "env_steps", "val_miou", "val_iou_dataset", "val_fbeta", "val_emeasure",
                "episode_return", "hit_rate", "final_iou", "label_accuracy", "env_steps_per_s", "iter_s")
 

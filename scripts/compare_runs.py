@@ -15,8 +15,8 @@ import os
 import sys
 
 from alignsam_ray.checkpoint import Agent
-from alignsam_ray.evaluate import METRIC_KEYS, NAMES, alignsam_score, check_store, verdict
-from alignsam_ray.metrics import confidence_intervals, paired_difference
+from alignsam_ray.evaluate import alignsam_score, check_store, verdict
+from alignsam_ray.metrics import NAMES, SUMMARY_KEYS, confidence_intervals, paired_difference
 from alignsam_ray.store.loader import EmbeddingStore
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     lines = [f"{summaries[0]['n_images']} test images of {store}; A = {args.name_a} ({agents[0].checkpoint}), "
              f"B = {args.name_b} ({agents[1].checkpoint})", "",
              f"| metric | {args.name_a} [95% CI] | {args.name_b} [95% CI] | A - B [95% CI] | |", "|---|---|---|---|---|"]
-    for k in METRIC_KEYS:
+    for k in SUMMARY_KEYS:
         cells = [f"{s[k]:.3f} [{c[k][0]:.3f}, {c[k][1]:.3f}]" for s, c in zip(summaries, cis)]
         d = paired[k]
         lines.append(f"| {NAMES[k]} | {cells[0]} | {cells[1]} | {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, "

@@ -41,8 +41,7 @@ import sys
 import numpy as np
 
 from alignsam_ray.config import parse_overrides
-from alignsam_ray.evaluate import NAMES
-from alignsam_ray.metrics import IMAGE_KEYS, MetricAccumulator, paired_difference, primary_metrics
+from alignsam_ray.metrics import IMAGE_KEYS, NAMES, MetricAccumulator, paired_difference, primary_metrics
 
 REWARDS = ("hit", "iou_gain", "iou_gain_hit")
 SEEDS = (0, 1, 2)

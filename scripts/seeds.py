@@ -29,8 +29,8 @@ import numpy as np
 
 from alignsam_ray.config import load_config, parse_overrides
 from alignsam_ray.demo import DEMO_ITERATIONS, demo_config, prepare_task
-from alignsam_ray.evaluate import LABELS, METHODS, NAMES, evaluate
-from alignsam_ray.metrics import primary_metrics
+from alignsam_ray.evaluate import LABELS, METHODS, evaluate
+from alignsam_ray.metrics import NAMES, primary_metrics
 from alignsam_ray.train import train
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from alignsam_ray.metrics import (
-    METRIC_DEFINITIONS,
+    METRICS,
     SUMMARY_KEYS,
     MetricAccumulator,
     confidence_intervals,
@@ -116,7 +116,7 @@ def test_accumulator_means():
     # both images have 8 positives and 8 negatives, so here the two BER conventions agree:
     assert s["ber_per_image"] == pytest.approx((37.5 + 0) / 2)
     assert s["ber"] == pytest.approx(100 * (1 - 0.5 * (12 / 16 + 14 / 16)))  # 18.75
-    assert set(METRIC_DEFINITIONS) == set(s) - {"n_images"} == set(SUMMARY_KEYS)
+    assert set(METRICS) == set(s) - {"n_images"} == set(SUMMARY_KEYS)
     assert all(np.isnan(v) for k, v in MetricAccumulator().summary().items() if k != "n_images")
 
 
