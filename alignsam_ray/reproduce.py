@@ -200,34 +200,20 @@ def _run_done(run: Run, cfg: RunConfig) -> bool:
         return json.load(f)["iteration"] >= cfg.train.iterations
 
 
-def _train_trial(params: dict, configs: dict) -> None:
-    """One Tune trial = one run, in its own DIR/runs/<run> folder (resumed from its checkpoints)."""
-    from ray import tune
-
-    from .train import Trainer, checkpoints
-
-    cfg = configs[params["run"]]
-    trainer = Trainer(cfg, resume=bool(checkpoints(cfg.run_dir)), progress=False)
-    try:
-        trainer.run(lambda row, saved: tune.report({"iteration": row["iteration"], "final_iou": row["final_iou"],
-                                                    "hit_rate": row["hit_rate"]}))
-    finally:
-        trainer.stop()
-
-
 def train_runs(runs: list[Run], configs: dict, out: str) -> None:
     """Every unfinished run as a Tune trial (one placement group each: the learner + its EnvRunners)."""
     from ray import tune
 
     from .store.loader import publish_store
-    from .tune import check_resources, trial_resources
+    from .train import check_cluster_fits
+    from .tune import trainable
 
     todo = [r for r in runs if not _run_done(r, configs[r.name])]
     print(f"[reproduce] 3/5 train: {len(runs) - len(todo)} of {len(runs)} runs already done; {len(todo)} to train",
           flush=True)
     if not todo:
         return
-    check_resources({"task_configs": {r.name: configs[r.name] for r in todo}})
+    check_cluster_fits({f"run {r.name}": configs[r.name] for r in todo}, trial=True)
     for r in todo:  # the driver that runs fit() owns the stores' object refs
         publish_store(configs[r.name].store, "train")
     total = sum(configs[r.name].train.iterations for r in todo)
@@ -238,15 +224,14 @@ def train_runs(runs: list[Run], configs: dict, out: str) -> None:
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.done += 1
-            name = trial.config["run"]
+            name = trial.config["task"]
             print(f"[reproduce] train {name}: iteration {result['iteration']}/{configs[name].train.iterations}"
                   f" (final IoU {result['final_iou']:.3f}); all runs: {self.done}/{total} iterations"
                   f"{_eta(self.done, total, self.t0)}", file=sys.stderr, flush=True)
 
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_train_trial, configs={r.name: configs[r.name] for r in todo}),
-                            trial_resources(configs[todo[0].name])),
-        param_space={"run": tune.grid_search([r.name for r in todo])},
+        trainable({r.name: configs[r.name] for r in todo}, select=False),
+        param_space={"task": tune.grid_search([r.name for r in todo])},  # the shared trainable's key: here a run
         run_config=tune.RunConfig(name=f"train_{time.strftime('%Y%m%d_%H%M%S')}",
                                   storage_path=os.path.join(out, "tune"), verbose=0, callbacks=[Progress()]),
     )
@@ -256,7 +241,7 @@ def train_runs(runs: list[Run], configs: dict, out: str) -> None:
     failed = [r for r in results if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} training run(s) failed: "
-                           + "; ".join(f"{r.config['run']}: {str(r.error).splitlines()[0]}" for r in failed)
+                           + "; ".join(f"{r.config['task']}: {str(r.error).splitlines()[0]}" for r in failed)
                            + f" (logs: {os.path.join(out, 'tune')}); rerun to resume")
 
 

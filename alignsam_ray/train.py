@@ -76,20 +76,62 @@ def num_gpus(cfg: RunConfig) -> float:
     return 1 if torch.cuda.is_available() else 0
 
 
-def check_cluster_fits(cfg: RunConfig) -> None:
-    """Refuse EnvRunners this Ray cluster can never host (RLlib would wait for their CPUs forever, silently)."""
+def run_bundles(cfg: RunConfig, *, trial: bool) -> list[dict]:
+    """The resource bundles one run asks Ray for: one {"CPU": num_cpus_per_env_runner} per EnvRunner, led by the
+    learner's ({"CPU": 1} + its GPUs) when the run is a Tune trial (`alignsam train` runs the learner in its
+    driver process, which asks Ray for nothing)."""
     r = cfg.resources
-    n, per = r.num_env_runners, float(r.num_cpus_per_env_runner)
-    if not n or not per:
-        return
-    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    hosts = sum(int(cpus / per + 1e-9) for cpus in nodes)  # EnvRunners each node can hold
-    if hosts < n:
-        raise ConfigError(
-            f"resources.num_env_runners={n} x resources.num_cpus_per_env_runner={per:g} CPU do not fit this Ray "
-            f"cluster ({sum(nodes):g} CPUs on {len(nodes)} node(s): room for {hosts} such EnvRunners); lower "
-            f"resources.num_env_runners (e.g. {hosts}) or "
-            f"resources.num_cpus_per_env_runner (e.g. {sum(nodes) / n:.2g}), or add nodes")
+    runners = [{"CPU": float(r.num_cpus_per_env_runner)}] * int(r.num_env_runners)
+    if not trial:
+        return runners
+    learner = {"CPU": 1.0}
+    gpus = num_gpus(cfg)
+    if gpus:
+        learner["GPU"] = float(gpus)
+    return [learner] + runners
+
+
+def _runner_room(nodes: list[dict], per: float, learner: dict | None) -> int:
+    """How many EnvRunners of ``per`` CPUs the live ``nodes`` (their resources) hold, the learner's bundle placed
+    first on the node where it leaves the most room; -1 when the learner fits on no node."""
+    def room(free: list[dict]) -> int:
+        return sum(int(node.get("CPU", 0.0) / per + 1e-9) for node in free) if per > 0 else 1 << 30
+
+    if learner is None:
+        return room(nodes)
+    best = -1
+    for i, node in enumerate(nodes):
+        if all(node.get(k, 0.0) + 1e-9 >= v for k, v in learner.items()):
+            free = [dict(n) for n in nodes]
+            free[i] = {k: v - learner.get(k, 0.0) for k, v in node.items()}
+            best = max(best, room(free))
+    return best
+
+
+def check_cluster_fits(configs: dict[str, RunConfig], *, trial: bool) -> None:
+    """Refuse a run this Ray cluster can never place (RLlib or Tune would wait for its resources forever,
+    silently): every bundle of ``run_bundles`` must fit on one live node. ``configs``: what to call the run in
+    the message ("this run", "a synthetic_blur trial") -> its config; ``trial``: each is a Tune trial."""
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    cpus, gpus = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
+    have = f"{cpus:g} CPUs{f', {gpus:g} GPUs' if gpus else ''} on {len(nodes)} node(s)"
+    for name, cfg in configs.items():
+        bundles = run_bundles(cfg, trial=trial)
+        learner = bundles[0] if trial else None
+        n, per = cfg.resources.num_env_runners, float(cfg.resources.num_cpus_per_env_runner)
+        hosts = _runner_room(nodes, per, learner)
+        if hosts < 0:
+            raise ConfigError(f"{name}: its learner ({', '.join(f'{v:g} {k}' for k, v in learner.items())}) fits on "
+                              f"no node of this Ray cluster ({have}); set resources.num_gpus_per_learner=0 or add "
+                              "a node that has them")
+        if hosts < n:
+            beside = " beside the learner (1 CPU)" if trial else ""
+            spare = max(cpus - (1.0 if trial else 0.0), 0.0)
+            raise ConfigError(
+                f"{name}: resources.num_env_runners={n} x resources.num_cpus_per_env_runner={per:g} CPU do not fit "
+                f"this Ray cluster ({have}: room for {hosts} such EnvRunners{beside}); lower "
+                f"resources.num_env_runners (e.g. {hosts}) or resources.num_cpus_per_env_runner "
+                f"(e.g. {spare / n:.2g}), or add nodes")
 
 
 def build_ppo_config(cfg: RunConfig, *, embed_dim: int, store_actor: str | None = None) -> AlignSamPPOConfig:
@@ -154,7 +196,7 @@ class Trainer:
                               f"{cfg.store!r} (the last k are held out for validation)")
         self.sam = {key: store.manifest.get(key) for key in ("sam_type", "checkpoint_sha256")}  # -> state.json
         init_ray()
-        check_cluster_fits(cfg)
+        check_cluster_fits({"this run": cfg}, trial=False)
         self.store_actor = publish_store(cfg.store, "train")
         with ray_session.native_to_log():  # the EnvRunners' start (core worker notices) off the terminal
             self.algo = build_ppo_config(cfg, embed_dim=store.embed_dim, store_actor=self.store_actor).build_algo()

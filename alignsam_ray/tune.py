@@ -141,57 +141,54 @@ def trial_config(base: RunConfig, params: dict, run_dir: str) -> RunConfig:
     return cfg
 
 
-def _trainable(params: dict, task_configs: dict) -> None:
-    """One Tune trial = one training run; reports every iteration, resumes from its own checkpoints."""
+def train_trial(params: dict, configs: dict, select: bool = True) -> None:
+    """One Tune trial = one training run (``Trainer.run``: the loop, progress.csv, TensorBoard and checkpoints of
+    `alignsam train`), resumed from its own checkpoints; reports every iteration. The trainable of both
+    `alignsam tune` and `alignsam reproduce`.
+
+    params: {"task": a key of ``configs``, searched dotted keys: values}; configs: name -> RunConfig.
+    select (a sweep): the run lives in <trial folder>/run with the searched values merged in, is validated
+        after every iteration on its held-out training images (the selection metric) and reports each
+        checkpoint to Tune; False (reproduce's fixed runs): the run lives in its config's run_dir and
+        reports its training figures only."""
     from ray import tune
 
     from .train import Trainer, checkpoints
 
-    run_dir = os.path.join(tune.get_context().get_trial_dir(), "run")
-    cfg = trial_config(task_configs[params["task"]], params, run_dir)
+    base = configs[params["task"]]
+    run_dir = os.path.join(tune.get_context().get_trial_dir(), "run") if select else base.run_dir
+    cfg = trial_config(base, params, run_dir)
     trainer = Trainer(cfg, resume=bool(checkpoints(run_dir)) if os.path.isdir(run_dir) else False, progress=False)
+    keys = RESULT_KEYS if select else tuple(k for k in RESULT_KEYS if not k.startswith("val_"))
 
     def report(row: dict, saved: str | None) -> None:
-        row.update(trainer.validate())  # the selection metric: paper protocol on held-out images
-        tune.report({k: row[k] for k in RESULT_KEYS} | {"task": params["task"]},
-                    checkpoint=tune.Checkpoint.from_directory(saved) if saved else None)
+        if select:
+            row.update(trainer.validate())  # the selection metric: paper protocol on held-out images
+        tune.report({k: row[k] for k in keys} | {"task": params["task"]},
+                    checkpoint=tune.Checkpoint.from_directory(saved) if saved and select else None)
 
     try:
-        trainer.run(report)  # the same loop as `alignsam train` (progress.csv, TensorBoard, checkpoints)
+        trainer.run(report)
     finally:
         trainer.stop()
+
+
+def trainable(configs: dict, *, select: bool):
+    """``train_trial`` over ``configs`` (name -> RunConfig) as Tune runs it: each trial one placement group,
+    sized by the first config's ``resources``."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(train_trial, configs=configs, select=select),
+                               trial_resources(next(iter(configs.values()))))
 
 
 def trial_resources(cfg: RunConfig):
     """Placement group of one trial: the learner (1 CPU, + GPU) and one bundle per EnvRunner."""
     from ray import tune
 
-    from .train import num_gpus
+    from .train import run_bundles
 
-    r = cfg.resources
-    learner = {"CPU": 1.0}
-    gpus = num_gpus(cfg)
-    if gpus:
-        learner["GPU"] = float(gpus)
-    runners = [{"CPU": float(r.num_cpus_per_env_runner)}] * int(r.num_env_runners)
-    return tune.PlacementGroupFactory([learner] + runners)
-
-
-def check_resources(sweep: dict) -> None:
-    """Refuse a sweep whose trials cannot fit the cluster (Tune would leave them PENDING forever)."""
-    import ray
-
-    have = ray.cluster_resources()
-    for task, cfg in sweep["task_configs"].items():
-        need: dict = {}
-        for bundle in trial_resources(cfg).bundles:
-            for k, v in bundle.items():
-                need[k] = need.get(k, 0) + v
-        short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0) + 1e-9}
-        if short:
-            what = ", ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
-            raise ConfigError(f"a {task} trial cannot be scheduled ({what}); lower resources.num_env_runners or "
-                              "resources.num_cpus_per_env_runner (e.g. 0.5), or add nodes")
+    return tune.PlacementGroupFactory(run_bundles(cfg, trial=True))
 
 
 def run_sweep(sweep: dict, resume: bool = False, progress: bool = True):
@@ -200,21 +197,18 @@ def run_sweep(sweep: dict, resume: bool = False, progress: bool = True):
     from ray.tune.schedulers import ASHAScheduler
 
     from .store.loader import publish_store
-    from .train import init_ray
+    from .train import check_cluster_fits, init_ray
 
     init_ray()
-    check_resources(sweep)
+    check_cluster_fits({f"a {task} trial": cfg for task, cfg in sweep["task_configs"].items()}, trial=True)
     for cfg in sweep["task_configs"].values():  # the driver that runs fit() owns the stores' object refs
         publish_store(cfg.store, "train")
-    any_cfg = next(iter(sweep["task_configs"].values()))  # trial resources: the first task's `resources`
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, task_configs=sweep["task_configs"]),
-        trial_resources(any_cfg))
+    trials = trainable(sweep["task_configs"], select=True)
     path = os.path.join(sweep["storage"], sweep["name"])
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"--resume: no sweep to restore at {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trials, resume_errored=True)
     else:
         scheduler = None
         if sweep["scheduler"] == "asha":
@@ -223,7 +217,7 @@ def run_sweep(sweep: dict, resume: bool = False, progress: bool = True):
                                       reduction_factor=float(a["reduction_factor"]),
                                       max_t=max(c.train.iterations for c in sweep["task_configs"].values()))
         tuner = tune.Tuner(
-            trainable, param_space=param_space(sweep),
+            trials, param_space=param_space(sweep),
             tune_config=tune.TuneConfig(metric=sweep["metric"], mode="max", num_samples=int(sweep["num_samples"]),
                                         scheduler=scheduler, max_concurrent_trials=sweep["max_concurrent"]),
             run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],

@@ -11,7 +11,8 @@ import yaml
 
 from alignsam_ray.cli import main as cli_main
 from alignsam_ray.config import ConfigError
-from alignsam_ray.tune import check_resources, load_sweep, param_space
+from alignsam_ray.train import check_cluster_fits
+from alignsam_ray.tune import load_sweep, param_space
 
 TINY = {"env.horizon": 3, "env.obs_res": 8, "model.width": 16, "ppo.train_batch_size": 48, "ppo.minibatch_size": 24,
         "ppo.num_epochs": 2, "train.iterations": 1, "train.checkpoint_every": 1, "resources.num_env_runners": 1}
@@ -66,8 +67,18 @@ def test_trials_that_cannot_fit_are_refused(tmp_path, blur_store):
     sweep["task_configs"]["synthetic_blur"].resources.num_cpus_per_env_runner = 1
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        with pytest.raises(ConfigError, match="cannot be scheduled.*CPU: needs 5, the cluster has 2"):
-            check_resources(sweep)
+        with pytest.raises(ConfigError, match="a synthetic_blur trial: resources.num_env_runners=4 .* do not fit .*"
+                                              "2 CPUs on 1 node.*room for 1 such EnvRunners beside the learner"):
+            check_cluster_fits({f"a {t} trial": c for t, c in sweep["task_configs"].items()}, trial=True)
+        two = sweep["task_configs"]["synthetic_blur"]
+        two.resources.num_env_runners = 2  # 2 x 1 CPU fit 2 CPUs as `alignsam train` (learner in the driver) ...
+        check_cluster_fits({"this run": two}, trial=False)
+        with pytest.raises(ConfigError, match="room for 1 such EnvRunners beside the learner"):  # ... not as a trial
+            check_cluster_fits({"a trial": two}, trial=True)
+        two.resources.num_gpus_per_learner = 1  # a GPU learner on a CPU-only cluster: refused, not PENDING forever
+        with pytest.raises(ConfigError, match="its learner .*1 GPU.* fits on no node"):
+            check_cluster_fits({"a trial": two}, trial=True)
+
     finally:
         ray.shutdown()
 
