@@ -176,11 +176,14 @@ def _store_done(store: Store, identity: dict, clip_model: str | None) -> bool:
 def embed_stores(stores: list[Store], sam: str, checkpoint: str | None, clip_model: str | None,
                  clip_weights: str | None, identity: dict) -> None:
     from .store.embed import embed_dataset
+    from .train import init_ray
 
     todo = [s for s in stores if not _store_done(s, identity, clip_model)]
     total = sum(len(s.samples) for s in todo)
     print(f"[reproduce] 2/5 embed: {len(stores) - len(todo)} of {len(stores)} stores already done; "
           f"{len(todo)} to embed ({total} images)", flush=True)
+    if todo:
+        init_ray()
     t0, done = time.time(), 0
     for k, s in enumerate(todo, 1):
         print(f"[reproduce] embed {k}/{len(todo)}: {s.name} ({len(s.samples)} images){_eta(done, total, t0)}",
@@ -205,7 +208,7 @@ def train_runs(runs: list[Run], configs: dict, out: str) -> None:
     from ray import tune
 
     from .store.loader import publish_store
-    from .train import check_cluster_fits
+    from .train import check_cluster_fits, init_ray
     from .tune import trainable
 
     todo = [r for r in runs if not _run_done(r, configs[r.name])]
@@ -213,6 +216,7 @@ def train_runs(runs: list[Run], configs: dict, out: str) -> None:
           flush=True)
     if not todo:
         return
+    init_ray()
     check_cluster_fits({f"run {r.name}": configs[r.name] for r in todo}, trial=True)
     for r in todo:  # the driver that runs fit() owns the stores' object refs
         publish_store(configs[r.name].store, "train")
@@ -273,12 +277,14 @@ def evaluate_runs(runs: list[Run], seed: int) -> None:
     from .eval_shard import shard_bounds
     from .evaluate import check_store, run_shards, write_evaluation
     from .store.loader import EmbeddingStore
+    from .train import init_ray
 
     todo = [r for r in runs if not _eval_done(r)]
     print(f"[reproduce] 4/5 evaluate: {len(runs) - len(todo)} of {len(runs)} runs already evaluated; {len(todo)} to "
           "evaluate", flush=True)
     if not todo:
         return
+    init_ray()
     prepared = []
     for run in todo:
         agent = Agent.load(resolve_checkpoint(run.run_dir))
@@ -541,7 +547,6 @@ def reproduce(data: str, out: str, sam: str = "vit_h", checkpoint: str | None = 
 
     from .foundation import file_sha256, load_sam
     from .foundation.sam_models import default_checkpoint
-    from .train import init_ray
 
     out = os.path.abspath(out)
     t0 = time.time()
@@ -573,8 +578,7 @@ def reproduce(data: str, out: str, sam: str = "vit_h", checkpoint: str | None = 
     print(f"[reproduce] plan: {len(stores)} stores, {len(runs)} runs ("
           + ", ".join(f"{r.name}: {r.branch}" for r in runs[:8]) + (", ..." if len(runs) > 8 else "")
           + f"), {iterations or DEFAULTS['train']['iterations']} PPO iterations each", flush=True)
-    init_ray()
-    try:
+    try:  # each stage starts (or joins) Ray only when it has work: a finished reproduction reruns without it
         embed_stores(stores, sam, checkpoint, clip_model, clip_weights,
                      {"sam_type": sam, "checkpoint_sha256": ckpt_hash})
         configs = {r.name: run_config(r, seed, iterations, smoke) for r in runs}  # (reads the stores)

@@ -80,30 +80,6 @@ def test_job_submit_to_a_started_head_reaches_a_checkpoint(blur_store, tmp_path,
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_env_runners_spread_over_nodes(blur_store, tmp_path, no_local_ray):
-    """A three-node cluster on loopback (ray.cluster_utils.Cluster), one CPU per node: the two
-    EnvRunners (1 CPU each) land on different nodes and training still works."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address)
-        cfg = load_config(_run_yaml(tmp_path, blur_store), ["resources.num_env_runners=2",
-                                                            "resources.num_cpus_per_env_runner=1"])
-        trainer = Trainer(cfg, progress=False)
-        nodes = trainer.algo.env_runner_group.foreach_env_runner(
-            lambda r: __import__("ray").get_runtime_context().get_node_id(), local_env_runner=False)
-        assert len(nodes) == 2 and len(set(nodes)) == 2
-        result = trainer.run()
-        trainer.stop()
-        assert result["iteration"] == 1 and result["checkpoint"]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def test_killed_env_runner_is_replaced_and_training_finishes(blur_store, tmp_path, no_local_ray):
     cfg = load_config(_run_yaml(tmp_path, blur_store, iterations=3), ["resources.num_env_runners=2"])
     trainer = Trainer(cfg, progress=False)
@@ -185,14 +161,47 @@ def test_unreachable_cluster_address_fails_fast_with_a_clear_error(monkeypatch, 
         init_ray()
 
 
-def test_segment_collection_on_a_multi_node_cluster(bundle, blur_store, tmp_path, no_local_ray):
-    """`alignsam segment --ray` on a three-node cluster (ray.cluster_utils.Cluster): the encoder actor and
+@pytest.fixture(scope="module")
+def three_nodes():
+    """A three-node cluster on loopback (ray.cluster_utils.Cluster), one CPU per node, shared by the two tests
+    at the end of this file (one start instead of two) -> its address."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_env_runners_spread_over_nodes(three_nodes, blur_store, tmp_path, no_local_ray):
+    """One CPU per node: the two EnvRunners (1 CPU each) land on different nodes and training still works."""
+    ray.init(address=three_nodes)
+    try:
+        cfg = load_config(_run_yaml(tmp_path, blur_store), ["resources.num_env_runners=2",
+                                                            "resources.num_cpus_per_env_runner=1"])
+        trainer = Trainer(cfg, progress=False)
+        nodes = trainer.algo.env_runner_group.foreach_env_runner(
+            lambda r: __import__("ray").get_runtime_context().get_node_id(), local_env_runner=False)
+        assert len(nodes) == 2 and len(set(nodes)) == 2
+        result = trainer.run()
+        trainer.stop()
+        assert result["iteration"] == 1 and result["checkpoint"]
+    finally:
+        ray.shutdown()
+
+
+def test_segment_collection_on_a_multi_node_cluster(bundle, three_nodes, blur_store, tmp_path, no_local_ray):
+    """`alignsam segment --ray` on the three-node cluster: the encoder actor and
     two prompting actors (1 CPU each) cannot all fit on one node; the masks equal the Ray-free ones."""
     import glob
 
     import numpy as np
     from PIL import Image
-    from ray.cluster_utils import Cluster
 
     from alignsam_ray.batch_segment import segment_collection
     from alignsam_ray.predictor import AlignSAMPredictor
@@ -202,16 +211,12 @@ def test_segment_collection_on_a_multi_node_cluster(bundle, blur_store, tmp_path
     images = sorted(glob.glob(os.path.join(os.path.dirname(blur_store), "data", "test", "images", "*")))
     for path in images:
         shutil.copy(path, src)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    ray.init(address=three_nodes)
     try:
-        cluster.add_node(num_cpus=1)
-        cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address)
         stats = segment_collection(str(src), bundle, str(tmp_path / "out"), encoders=1, prompters=2, batch=2,
                                    progress=False)
     finally:
         ray.shutdown()
-        cluster.shutdown()
     assert stats["done"] == len(images) and stats["errors"] == 0
     predictor = AlignSAMPredictor(bundle)
     for path in images:

@@ -166,6 +166,8 @@ def test_segment_ray_collection_matches_ray_free_and_resumes(bundle, blur_store,
     missing, and --strict stopping at the corrupt file."""
     import pyarrow.parquet as pq
 
+    from alignsam_ray.ray_session import init_ray
+
     src = tmp_path / "in"
     _collection(blur_store, src)
     out = tmp_path / "out"
@@ -190,16 +192,22 @@ def test_segment_ray_collection_matches_ray_free_and_resumes(bundle, blur_store,
         assert row["n_points"] == len(row["labels"]) == len(row["points"]) // 2 == 2 + 3  # T = 3 (TINY)
         assert (row["height"], row["width"]) == mask.shape and row["seconds"] > 0
         assert (out / "overlays" / f"{stem}_overlay.png").is_file()
+    assert not ray.is_initialized()  # the command stopped the local Ray it started
     os.remove(out / "masks" / "sub" / "img3_mask.png")  # lost output: redone; finished ones are skipped
     before = os.path.getmtime(out / "masks" / "img0_mask.png")
-    assert cli_main(argv) == 0
-    again = capsys.readouterr().out
-    assert "4 already done; 2 to segment" in again  # img3 (mask gone) and the corrupt file (retried)
-    assert os.path.getmtime(out / "masks" / "img0_mask.png") == before
-    assert (out / "masks" / "sub" / "img3_mask.png").is_file()
-    assert len(pq.read_table(out / "index.parquet")) == 6  # the latest row per image
-    assert cli_main(argv + ["--strict"]) == 1
-    assert "broken.jpg" in capsys.readouterr().err
+    init_ray(logging_level="WARNING", log_to_driver=False)  # the reruns join a Ray already up and leave it up
+    try:
+        assert cli_main(argv) == 0
+        again = capsys.readouterr().out
+        assert "4 already done; 2 to segment" in again  # img3 (mask gone) and the corrupt file (retried)
+        assert os.path.getmtime(out / "masks" / "img0_mask.png") == before
+        assert (out / "masks" / "sub" / "img3_mask.png").is_file()
+        assert len(pq.read_table(out / "index.parquet")) == 6  # the latest row per image
+        assert cli_main(argv + ["--strict"]) == 1
+        assert "broken.jpg" in capsys.readouterr().err
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
 
 
 def test_segment_ray_errors(bundle, tmp_path, capsys):

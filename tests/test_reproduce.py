@@ -231,7 +231,9 @@ def _smoke(tmp_path, capsys, sam_args: list[str], tasks: tuple) -> tuple[dict, s
     n_runs = len(report["runs"])
     mtimes = {p: os.path.getmtime(p) for p in (out / "eval").glob("*/metrics.json")}
     assert len(mtimes) == n_runs
-    assert main(argv) == 0  # resumed: every stage already done, nothing recomputed
+    with pytest.MonkeyPatch.context() as mp:  # resumed: every stage already done, nothing recomputed, no Ray started
+        mp.setattr("alignsam_ray.train.init_ray", lambda **kw: pytest.fail("a finished reproduction started Ray"))
+        assert main(argv) == 0
     again = capsys.readouterr().out
     assert f"{len(tasks)} of {len(tasks)} stores already done" in again
     assert f"{n_runs} of {n_runs} runs already done" in again and f"{n_runs} of {n_runs} runs already evaluated" in again
