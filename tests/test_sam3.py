@@ -389,7 +389,9 @@ def test_sam3_store_env_train_evaluate_export_segment(sam3_checkpoint, tmp_path,
         tracker = build_tracker(apply_temporal_disambiguation=False)
     tracker.load_state_dict({k[len("tracker."):]: v for k, v in torch.load(sam3_checkpoint, weights_only=True).items()
                              if k.startswith("tracker.")})
-    episodes = PromptEpisodes(data, dec, PatchGrid(10, 10), init="gt", labels="gt")
+    tracker.eval()  # as the image model holds it (build_tracker returns it in training mode)
+    episodes = PromptEpisodes(data=data, decoder=dec, grid=PatchGrid(10, 10), num_slots=1, horizon=15, obs_res=16,
+                              init="gt", labels="gt", state="probability")
     for k, i in enumerate(data["ids"]):
         h, w = read_image(paths[i]).shape[:2]
         assert tuple(data["input_size"][k]) == (1008, 1008) and tuple(data["original_size"][k]) == (h, w)
@@ -435,7 +437,7 @@ def test_sam3_store_env_train_evaluate_export_segment(sam3_checkpoint, tmp_path,
     from alignsam_ray.evaluate import Agent, rollout
 
     agent = Agent.load(run)
-    ref = rollout(agent, data, st.decoder(), "policy", "srm", 3, (3,))
+    ref = rollout(agent, data, st.decoder(), actions="policy", labels="srm", horizon=3, record=(3,))
     for k, path in enumerate(images):
         stem = os.path.splitext(os.path.basename(path))[0]
         mask = np.asarray(Image.open(os.path.join(seg, stem + "_mask.png"))) > 0
