@@ -31,9 +31,9 @@ def _one_thread():
 
 def test_one_vs_two_shards_same_per_image_values_and_metrics(trained_run, blur_store, tmp_path):
     """One run evaluated in this process (1 shard, batch 2) and as 2 Ray-task shards (one per CPU; batch 1,
-    per-image random streams), both on 1 torch thread: identical per-image values and identical metrics.json figures (CIs,
-    paired too). Another thread count agrees to float rounding only (oneDNN's AVX-512 kernels sum in another
-    order with 2 threads: one pixel can flip)."""
+    per-image random streams), both on 1 torch thread: identical per-image values and identical metrics.json
+    figures (CIs, paired too). Another thread count agrees to float rounding only (oneDNN's AVX-512 kernels sum
+    in another order with 2 threads: one pixel can flip)."""
     from alignsam_ray.evaluate import evaluate
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
