@@ -77,6 +77,14 @@ def _count(diffs: list[dict]) -> tuple[int, int]:
     return sum(d["ci95"][0] > 0 for d in diffs), sum(d["ci95"][1] < 0 for d in diffs)
 
 
+def _verdict(diffs: list[dict]) -> str:
+    """"yes" (above 0 in >= BEATS_IN seeds), "no", or "open" while the seeds not yet run could still decide it."""
+    above = _count(diffs)[0]
+    if above >= BEATS_IN:
+        return "yes"
+    return "open" if above + len(SEEDS) - len(diffs) >= BEATS_IN else "no"
+
+
 def _above_below(diffs: list[dict]) -> str:
     above, below = _count(diffs)
     return f"{above} / {below}"
@@ -88,7 +96,8 @@ def _cell(d: dict) -> str:
 
 def compare(task: str, runs: dict) -> dict:
     """runs: reward -> run_seeds(...) output. -> {"vs_srm_topk", "vs_hit", "start_vs_centre": {reward:
-    {metric: [paired per seed]}}, "beats": {reward: {"srm_topk": bool, "hit": bool | None}}, "clicks": ...}."""
+    {metric: [paired per seed]}}, "beats": {reward: {"srm_topk": verdict, "hit": verdict | None (hit itself)}},
+    "clicks": ...}; verdict: "yes" | "no" | "open" (fewer seeds than SEEDS run, and those left could decide)."""
     keys = tuple(dict.fromkeys((DECISION,) + tuple(primary_metrics(task))))
     seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
     out = {"seeds": seeds, "metrics": keys, "vs_srm_topk": {}, "vs_hit": {}, "start_vs_centre": {}, "beats": {},
@@ -101,9 +110,8 @@ def compare(task: str, runs: dict) -> dict:
         if reward != "hit" and "hit" in runs:
             vs = [paired_rows(by_seed[s]["eval_dir"], "alignsam", runs["hit"][s]["eval_dir"], "alignsam") for s in seeds]
             out["vs_hit"][reward] = {k: [d[k] for d in vs] for k in keys}
-        beats_hit = (_count(out["vs_hit"][reward][DECISION])[0] >= BEATS_IN) if reward in out["vs_hit"] else None
-        out["beats"][reward] = {"srm_topk": _count(out["vs_srm_topk"][reward][DECISION])[0] >= BEATS_IN,
-                                "hit": beats_hit}
+        out["beats"][reward] = {"srm_topk": _verdict(out["vs_srm_topk"][reward][DECISION]),
+                                "hit": _verdict(out["vs_hit"][reward][DECISION]) if reward in out["vs_hit"] else None}
         out["clicks"][reward] = {m: {stat: float(np.mean([by_seed[s]["metrics"]["methods"][m][stat] for s in seeds]))
                                      for stat in ("hit_rate", "label_accuracy")} for m in ("alignsam", "srm_topk")}
     return out
@@ -112,8 +120,9 @@ def compare(task: str, runs: dict) -> dict:
 def comparison_table(task: str, c: dict) -> str:
     n = len(c["seeds"])
     lines = [f"### {task}: rewards against srm_topk and against hit ({n} seeds: {', '.join(map(str, c['seeds']))})",
-             "", f"Paired 95% intervals per seed; \"beats\" = above 0 in at least {BEATS_IN} of {n} seeds "
-             f"({NAMES[DECISION]}).", "",
+             "", f"Paired 95% intervals per seed; \"beats\" = above 0 in at least {BEATS_IN} of {len(SEEDS)} seeds "
+             f"({NAMES[DECISION]})" + (f"; {n} run so far, \"open\" where the rest could still decide it"
+                                       if n < len(SEEDS) else "") + ".", "",
              "| reward | metric | alignsam - srm_topk, per seed | > 0 / < 0 | alignsam(reward) - alignsam(hit), per seed "
              "| > 0 / < 0 | beats srm_topk | beats hit |", "|---|---|---|---|---|---|---|---|"]
     for reward in c["vs_srm_topk"]:
@@ -124,8 +133,8 @@ def comparison_table(task: str, c: dict) -> str:
             lines.append(f"| {reward if first else ''} | {NAMES[k]} | {'; '.join(map(_cell, topk))} | "
                          f"{_above_below(topk)} | {'; '.join(map(_cell, hit)) if hit else '-'} | "
                          f"{_above_below(hit) if hit else '-'} | "
-                         f"{('yes' if c['beats'][reward]['srm_topk'] else 'no') if first else ''} | "
-                         f"{({True: 'yes', False: 'no', None: '-'}[c['beats'][reward]['hit']]) if first else ''} |")
+                         f"{c['beats'][reward]['srm_topk'] if first else ''} | "
+                         f"{(c['beats'][reward]['hit'] or '-') if first else ''} |")
     lines += ["", "What the SRM's start adds: srm_start_positive - all_positive (both label every click positive; "
               "SRM start vs the image centre), per seed:", "", "| reward | metric | per seed | > 0 / < 0 |",
               "|---|---|---|---|"]

@@ -326,10 +326,13 @@ def test_reward_study_pairs_two_runs_and_counts_beats(tmp_path):
     assert [d["diff"] for d in vs_hit] == pytest.approx([0.1, 0.1, -0.1])
     direct = paired_difference(*(_acc(base + 0.1), _acc(base)))["miou"]
     assert vs_hit[0]["ci95"] == pytest.approx(direct["ci95"])  # the same paired bootstrap as `evaluate`
-    assert c["beats"] == {"hit": {"srm_topk": False, "hit": None}, "iou_gain": {"srm_topk": False, "hit": True}}
+    assert c["beats"] == {"hit": {"srm_topk": "no", "hit": None}, "iou_gain": {"srm_topk": "no", "hit": "yes"}}
     assert [d["diff"] for d in c["start_vs_centre"]["hit"]["miou"]] == pytest.approx([0.05] * 3)
     text = rewards.comparison_table("synthetic_shapes", c)
     assert "| iou_gain | mIoU |" in text and "| 2 / 1 | no | yes |" in text
+    two = rewards.compare("synthetic_shapes", {r: {s: runs[r][s] for s in (0, 1)} for r in runs})  # seed 2 not run
+    assert two["beats"] == {"hit": {"srm_topk": "no", "hit": None}, "iou_gain": {"srm_topk": "open", "hit": "yes"}}
+    assert "2 run so far" in rewards.comparison_table("synthetic_shapes", two)
     other = tmp_path / "other"
     other.mkdir()
     (other / "per_image.json").write_text(json.dumps({"ids": ["x"] * n, "rows": {"alignsam": row(base)}}))
